@@ -2,6 +2,6 @@
 
 Knows nothing of models or of the engine.
 """
-from .tensor import QTensor, QType, block_size, nbytes_for, type_size
+from .tensor import QStack, QTensor, QType, block_size, nbytes_for, type_size
 
-__all__ = ["QTensor", "QType", "block_size", "type_size", "nbytes_for"]
+__all__ = ["QTensor", "QStack", "QType", "block_size", "type_size", "nbytes_for"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 
-__all__ = ["QType", "QTensor", "block_size", "type_size", "nbytes_for"]
+__all__ = ["QType", "QTensor", "QStack", "block_size", "type_size", "nbytes_for"]
 
 
 def block_size(qtype: QType) -> int:
@@ -97,3 +97,42 @@ class QTensor:
         dtype = {QType.F32: np.float32, QType.F16: np.float16}[qtype]
         a = np.ascontiguousarray(array, dtype=dtype)
         return cls(qtype, tuple(a.shape), a.reshape(-1).view(np.uint8))
+
+
+@dataclass(frozen=True)
+class QStack:
+    """E matrices of one format and shape that are not adjacent in memory (HF checkpoints store experts apart).
+
+    It answers the same questions as a stacked 3-D QTensor, so kernels and model code take either.
+    """
+
+    mats: tuple[QTensor, ...]
+
+    def __post_init__(self):
+        if not self.mats:
+            raise ValueError("QStack needs at least one matrix")
+        first = self.mats[0]
+        for m in self.mats[1:]:
+            if m.qtype != first.qtype or m.shape != first.shape:
+                raise ValueError(f"QStack matrices disagree: {first.qtype.name}{first.shape} vs {m.qtype.name}{m.shape}")
+
+    @property
+    def qtype(self) -> QType:
+        return self.mats[0].qtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.mats),) + tuple(self.mats[0].shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.mats)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(m.n_elements for m in self.mats)
+
+    def expert(self, e: int) -> QTensor:
+        if not 0 <= e < len(self.mats):
+            raise IndexError(f"expert {e} out of range for {len(self.mats)} experts")
+        return self.mats[e]
