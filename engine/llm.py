@@ -1,0 +1,243 @@
+"""LLM: the object a user holds. eval / generate / stream / create_chat_completion over one KV cache."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import ContextOverflowError
+from .sampling import Sampler, SamplingParams
+
+__all__ = ["LLM", "GenerationResult"]
+
+N_BATCH = 512  # prefill chunk: bounds activation memory for long prompts, as llama.cpp's n_batch does
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str                      # "stop" or "length"
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Step:
+    """One event of the generation loop: a text piece (possibly empty) and the token that made it."""
+    text: str
+    token: int | None
+    logits: np.ndarray | None = None
+
+
+class LLM:
+    def __init__(self, config: ModelConfig, backend, tokenizer, cache: KVCache, name: str, source: str = ""):
+        self.config = config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.name = name
+        self.source = source
+        self._history: list[int] = []   # token ids whose K/V are in the cache, in order
+        self.last_cached_tokens = 0
+
+    # ------------------------------------------------------------------ context
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
+    @property
+    def history(self) -> list[int]:
+        return list(self._history)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._history.clear()
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D sequence of ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError("tokens must not be empty")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return arr.astype(np.int64)
+
+    def eval(self, tokens, *, logits: str = "all") -> np.ndarray:
+        """Append tokens to the context and return their logits: (T, V), or (1, V) for logits="last"."""
+        if logits not in ("all", "last"):
+            raise ValueError(f'logits must be "all" or "last", got {logits!r}')
+        arr = self._check_tokens(tokens)
+        self.cache.check_room(arr.size)
+        rows = []
+        for start in range(0, arr.size, N_BATCH):
+            chunk = arr[start:start + N_BATCH]
+            final = start + N_BATCH >= arr.size
+            out = self.backend.forward(chunk, self.cache, last_only=(logits == "last"))
+            self._history.extend(int(t) for t in chunk)
+            if logits == "all" or final:
+                rows.append(out)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+
+    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
+        """Reuse the longest common prefix of prompt ids and cached ids; evaluate the rest. Returns last logits."""
+        arr = self._check_tokens(prompt_ids)
+        if arr.size > self.n_ctx:
+            raise ContextOverflowError(f"prompt of {arr.size} tokens exceeds the context of {self.n_ctx} tokens")
+        common = 0
+        for a, b in zip(self._history, arr.tolist()):
+            if a != b:
+                break
+            common += 1
+        common = min(common, arr.size - 1)  # the last prompt token must run to give logits
+        self.cache.trim(common)
+        del self._history[common:]
+        self.last_cached_tokens = common
+        return self.eval(arr[common:], logits="last")[-1]
+
+    # ------------------------------------------------------------------ generation
+    def _encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        return [int(t) for t in self._check_tokens(prompt)]
+
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+               stop: list[str] | None, stats: dict) -> Iterator[_Step]:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        sampler = Sampler(params)
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        t1 = time.perf_counter()
+        stats.update(prompt_tokens=len(prompt_ids), cached_tokens=self.last_cached_tokens,
+                     prefill_s=t1 - t0, prefilled=len(prompt_ids) - self.last_cached_tokens,
+                     completion_tokens=0, decode_s=0.0, decoded=0, finish_reason="length")
+        from tokenizer import StopMatcher
+
+        detok = self.tokenizer.detokenizer()
+        matcher = StopMatcher(list(stop or []))
+        eos = self.tokenizer.eos_id
+        for _ in range(max_tokens):
+            tok = sampler.sample(logits, self._history)
+            if tok == eos:
+                stats["finish_reason"] = "stop"
+                break
+            stats["completion_tokens"] += 1
+            emit, stopped = matcher.feed(detok.feed(tok))
+            yield _Step(emit, tok, logits)
+            if stopped:
+                stats["finish_reason"] = "stop"
+                return
+            if self.cache.n_past >= self.n_ctx:
+                break  # the context is full: finish_reason stays "length"
+            t = time.perf_counter()
+            logits = self.eval([tok], logits="last")[-1]
+            stats["decode_s"] += time.perf_counter() - t
+            stats["decoded"] += 1
+        tail, _ = matcher.feed(detok.flush())
+        tail += matcher.flush()
+        if tail:
+            yield _Step(tail, None)
+
+    @staticmethod
+    def _summaries(stats: dict) -> tuple[dict, dict]:
+        usage = {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+                 "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": stats["cached_tokens"]}}
+        timings = {"prefill_s": stats["prefill_s"], "prefill_tokens": stats["prefilled"],
+                   "prefill_tps": stats["prefilled"] / stats["prefill_s"] if stats["prefill_s"] > 0 else 0.0,
+                   "decode_s": stats["decode_s"], "decode_tokens": stats["decoded"],
+                   "decode_tps": stats["decoded"] / stats["decode_s"] if stats["decode_s"] > 0 else 0.0}
+        return usage, timings
+
+    def _params(self, **kw) -> SamplingParams:
+        return SamplingParams().with_(**kw)
+
+    def generate(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 seed: int | None = None, stop: list[str] | str | None = None) -> GenerationResult:
+        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, seed=seed)
+        stats: dict = {}
+        pieces, tokens = [], []
+        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
+            pieces.append(step.text)
+            if step.token is not None:
+                tokens.append(step.token)
+        usage, timings = self._summaries(stats)
+        return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
+
+    def stream(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
+               presence_penalty: float | None = None, frequency_penalty: float | None = None,
+               seed: int | None = None, stop: list[str] | str | None = None) -> Iterator[str]:
+        """Yield text pieces as they are made. The generator's return value is the GenerationResult."""
+        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, seed=seed)
+        stats: dict = {}
+        pieces, tokens = [], []
+        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
+            if step.token is not None:
+                tokens.append(step.token)
+            if step.text:
+                pieces.append(step.text)
+                yield step.text
+        usage, timings = self._summaries(stats)
+        return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
+
+    def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256, stream: bool = False,
+                               **kw):
+        """OpenAI-shaped chat completion: a dict, or an iterator of chunk dicts with stream=True."""
+        prompt_ids = self.tokenizer.encode_chat(messages)
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if stream:
+            return self._chat_chunks(prompt_ids, max_tokens, kw, cid, created)
+        res = self.generate(prompt_ids, max_tokens=max_tokens, **kw)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                             "logprobs": None, "finish_reason": res.finish_reason}],
+                "usage": res.usage, "timings": res.timings}
+
+    def _chat_chunks(self, prompt_ids, max_tokens, kw, cid, created):
+        def chunk(delta, finish=None):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        yield chunk({"role": "assistant", "content": ""})
+        gen = self.stream(prompt_ids, max_tokens=max_tokens, **kw)
+        while True:
+            try:
+                piece = next(gen)
+            except StopIteration as done:
+                res: GenerationResult = done.value
+                break
+            yield chunk({"content": piece})
+        final = chunk({}, res.finish_reason)
+        final["usage"] = res.usage
+        yield final
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError("stop must be a string or a list of strings")
+    return [s for s in stop if s]

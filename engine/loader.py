@@ -1,0 +1,71 @@
+"""engine.load: resolve a source, map its weights, pick a backend, build the LLM."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from .cache import KVCache
+from .errors import ModelFormatError
+from .llm import LLM
+
+__all__ = ["load", "DEFAULT_MODEL_DIR", "physical_cores", "open_source"]
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default"
+
+
+def physical_cores() -> int:
+    """Physical cores (hyperthreads share one core's units, and decode gains nothing from them)."""
+    try:
+        pairs = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                pairs.add((phys, core))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // (2 if platform.machine() in ("x86_64", "AMD64") else 1))
+
+
+def open_source(source):
+    """Resolve a source to (config, weights, tokenizer, name). Sources never compute."""
+    if source is None:
+        source = DEFAULT_MODEL_DIR
+        if not source.exists():
+            raise ModelFormatError(f"{source}: the embedded default model is not installed")
+    from tokenizer import Tokenizer
+
+    path = Path(source)
+    if path.is_dir():
+        from .sources.hf import is_hf_dir, load_hf
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            config, weights, tok_path = load_hf(path)
+            return config, weights, Tokenizer.from_file(tok_path), path.name
+        raise ModelFormatError(f"{path}: not a model directory (needs config.json and *.safetensors)")
+    if path.suffix == ".gguf" or path.is_file():
+        raise ModelFormatError(f"{path}: GGUF files are not supported yet")
+    raise ModelFormatError(f"{path}: no such file or directory")
+
+
+def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
+         n_threads: int | None = None, kv_type: str = "f16") -> LLM:
+    """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id."""
+    if not isinstance(n_ctx, int) or n_ctx <= 0:
+        raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+    if backend not in ("auto", "numba"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto or numba")
+    config, weights, tok, name = open_source(source)
+    if quant is not None:
+        raise ValueError(f"quant={quant!r}: quantizing at load is not supported yet")
+    if tok.vocab_size > config.vocab_size:
+        raise ModelFormatError(f"{name}: tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
+    from .backends.numba_cpu import NumbaCPUBackend
+    be = NumbaCPUBackend(weights, n_threads or physical_cores())
+    return LLM(config, be, tok, KVCache(config, n_ctx, kv_type), name=name, source=str(source))
