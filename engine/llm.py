@@ -8,6 +8,8 @@ from typing import Iterator
 
 import numpy as np
 
+from tokenizer import StopMatcher
+
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ContextOverflowError
@@ -125,8 +127,6 @@ class LLM:
         stats.update(prompt_tokens=len(prompt_ids), cached_tokens=self.last_cached_tokens,
                      prefill_s=t1 - t0, prefilled=len(prompt_ids) - self.last_cached_tokens,
                      completion_tokens=0, decode_s=0.0, decoded=0, finish_reason="length")
-        from tokenizer import StopMatcher
-
         detok = self.tokenizer.detokenizer()
         matcher = StopMatcher(list(stop or []))
         eos = self.tokenizer.eos_id

@@ -5,6 +5,8 @@ import os
 import platform
 from pathlib import Path
 
+from tokenizer import Tokenizer
+
 from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
@@ -38,8 +40,6 @@ def open_source(source):
         source = DEFAULT_MODEL_DIR
         if not source.exists():
             raise ModelFormatError(f"{source}: the embedded default model is not installed")
-    from tokenizer import Tokenizer
-
     path = Path(source)
     if path.is_dir():
         from .sources.hf import is_hf_dir, load_hf
@@ -47,8 +47,12 @@ def open_source(source):
             config, weights, tok_path = load_hf(path)
             return config, weights, Tokenizer.from_file(tok_path), path.name
         raise ModelFormatError(f"{path}: not a model directory (needs config.json and *.safetensors)")
-    if path.suffix == ".gguf" or path.is_file():
-        raise ModelFormatError(f"{path}: GGUF files are not supported yet")
+    if path.is_file():
+        from .sources.gguf import load_gguf
+        config, weights, meta = load_gguf(path)
+        if "tokenizer.ggml.tokens" not in meta:
+            raise ModelFormatError(f"{path}: GGUF has no tokenizer metadata (tokenizer.ggml.tokens)")
+        return config, weights, Tokenizer.from_gguf_fields(meta, source=str(path)), config.name
     raise ModelFormatError(f"{path}: no such file or directory")
 
 
