@@ -1,0 +1,153 @@
+"""quant.kernels against gguf-py: dequantize with `gguf.quants.dequantize`, then matmul in float64.
+
+Weights are random but valid blocks: gguf-py's own quantizer where it has one, else random bytes with sane f16
+scales. Shapes use row counts that are not multiples of anything (the runtime layouts pad row groups) and several
+blocks per row. Activation counts cover decode (1, 2), a small batch (7) and prefill (33).
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+
+from quant import QStack, QTensor, QType
+from quant import kernels
+
+ALL_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
+             QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+TOKEN_COUNTS = [1, 2, 7, 33]
+
+# Byte offsets of the f16 scale fields inside one block, from ggml-common.h.
+_F16_FIELDS = {QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2),
+               QType.Q6_K: (208,)}
+
+
+def random_weight_bytes(qtype: QType, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Raw uint8 bytes (..., row_bytes) of a valid tensor of this logical shape."""
+    values = rng.standard_normal(shape).astype(np.float32) * 0.05
+    values.reshape(-1)[rng.integers(0, values.size, max(1, values.size // 500))] *= 8  # a few outliers
+    if qtype == QType.F32:
+        return values.view(np.uint8)
+    if qtype == QType.F16:
+        return values.astype(np.float16).view(np.uint8)
+    if qtype in _F16_FIELDS:  # gguf-py has no quantizer for these: random codes, sane scales
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, shape[:-1] + (shape[-1] // bs, ts), dtype=np.uint8)
+        for off in _F16_FIELDS[qtype]:
+            scale = (rng.random(raw.shape[:-1] + (1,)) * 0.01 + 1e-4).astype(np.float16)
+            raw[..., off:off + 2] = scale.view(np.uint8)
+        return raw.reshape(shape[:-1] + (-1,))
+    return gguf.quants.quantize(values, qtype)
+
+
+def make_weight(qtype: QType, shape: tuple[int, ...], seed: int = 0) -> tuple[QTensor, np.ndarray]:
+    """A QTensor and its float64 reference values from gguf-py."""
+    raw = random_weight_bytes(qtype, shape, np.random.default_rng(seed))
+    ref = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(shape)
+    return QTensor(qtype, shape, np.ascontiguousarray(raw).reshape(-1)), ref
+
+
+def cols_for(qtype: QType) -> int:
+    """A width of several blocks, and not a power of two where the format allows."""
+    bs = GGML_QUANT_SIZES[qtype][0]
+    return {1: 200, 32: 160, 256: 512}[bs]
+
+
+def assert_matches(y: np.ndarray, w_ref: np.ndarray, x: np.ndarray, label: str, act_q8: bool = False) -> None:
+    """y against float64 x @ W.T, allowing float32 rounding scaled to each product's magnitude.
+
+    A kernel that quantizes the activations to 8 bits per 32-block first (as llama.cpp does: act_q8) is compared
+    with x rounded through gguf-py's own Q8_0 quantizer instead; it may keep the block scale in float32 where Q8_0
+    stores float16, hence the 2**-11 relative slack on each block.
+    """
+    x64 = x.astype(np.float64)
+    slack = 2e-5
+    if act_q8:
+        x64 = gguf.quants.dequantize(gguf.quants.quantize(x, QType.Q8_0), QType.Q8_0).astype(np.float64)
+        slack += 2.0 ** -11
+    want = x64 @ w_ref.T
+    allowed = slack * (np.abs(x64) @ np.abs(w_ref).T) + 1e-7
+    err = np.abs(y.astype(np.float64) - want)
+    worst = np.argmax(err - allowed)
+    assert np.all(err <= allowed), (
+        f"{label}: error {err.flat[worst]:.3g} > allowed {allowed.flat[worst]:.3g} (|y| {abs(want.flat[worst]):.3g})")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_linear_matches_gguf_reference(qtype):
+    w, ref = make_weight(qtype, (37, cols_for(qtype)), seed=1)
+    p = kernels.prepare(w)
+    assert p.qtype == qtype and tuple(p.shape) == w.shape
+    rng = np.random.default_rng(2)
+    for t in TOKEN_COUNTS:
+        x = rng.standard_normal((t, w.shape[1])).astype(np.float32)
+        y = kernels.linear(p, x)
+        assert y.shape == (t, w.shape[0]) and y.dtype == np.float32
+        assert_matches(y, ref, x, f"{qtype.name} T={t}", kernels.quantizes_activations(p, t))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_expert_linear_stacked_and_split(qtype):
+    n_exp, n, k = 4, 70, cols_for(qtype)
+    w, ref = make_weight(qtype, (n_exp, n, k), seed=3)
+    stack = QStack(tuple(w.expert(e) for e in range(n_exp)))
+    rng = np.random.default_rng(4)
+    for form, weight in (("stacked", w), ("QStack", stack)):
+        p = kernels.prepare(weight)
+        assert p.qtype == qtype and tuple(p.shape) == (n_exp, n, k)
+        for t in (1, 2, 7, 66):  # 66 = 33 tokens x 2 experts, the prefill shape
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            ids = rng.integers(0, n_exp - 1, t)  # expert n_exp-1 stays unused
+            y = kernels.expert_linear(p, x, ids)
+            assert y.shape == (t, n)
+            for e in np.unique(ids):
+                rows = ids == e
+                assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} {form} T={t} expert {e}",
+                               kernels.quantizes_activations(p, int(rows.sum())))
+
+
+def test_linear_writes_into_out():
+    w, ref = make_weight(QType.Q4_0, (37, 96))
+    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
+    out = np.full((3, 37), np.nan, dtype=np.float32)
+    p = kernels.prepare(w)
+    y = kernels.linear(p, x, out=out)
+    assert y is out
+    assert_matches(out, ref, x, "out=", kernels.quantizes_activations(p, 3))
+
+
+def test_bad_inputs_raise_value_errors():
+    w, _ = make_weight(QType.Q4_0, (4, 37, 64))
+    p = kernels.prepare(w)
+    x = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        kernels.expert_linear(p, x, np.array([0, 4]))
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        kernels.expert_linear(p, x, np.array([-1, 0]))
+    with pytest.raises(ValueError, match="one expert id per"):
+        kernels.expert_linear(p, x, np.array([0]))
+    with pytest.raises(ValueError, match="integers"):
+        kernels.expert_linear(p, x, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.expert_linear(p, np.zeros((2, 32), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match="2-D weight"):
+        kernels.linear(p, x)
+    w2, _ = make_weight(QType.Q8_0, (5, 64))
+    p2 = kernels.prepare(w2)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.linear(p2, np.zeros((1, 63), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.linear(p2, np.zeros((1, 64), np.float32), out=np.zeros((1, 5), np.float64))
+    with pytest.raises(ValueError, match="stacked"):
+        kernels.expert_linear(p2, np.zeros((1, 64), np.float32), np.array([0]))
+    iq = QTensor(QType.IQ4_XS, (2, 256), np.zeros(2 * GGML_QUANT_SIZES[QType.IQ4_XS][1], np.uint8))
+    with pytest.raises(ValueError, match="IQ4_XS"):
+        kernels.prepare(iq)
+
+
+def test_empty_batches():
+    w, _ = make_weight(QType.Q4_K, (3, 9, 256))
+    p = kernels.prepare(w)
+    assert kernels.expert_linear(p, np.zeros((0, 256), np.float32), np.zeros(0, np.int64)).shape == (0, 9)
+    assert kernels.linear(kernels.prepare(w.expert(1)), np.zeros((0, 256), np.float32)).shape == (0, 9)
