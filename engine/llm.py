@@ -201,6 +201,27 @@ class LLM:
         usage, timings = self._summaries(stats)
         return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
 
+    def stream_steps(self, prompt, *, max_tokens: int = 256, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                     repeat_penalty: float | None = None, presence_penalty: float | None = None,
+                     frequency_penalty: float | None = None, seed: int | None = None,
+                     stop: list[str] | str | None = None) -> Iterator[_Step]:
+        """Like stream, but yield every step: `.text` (possibly empty), `.token` (None for the final flush of
+        held-back text) and `.logits`, the raw logits the token was drawn from, valid only until the next step.
+        For callers that need per-token data (the server's logprobs). Returns the GenerationResult."""
+        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, seed=seed)
+        stats: dict = {}
+        pieces, tokens = [], []
+        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
+            if step.token is not None:
+                tokens.append(step.token)
+            pieces.append(step.text)
+            yield step
+        usage, timings = self._summaries(stats)
+        return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
+
     def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256, stream: bool = False,
                                **kw):
         """OpenAI-shaped chat completion: a dict, or an iterator of chunk dicts with stream=True."""
