@@ -66,8 +66,8 @@ def _text_content(content: Any, index: int, role: str) -> str:
 def encode_mixtral_v1(tokenizer: "Tokenizer", messages: list[Any]) -> list[int]:
     """Mixtral Instruct v1 prompt ids, identical to mistral-common's `MistralTokenizer.v1()`.
 
-    System messages, wherever they are, are joined by a blank line and put before the first user message, followed
-    by a blank line. The other messages must alternate user, assistant, user, ... A final assistant message is
+    System messages (anywhere but right after an assistant message) are joined by a blank line and put before the
+    first user message, followed by a blank line. The other messages must alternate user, assistant, user, ... A final assistant message is
     rejected, as mistral-common rejects it, unless it carries `"prefix": True`: then its text is the start of the
     answer, with no EOS, for the model to continue.
     """
@@ -79,8 +79,13 @@ def encode_mixtral_v1(tokenizer: "Tokenizer", messages: list[Any]) -> list[int]:
 
     system_parts: list[str] = []
     turns: list[tuple[int, str, str, bool]] = []   # (message index, role, text, prefix)
+    previous_role = None
     for index, message in enumerate(messages):
         role = _field(message, "role", index)
+        if role == "system" and previous_role == "assistant":
+            raise TokenizerError(f"message {index}: a system message cannot follow an assistant message "
+                                 f"(mistral-common rejects it too); put system messages before the answers")
+        previous_role = role
         if role == "system":
             text = _text_content(_field(message, "content", index), index, role)
             if text:  # mistral-common skips empty system messages

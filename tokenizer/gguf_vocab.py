@@ -43,6 +43,7 @@ _DEFAULT_IDS = {BOS_ID: 1, EOS_ID: 2, UNK_ID: 0}
 @dataclass
 class GGUFVocab:
     model_proto: bytes
+    spec: ModelSpec
     bos_id: int
     eos_id: int
     unk_id: int
@@ -160,6 +161,7 @@ def vocab_from_fields(fields: Mapping[str, Any], source: str = "<GGUF metadata>"
         raise TokenizerError(f"{source}: {CHAT_TEMPLATE} must be a string, got {type(template).__name__}")
     return GGUFVocab(
         model_proto=build_model_proto(spec),
+        spec=spec,
         bos_id=bos, eos_id=eos, unk_id=unk, pad_id=-1 if pad is None else pad,
         add_bos_token=_bool(fields, ADD_BOS, True),
         add_eos_token=_bool(fields, ADD_EOS, False),

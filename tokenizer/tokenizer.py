@@ -41,9 +41,11 @@ class Tokenizer:
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         chat_template: str | None = None,
+        _spec: ModelSpec | None = None,
     ) -> None:
         self.source = source
-        self._spec: ModelSpec = parse_model_proto(model_proto)
+        # `_spec` lets a caller that just built `model_proto` from a spec skip parsing it again
+        self._spec: ModelSpec = _spec if _spec is not None else parse_model_proto(model_proto)
         if self._spec.has_denormalizer:
             raise TokenizerError(f"{source}: the model has denormalization rules, which this tokenizer does not "
                                  f"support (streaming decode could not reproduce them)")
@@ -110,7 +112,7 @@ class Tokenizer:
         vocab = gguf_vocab.vocab_from_fields(fields, source)
         return cls(vocab.model_proto, source=source, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
                    unk_id=vocab.unk_id, pad_id=vocab.pad_id, add_bos_token=vocab.add_bos_token,
-                   add_eos_token=vocab.add_eos_token, chat_template=vocab.chat_template)
+                   add_eos_token=vocab.add_eos_token, chat_template=vocab.chat_template, _spec=vocab.spec)
 
     # -----------------------------------------------------------------------------------------------------------------
     # vocabulary
