@@ -176,7 +176,7 @@ def test_decode_accepts_numpy_ids(tok, reference):
     assert tok.decode(ids) == reference.decode(ids.tolist())
 
 
-@pytest.mark.parametrize("bad", [[32000], [-1], [5, 10**9], [1.5], ["a"]])
+@pytest.mark.parametrize("bad", [[32000], [-1], [5, 10**9], [1.5], ["a"], 7, "abc"])
 def test_decode_rejects_bad_ids(tok, bad):
     with pytest.raises(ValueError):
         tok.decode(bad)

@@ -177,7 +177,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """sentencepiece's text for `ids`; control tokens such as BOS and EOS decode to nothing."""
-        if isinstance(ids, (str, bytes)):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise TokenizerError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
         checked = [self._check_id(i) for i in ids]
         return self._sp.decode(checked)
