@@ -1,0 +1,266 @@
+"""OpenAI request bodies, checked: every field the server reads is validated here, before any model call.
+
+A value the server cannot honour (n=2, tools, a JSON response format, logit_bias ...) is a 400 that names the
+field, never silently ignored. Fields this server does not know at all (`user`, `metadata`, OpenRouter's
+`provider` or `transforms` ...) are ignored, as llama.cpp's server ignores them, so that clients written for
+hosted APIs keep working.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampling import SamplingParams
+
+__all__ = ["APIError", "GenerationRequest", "ChatRequest", "CompletionRequest", "parse_json_body",
+           "parse_chat_request", "parse_completion_request"]
+
+MAX_TOP_LOGPROBS = 20          # OpenAI's limit for chat; the legacy completions API allows 5
+MAX_COMPLETION_LOGPROBS = 5
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parsed requests
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints share: the model id, sampling, limits, streaming and logprobs."""
+    model: str
+    max_tokens: int | None = None           # None: until EOS or the end of the context
+    temperature: float = 1.0                # OpenAI's defaults, which its clients expect (DESIGN.md, Sampling)
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    top_logprobs: int | None = None         # None: no logprobs; 0..N: logprobs with that many alternatives
+
+    def sampling_kwargs(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                    repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop)
+
+
+@dataclass
+class ChatRequest(GenerationRequest):
+    messages: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Field readers: each returns the default for an absent or null field and raises a 400 naming the field otherwise
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a number, got {json.dumps(value)}", name, "invalid_type")
+    value = float(value)
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        interval = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise bad_request(f"'{name}' must be in {interval}, got {value:g}", name)
+    return value
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise bad_request(f"'{name}' must be an integer, got {json.dumps(value)}", name, "invalid_type")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise bad_request(f"'{name}' must be {bound}, got {value}", name)
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false, got {json.dumps(value)}", name, "invalid_type")
+    return value
+
+
+def _unsupported(body: dict, name: str, allowed: Any, why: str) -> None:
+    """A feature this server does not implement: only its neutral value (or absence) passes."""
+    value = body.get(name)
+    if value is None or value == allowed or (allowed == () and value in ([], {}, "")):
+        return
+    raise bad_request(f"'{name}' is not supported by this server: {why}", name, "unsupported_parameter")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", None,
+                          "invalid_json")
+    return body
+
+
+def _common(body: dict) -> dict:
+    """Fields shared by chat and completions, as keyword arguments of GenerationRequest."""
+    model = body.get("model")
+    if model is None:
+        raise bad_request("'model' is required", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise bad_request(f"'model' must be a non-empty string, got {json.dumps(model)}", "model", "invalid_type")
+
+    n = body.get("n")
+    if n is not None and not (_is_int(n) and n == 1):
+        raise bad_request(f"'n' must be 1: this server makes one choice per request (got {json.dumps(n)}); "
+                          f"send several requests instead", "n", "unsupported_parameter")
+    _unsupported(body, "logit_bias", (), "the sampler has no per-token bias")
+
+    # max_completion_tokens is the newer name for max_tokens in OpenAI's chat API
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    kw = dict(
+        model=model,
+        max_tokens=_integer(body, limit_name, None, 1),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", 0, 0),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        stop=_stop(body),
+        stream=_boolean(body, "stream", False),
+    )
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed) or seed < -1:
+            raise bad_request(f"'seed' must be a non-negative integer (or -1 for random), got {json.dumps(seed)}",
+                              "seed", "invalid_type" if not _is_int(seed) else "invalid_value")
+        kw["seed"] = None if seed == -1 else seed
+
+    options = body.get("stream_options")
+    if options is not None:
+        if not kw["stream"]:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+        kw["include_usage"] = _boolean(options, "include_usage", False)
+
+    # The sampler's own checks, run now so that a bad combination is a 400 and not a failure mid-stream.
+    try:
+        SamplingParams().with_(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+                               min_p=kw["min_p"], repeat_penalty=kw["repeat_penalty"],
+                               presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"])
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    return kw
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    return [s for s in stop if s]   # OpenAI ignores empty stop strings; matching one would end every answer at once
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Endpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def parse_chat_request(body: dict) -> ChatRequest:
+    kw = _common(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of messages", "messages", "invalid_type")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]",
+                              "invalid_type")
+        if message["role"] == "developer":   # OpenAI's newer name for the system role
+            message = {**message, "role": "system"}
+        checked.append(message)
+
+    for name in ("tools", "functions"):
+        _unsupported(body, name, (), "this server has no tool calling")
+    for name in ("tool_choice", "function_call"):
+        _unsupported(body, name, "none", "this server has no tool calling")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported by this server: "
+                          "it does not constrain output to JSON", "response_format", "unsupported_parameter")
+    _unsupported(body, "modalities", ["text"], "text output only")
+    _unsupported(body, "audio", (), "text output only")
+
+    logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    if logprobs:
+        kw["top_logprobs"] = top or 0
+    return ChatRequest(messages=checked, **kw)
+
+
+def parse_completion_request(body: dict) -> CompletionRequest:
+    kw = _common(body)
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("'prompt' is required", "prompt", "missing_required_parameter")
+    prompt = body["prompt"]
+    # OpenAI accepts a string, a list of strings, a list of token ids, or a list of lists; one prompt per request here
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt or not all(_is_int(t) for t in prompt):
+            raise bad_request("'prompt' must be a string, or a non-empty list of token ids; several prompts in one "
+                              "request are not supported", "prompt", "invalid_type")
+    elif not isinstance(prompt, str):
+        raise bad_request(f"'prompt' must be a string or a list of token ids, got {json.dumps(prompt)[:80]}",
+                          "prompt", "invalid_type")
+    _unsupported(body, "echo", False, "the prompt is not repeated in the answer")
+    _unsupported(body, "suffix", "", "no fill-in-the-middle")
+    _unsupported(body, "best_of", 1, "one candidate per request")
+    kw["top_logprobs"] = _integer(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
+    return CompletionRequest(prompt=prompt, **kw)
