@@ -7,18 +7,18 @@ write. The stop-string oracle is a whole-text search written out in this file.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import struct
 
 import gguf
+import mistral_common
 import numpy as np
 import pytest
 import sentencepiece
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import mistral_common
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -391,7 +391,7 @@ def test_default_chat_format_choice():
 
 def test_vocab_only_gguf_has_no_tensors(vocab_only_gguf):
     with open(vocab_only_gguf, "rb") as f:
-        magic, version, n_tensors = struct.unpack("<4sIQ", f.read(16))
+        magic, _version, n_tensors = struct.unpack("<4sIQ", f.read(16))
     assert magic == b"GGUF" and n_tensors == 0
 
 
@@ -496,10 +496,15 @@ def test_gguf_without_tokenizer_is_rejected(gguf_dir):
 def toy(tmp_path_factory):
     """A small BPE model trained here by sentencepiece with custom normalization rules, removal of extra
     whitespace, byte fallback, user-defined and extra control symbols; one piece is then marked UNUSED."""
-    from tokenizer.model_proto import Piece, PieceType, build_model_proto, parse_model_proto
+    from tokenizer.model_proto import (
+        Piece,
+        PieceType,
+        build_model_proto,
+        parse_model_proto,
+    )
 
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog café naïve 日本 語 hello world tokens merge".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "naïve", "日本", "語", "hello", "world", "tokens", "merge"]
     corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
     # a few rules rather than NFKC, whose compiled form (240 kB) gguf-py reads back one byte at a time
     rules = tmp_path_factory.mktemp("toy") / "rules.tsv"
@@ -589,7 +594,7 @@ def test_detokenizer_random_splits_of_real_text(tok, reference, text, rnd):
     cuts = sorted(rnd.sample(range(len(ids) + 1), k=min(3, len(ids) + 1)))
     bounds = [0] + cuts + [len(ids)]
     d = tok.detokenizer()
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         got = "".join(d.feed(i) for i in ids[a:b]) + d.flush()
         assert got == reference.decode(ids[a:b])
     pieces, tail = stream(tok, ids)

@@ -6,4 +6,4 @@ from .errors import TokenizerError
 from .streaming import Detokenizer, StopMatcher
 from .tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "Detokenizer", "StopMatcher", "TokenizerError"]
+__all__ = ["Detokenizer", "StopMatcher", "Tokenizer", "TokenizerError"]

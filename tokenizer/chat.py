@@ -15,15 +15,16 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .errors import TokenizerError
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-__all__ = ["encode_mixtral_v1", "encode_with_template", "render_template", "split_specials", "guess_chat_format"]
+__all__ = ["encode_mixtral_v1", "encode_with_template", "guess_chat_format", "render_template", "split_specials"]
 
 _PART_JOIN = "\n\n"   # mistral-common joins the text parts of one message, and the system messages, with this
 
@@ -63,7 +64,7 @@ def _text_content(content: Any, index: int, role: str) -> str:
                          f"{type(content).__name__}")
 
 
-def encode_mixtral_v1(tokenizer: "Tokenizer", messages: list[Any]) -> list[int]:
+def encode_mixtral_v1(tokenizer: Tokenizer, messages: list[Any]) -> list[int]:
     """Mixtral Instruct v1 prompt ids, identical to mistral-common's `MistralTokenizer.v1()`.
 
     System messages (anywhere but right after an assistant message) are joined by a blank line and put before the
@@ -231,7 +232,7 @@ def _private_characters(count: int, avoid: set[str]) -> list[str]:
     raise TokenizerError("the messages use every private-use character; cannot protect special strings")
 
 
-def encode_with_template(tokenizer: "Tokenizer", template: str, messages: list[Any], *,
+def encode_with_template(tokenizer: Tokenizer, template: str, messages: list[Any], *,
                          add_generation_prompt: bool = True, **extra: Any) -> list[int]:
     if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
         raise TokenizerError(f"messages must be a list of messages, got {type(messages).__name__}")

@@ -10,8 +10,9 @@ prefix space unless `tokenizer.ggml.add_space_prefix` says otherwise, and runs o
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .errors import TokenizerError
 from .model_proto import ModelSpec, ModelType, Piece, PieceType, build_model_proto
@@ -19,7 +20,7 @@ from .model_proto import ModelSpec, ModelType, Piece, PieceType, build_model_pro
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-__all__ = ["GGUFVocab", "read_tokenizer_fields", "vocab_from_fields", "fields_from_tokenizer", "write_fields"]
+__all__ = ["GGUFVocab", "fields_from_tokenizer", "read_tokenizer_fields", "vocab_from_fields", "write_fields"]
 
 MODEL = "tokenizer.ggml.model"
 TOKENS = "tokenizer.ggml.tokens"
@@ -169,7 +170,7 @@ def vocab_from_fields(fields: Mapping[str, Any], source: str = "<GGUF metadata>"
     )
 
 
-def fields_from_tokenizer(tokenizer: "Tokenizer") -> dict[str, Any]:
+def fields_from_tokenizer(tokenizer: Tokenizer) -> dict[str, Any]:
     """The GGUF tokenizer metadata for `tokenizer`: what llama.cpp's converter writes for a sentencepiece model."""
     spec = tokenizer._spec
     if spec.model_type != ModelType.BPE:

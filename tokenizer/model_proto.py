@@ -13,7 +13,7 @@ from enum import IntEnum
 
 from .errors import TokenizerError
 
-__all__ = ["PieceType", "Piece", "ModelSpec", "parse_model_proto", "build_model_proto"]
+__all__ = ["ModelSpec", "Piece", "PieceType", "build_model_proto", "parse_model_proto"]
 
 
 class PieceType(IntEnum):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import sentencepiece
 
@@ -87,7 +88,7 @@ class Tokenizer:
     # -----------------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, chat_template: str | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike, *, chat_template: str | None = None) -> Tokenizer:
         """Load a sentencepiece `tokenizer.model` (as found in HF and MLX model directories)."""
         path = os.fspath(path)
         try:
@@ -98,13 +99,13 @@ class Tokenizer:
         return cls(data, source=path, chat_template=chat_template)
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Rebuild the sentencepiece model from a GGUF file's metadata; vocab-only GGUF files work too."""
         path = os.fspath(path)
         return cls.from_gguf_fields(gguf_vocab.read_tokenizer_fields(path), source=path)
 
     @classmethod
-    def from_gguf_fields(cls, fields: Mapping[str, Any] | Any, *, source: str = "<GGUF metadata>") -> "Tokenizer":
+    def from_gguf_fields(cls, fields: Mapping[str, Any] | Any, *, source: str = "<GGUF metadata>") -> Tokenizer:
         """Same as `from_gguf`, from metadata already read: a dict of GGUF keys to plain python values
         (`"tokenizer.ggml.tokens"`: list[str], ...), or an open `gguf.GGUFReader`."""
         if not isinstance(fields, Mapping):
