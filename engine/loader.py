@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 from tokenizer import Tokenizer
@@ -34,8 +35,11 @@ def physical_cores() -> int:
     return max(1, (os.cpu_count() or 2) // (2 if platform.machine() in ("x86_64", "AMD64") else 1))
 
 
-def open_source(source):
-    """Resolve a source to (config, weights, tokenizer, name). Sources never compute."""
+def open_source(source, backend: str = "numba"):
+    """Resolve a source to (config, weights, tokenizer, name). Sources never compute.
+
+    backend ("numba" or "mlx") only matters for mlx-community folders, whose affine triplets the MLX backend takes
+    as they are and the numba backend gets as ggml blocks."""
     if source is None:
         source = DEFAULT_MODEL_DIR
         if not source.exists():
@@ -43,6 +47,10 @@ def open_source(source):
     path = Path(source)
     if path.is_dir():
         from .sources.hf import is_hf_dir, load_hf
+        from .sources.mlx import is_mlx_dir, load_mlx
+        if is_mlx_dir(path):
+            config, weights, tok_path = load_mlx(path, layout="mlx" if backend == "mlx" else "ggml")
+            return config, weights, Tokenizer.from_file(tok_path), path.name
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             config, weights, tok_path = load_hf(path)
             return config, weights, Tokenizer.from_file(tok_path), path.name
@@ -63,13 +71,37 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
-    if backend not in ("auto", "numba"):
-        raise ValueError(f"unknown backend {backend!r}; choose auto or numba")
-    config, weights, tok, name = open_source(source)
+    backend = resolve_backend(backend)
+    config, weights, tok, name = open_source(source, backend)
     if quant is not None:
-        raise ValueError(f"quant={quant!r}: quantizing at load is not supported yet")
+        from .quantize import quantize_weights
+        weights = quantize_weights(weights, quant)
     if tok.vocab_size > config.vocab_size:
         raise ModelFormatError(f"{name}: tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
+    if backend == "mlx":
+        from .backends.mlx import MLXBackend, MLXKVCache
+        return LLM(config, MLXBackend(weights), tok, MLXKVCache(config, n_ctx, kv_type), name=name,
+                   source=str(source))
     from .backends.numba_cpu import NumbaCPUBackend
     be = NumbaCPUBackend(weights, n_threads or physical_cores())
     return LLM(config, be, tok, KVCache(config, n_ctx, kv_type), name=name, source=str(source))
+
+
+def _mlx_importable() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" is MLX on Apple Silicon when mlx imports, numba elsewhere."""
+    if backend == "auto":
+        apple = sys.platform == "darwin" and platform.machine() == "arm64"
+        return "mlx" if apple and _mlx_importable() else "numba"
+    if backend == "mlx" and not _mlx_importable():
+        raise ValueError("backend 'mlx' needs the mlx package: pip install 'mixlocal[mlx]' (mlx[cpu] on Linux)")
+    if backend not in ("numba", "mlx"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, numba or mlx")
+    return backend

@@ -1,0 +1,77 @@
+"""An independent float64 Mixtral forward pass in plain numpy over gguf-py's dequantized GGUF tensors.
+
+It shares no code with the engine: weights come from gguf-py's GGUFReader and gguf.quants.dequantize, the
+configuration from the raw metadata, and RoPE is llama.cpp's neighbour-pair form that GGUF files assume.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+def load_reference(path):
+    r = GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    arch = meta["general.architecture"]
+    tensors = {}
+    for t in r.tensors:
+        a = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float64)
+        tensors[t.name] = a.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+    return meta, arch, tensors
+
+
+def forward(path, ids) -> np.ndarray:
+    meta, arch, W = load_reference(path)
+    g = lambda k: meta[f"{arch}.{k}"]  # noqa: E731
+    n_layers, n_heads = g("block_count"), g("attention.head_count")
+    n_kv, eps, theta = g("attention.head_count_kv"), g("attention.layer_norm_rms_epsilon"), g("rope.freq_base")
+    n_used = g("expert_used_count")
+    x = W["token_embd.weight"][ids]
+    T, D = x.shape
+    hd = D // n_heads
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * w
+
+    def rope(v):  # v (T, H, hd); pairs (2i, 2i+1) rotate by pos * theta^(-2i/hd)
+        freqs = theta ** (-np.arange(0, hd, 2) / hd)
+        ang = np.arange(T)[:, None] * freqs[None, :]
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        a, b = v[..., 0::2], v[..., 1::2]
+        out = np.empty_like(v)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = b * c + a * s
+        return out
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        h = norm(x, W[p + "attn_norm.weight"])
+        q = rope((h @ W[p + "attn_q.weight"].T).reshape(T, n_heads, hd))
+        k = rope((h @ W[p + "attn_k.weight"].T).reshape(T, n_kv, hd))
+        v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
+        rep = n_heads // n_kv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        att = np.einsum("hts,shd->thd", s, v).reshape(T, D)
+        x = x + att @ W[p + "attn_output.weight"].T
+        h = norm(x, W[p + "ffn_norm.weight"])
+        logits = h @ W[p + "ffn_gate_inp.weight"].T
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        moe = np.zeros_like(h)
+        for t in range(T):
+            top = np.argsort(-probs[t])[:n_used]
+            wts = probs[t, top] / probs[t, top].sum()
+            for e, wt in zip(top, wts):
+                gate = W[p + "ffn_gate_exps.weight"][e] @ h[t]
+                up = W[p + "ffn_up_exps.weight"][e] @ h[t]
+                act = gate / (1 + np.exp(-gate)) * up
+                moe[t] += wt * (W[p + "ffn_down_exps.weight"][e] @ act)
+        x = x + moe
+    x = norm(x, W["output_norm.weight"])
+    out = W.get("output.weight", W["token_embd.weight"])
+    return x @ out.T
