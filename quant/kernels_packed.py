@@ -1,0 +1,323 @@
+"""Interleaved runtime layouts for Q4_0, Q8_0 and Q4_K, and integer-dot kernels on 8-bit activations.
+
+Why this layout: a matvec that walks one weight row at a time spends its time on horizontal sums and scalar scale
+handling (about 2 GB/s here). Here rows are grouped ROWS at a time and, inside a group, byte j of every row's block
+lies next to byte j of the neighbouring rows. The innermost loop then runs across rows, so one vector instruction
+unpacks and multiplies 16-32 rows at once with a broadcast activation, and every row keeps its own accumulator in a
+register lane. Activations are rounded to int8 per 32-block with a float scale (llama.cpp's Q8_0), so a whole block
+is summed in integers and touches floats once.
+
+The int16 accumulators rely on wrapping arithmetic: for Q4_0 and Q4_K the block sum of (q - 8) * x lies within
++-8*127*32 = 32512, so it is computed as sum(q * x) - 8 * sum(x) modulo 2**16 and comes out exact even though the
+partial sums wrap.
+
+Scales stay as float16 bits (converted in the kernel with the 2**112 trick, exact for normal and subnormal halves),
+so a packed weight has about the size of the file's bytes: Q4_0 18 and Q8_0 34 bytes per 32 weights as in the file,
+Q4_K 148 bytes per 256 (the file has 144: scales and mins are unpacked to one byte each).
+
+Shapes are checked by the caller (quant/kernels.py) before anything here runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["ROWS", "quantize_activations", "pack_q4_0", "pack_q8_0", "pack_q4_k",
+           "q4_0_runs", "q8_0_runs", "q4_k_runs", "unpack_rows"]
+
+# Rows per interleaved group: 4 vectors of 16 int16 lanes; the last group of a matrix is padded with zero rows.
+ROWS = 64
+
+_F16_MAGIC = np.float32(2.0 ** 112)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def quantize_activations(x, xq, xd, xs):
+    """x (M, K) float32 -> xq int8 (M, K), per-32 scale xd (M, K/32) float32 and block sums xs (M, K/32) int32.
+
+    Rounds like ggml's quantize_row_q8_0 (scale amax/127, round half away from zero) but keeps the scale in float32.
+    No fastmath here: the rounding must not depend on reassociation.
+    """
+    m_count, k = x.shape
+    for m in prange(m_count):
+        for b in range(k // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[m, b * 32 + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            s = 0
+            for j in range(32):
+                v = x[m, b * 32 + j] * inv
+                q = np.int32(np.floor(abs(v) + np.float32(0.5)))
+                if v < 0:
+                    q = -q
+                xq[m, b * 32 + j] = q
+                s += q
+            xd[m, b] = d
+            xs[m, b] = s
+
+
+@njit(inline="always")
+def _halves_to_float(h, dst):
+    """ROWS float16 bit patterns -> float32 (exact for finite values; inf/nan become large finite numbers)."""
+    u = dst.view(np.uint32)
+    for r in range(ROWS):
+        v = np.uint32(h[r])
+        u[r] = ((v & 0x8000) << 16) | ((v & 0x7fff) << 13)
+    for r in range(ROWS):
+        dst[r] *= _F16_MAGIC
+
+
+@njit(inline="always")
+def _f16_bits(src, o):
+    return np.uint16(np.uint32(src[o]) | (np.uint32(src[o + 1]) << 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packing: file rows (N, row_bytes) -> groups of ROWS interleaved rows
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def pack_q4_0(rows, qs, d):
+    """rows (N, nb*18) -> qs (G, nb, 16, ROWS) uint8, d (G, nb, ROWS) uint16 (f16 bits); pad rows are zero."""
+    n = rows.shape[0]
+    n_groups, nb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nb):
+                if row < n:
+                    o = b * 18
+                    d[g, b, r] = _f16_bits(rows[row], o)
+                    for j in range(16):
+                        qs[g, b, j, r] = rows[row, o + 2 + j]
+                else:
+                    d[g, b, r] = 0
+                    for j in range(16):
+                        qs[g, b, j, r] = 0x88  # codes 8, 8: weight zero
+
+
+@njit(parallel=True, cache=True)
+def pack_q8_0(rows, qs, d):
+    """rows (N, nb*34) -> qs (G, nb, 32, ROWS) uint8 (int8 codes), d (G, nb, ROWS) uint16 (f16 bits)."""
+    n = rows.shape[0]
+    n_groups, nb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nb):
+                if row < n:
+                    o = b * 34
+                    d[g, b, r] = _f16_bits(rows[row], o)
+                    for j in range(32):
+                        qs[g, b, j, r] = rows[row, o + 2 + j]
+                else:
+                    d[g, b, r] = 0
+                    for j in range(32):
+                        qs[g, b, j, r] = 0
+
+
+@njit(parallel=True, cache=True)
+def pack_q4_k(rows, qs, scm, dd):
+    """rows (N, nsb*144) -> qs (G, nsb, 128, ROWS), scm (G, nsb, 16, ROWS) (8 scales then 8 mins, 6 bits each),
+    dd (G, nsb, 2, ROWS) uint16 (f16 bits of d and dmin)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                if row < n:
+                    src = rows[row]
+                    o = b * 144
+                    dd[g, b, 0, r] = _f16_bits(src, o)
+                    dd[g, b, 1, r] = _f16_bits(src, o + 2)
+                    for s in range(8):
+                        if s < 4:
+                            sc = src[o + 4 + s] & 63
+                            mn = src[o + 8 + s] & 63
+                        else:
+                            sc = (src[o + 8 + s] & 15) | ((src[o + s] >> 6) << 4)
+                            mn = (src[o + 8 + s] >> 4) | ((src[o + 4 + s] >> 6) << 4)
+                        scm[g, b, s, r] = sc
+                        scm[g, b, 8 + s, r] = mn
+                    for j in range(128):
+                        qs[g, b, j, r] = src[o + 16 + j]
+                else:
+                    dd[g, b, 0, r] = 0
+                    dd[g, b, 1, r] = 0
+                    for s in range(16):
+                        scm[g, b, s, r] = 0
+                    for j in range(128):
+                        qs[g, b, j, r] = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# integer-dot kernels over "runs": consecutive activation rows that share one expert
+# ---------------------------------------------------------------------------------------------------------------
+# run_start (n_runs+1,) and run_expert (n_runs,) say which activation rows use which expert. Decode has one run per
+# chosen expert (one row each); linear has one run; prefill has one run per expert, so each group of weights is read
+# once per run and reused from L1 for every row in it. Tasks are (run, group) pairs split across threads.
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    n_groups, nb = qs.shape[1], qs.shape[2]
+    n_runs = run_expert.shape[0]
+    for task in prange(n_runs * n_groups):
+        run = task // n_groups
+        g = task % n_groups
+        e = run_expert[run]
+        m0 = run_start[run]
+        m1 = run_start[run + 1]
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        ds = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int16)
+        for b in range(nb):
+            _halves_to_float(d[e, g, b], ds)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                for j in range(32):
+                    xb[j] = xq[m, b * 32 + j]
+                scale = xd[m, b]
+                offset = np.int16(8 * xs[m, b])
+                a = accf[m - m0]
+                for r in range(ROWS):
+                    acc = np.int16(0)
+                    for j in range(16):
+                        v = np.int16(q[j, r])
+                        acc = np.int16(acc + (v & 15) * xb[j] + (v >> 4) * xb[j + 16])
+                    a[r] += np.float32(np.int16(acc - offset)) * (ds[r] * scale)
+        r_end = min(ROWS, n_rows - g * ROWS)
+        for m in range(m0, m1):
+            for r in range(r_end):
+                out[m, g * ROWS + r] = accf[m - m0, r]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    n_groups, nb = qs.shape[1], qs.shape[2]
+    n_runs = run_expert.shape[0]
+    for task in prange(n_runs * n_groups):
+        run = task // n_groups
+        g = task % n_groups
+        e = run_expert[run]
+        m0 = run_start[run]
+        m1 = run_start[run + 1]
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        ds = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        for b in range(nb):
+            _halves_to_float(d[e, g, b], ds)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                for j in range(32):
+                    xb[j] = xq[m, b * 32 + j]
+                scale = xd[m, b]
+                a = accf[m - m0]
+                for r in range(ROWS):
+                    acc = np.int32(0)
+                    for j in range(32):
+                        acc += np.int32(q[j, r]) * xb[j]
+                    a[r] += np.float32(acc) * (ds[r] * scale)
+        r_end = min(ROWS, n_rows - g * ROWS)
+        for m in range(m0, m1):
+            for r in range(r_end):
+                out[m, g * ROWS + r] = accf[m - m0, r]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    n_runs = run_expert.shape[0]
+    for task in prange(n_runs * n_groups):
+        run = task // n_groups
+        g = task % n_groups
+        e = run_expert[run]
+        m0 = run_start[run]
+        m1 = run_start[run + 1]
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        dmin = np.empty(ROWS, np.float32)
+        xb = np.empty(64, np.int16)
+        for b in range(nsb):
+            _halves_to_float(dd[e, g, b, 0], dsup)
+            _halves_to_float(dd[e, g, b, 1], dmin)
+            sm = scm[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high nibbles) share 32 bytes
+                    q = qs[e, g, b, c * 32:(c + 1) * 32]
+                    k0 = b * 256 + c * 64
+                    for j in range(64):
+                        xb[j] = xq[m, k0 + j]
+                    blk = k0 // 32
+                    s_lo, s_hi = xd[m, blk], xd[m, blk + 1]
+                    x_lo, x_hi = xs[m, blk], xs[m, blk + 1]
+                    off_lo, off_hi = np.int16(8 * x_lo), np.int16(8 * x_hi)
+                    for r in range(ROWS):
+                        acc_lo = np.int16(0)
+                        acc_hi = np.int16(0)
+                        for j in range(32):
+                            v = np.int16(q[j, r])
+                            acc_lo = np.int16(acc_lo + (v & 15) * xb[j])
+                            acc_hi = np.int16(acc_hi + (v >> 4) * xb[32 + j])
+                        # sum(q * x) = centred sum + 8 * sum(x); the centred sum is exact in int16 (see module doc)
+                        dot_lo = np.int32(np.int16(acc_lo - off_lo)) + 8 * x_lo
+                        dot_hi = np.int32(np.int16(acc_hi - off_hi)) + 8 * x_hi
+                        ds = dsup[r]
+                        dm = dmin[r]
+                        a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * np.float32(dot_lo)
+                                        - dm * np.float32(sm[8 + 2 * c, r]) * np.float32(x_lo))
+                        a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(dot_hi)
+                                        - dm * np.float32(sm[9 + 2 * c, r]) * np.float32(x_hi))
+        r_end = min(ROWS, n_rows - g * ROWS)
+        for m in range(m0, m1):
+            for r in range(r_end):
+                out[m, g * ROWS + r] = accf[m - m0, r]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# back to float rows (prefill tiles for BLAS)
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True, fastmath=True)
+def unpack_rows(kind, g0, g1, qs, aux1, aux2, dst):
+    """Decode groups g0..g1 of one packed matrix into dst ((g1-g0)*ROWS, K) float32. kind: 0 Q4_0, 1 Q8_0, 2 Q4_K.
+
+    For Q4_0/Q8_0 aux1 is d (G, nb, ROWS); for Q4_K aux1 is scm and aux2 is dd. Pad rows decode to zero.
+    """
+    for g in prange(g0, g1):
+        base = (g - g0) * ROWS
+        scale = np.empty(ROWS, np.float32)
+        dmin = np.empty(ROWS, np.float32)
+        nb = qs.shape[1]
+        for b in range(nb):
+            if kind == 0:
+                _halves_to_float(aux1[g, b], scale)
+                for j in range(16):
+                    for r in range(ROWS):
+                        v = np.int32(qs[g, b, j, r])
+                        dst[base + r, b * 32 + j] = scale[r] * np.float32((v & 15) - 8)
+                        dst[base + r, b * 32 + 16 + j] = scale[r] * np.float32((v >> 4) - 8)
+            elif kind == 1:
+                _halves_to_float(aux1[g, b], scale)
+                for j in range(32):
+                    for r in range(ROWS):
+                        v = (np.int32(qs[g, b, j, r]) ^ 128) - 128
+                        dst[base + r, b * 32 + j] = scale[r] * np.float32(v)
+            else:
+                _halves_to_float(aux2[g, b, 0], scale)
+                _halves_to_float(aux2[g, b, 1], dmin)
+                for s in range(8):
+                    c, shift = s // 2, 4 * (s % 2)
+                    for r in range(ROWS):
+                        ds = scale[r] * np.float32(aux1[g, b, s, r])
+                        dm = dmin[r] * np.float32(aux1[g, b, 8 + s, r])
+                        for l in range(32):
+                            q = (np.int32(qs[g, b, c * 32 + l, r]) >> shift) & 15
+                            dst[base + r, b * 256 + s * 32 + l] = ds * np.float32(q) - dm
