@@ -44,6 +44,9 @@ def open_source(source, backend: str = "numba"):
         source = DEFAULT_MODEL_DIR
         if not source.exists():
             raise ModelFormatError(f"{source}: the embedded default model is not installed")
+    from .sources.hub import looks_like_hub_id, resolve as resolve_hub_id
+    if looks_like_hub_id(source):  # owner/name[:TAG] that is not a local path: the cached hub snapshot
+        source = resolve_hub_id(source)
     path = Path(source)
     if path.is_dir():
         from .sources.hf import is_hf_dir, load_hf
