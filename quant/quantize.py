@@ -10,8 +10,6 @@ The input is validated (2-D, float32, whole blocks, finite) before any kernel ru
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -43,47 +41,61 @@ def _roundf(v):
 
 
 @njit
-def _fp16_bits(v):
-    """IEEE half bits of a finite float32, rounded to nearest even (what GGML_FP32_TO_FP16 stores)."""
-    f = np.float64(v)
-    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0
-    a = abs(f)
-    if a >= 65520.0:  # halfway between 65504 and 65536 and above: rounds to infinity
+def _half_from_float_bits(u):
+    """IEEE half bits of the finite float32 whose bits are u, rounded to nearest even (GGML_FP32_TO_FP16)."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x477FF000:  # 65520.0 (halfway between 65504 and 65536) and above: infinity
         return sign | 0x7C00
-    if a < 6.103515625e-05:  # below 2**-14: subnormal; a * 2**24 is exact in float64
-        return sign | int(np.rint(a * 16777216.0))
-    mant, e = math.frexp(a)  # a = mant * 2**e with mant in [0.5, 1)
-    m = int(np.rint((mant * 2.0 - 1.0) * 1024.0))  # exact: mant has at most 24 significant bits
-    exp = e - 1
-    if m == 1024:
-        m = 0
-        exp += 1
-    if exp > 15:
-        return sign | 0x7C00
-    return sign | ((exp + 15) << 10) | m
+    if a >= 0x38800000:  # 2**-14 and above: a normal half; rebias the exponent and drop 13 mantissa bits
+        r = a - 0x38000000
+        q = r >> 13
+        rem = r & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (q & 1) == 1):
+            q += 1
+        return sign | q
+    e = a >> 23
+    if e < 102:  # below 2**-25: rounds to zero
+        return sign
+    m = (a & 0x7FFFFF) | 0x800000  # subnormal half: value * 2**24 = m >> (126 - e), rounded
+    shift = 126 - e
+    q = m >> shift
+    rem = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if rem > half or (rem == half and (q & 1) == 1):
+        q += 1
+    return sign | q
 
 
 @njit
-def _fp16_value(h):
-    """float32 value of half bits (exact)."""
+def _float_bits_from_half(h):
+    """float32 bits of the value of half bits h (exact)."""
+    sign = (h & 0x8000) << 16
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
-    if e == 0:
-        val = m * 5.9604644775390625e-08  # 2**-24
-    elif e == 31:
-        val = np.inf
-    else:
-        val = (1024 + m) * 2.0 ** (e - 25)
-    return _f32(-val if h & 0x8000 else val)
+    if e == 31:
+        return sign | 0x7F800000 | (m << 13)
+    if e > 0:
+        return sign | ((e + 112) << 23) | (m << 13)
+    if m == 0:
+        return sign
+    e = 113  # subnormal: shift the leading one up to the implicit bit
+    while (m & 0x400) == 0:
+        m <<= 1
+        e -= 1
+    return sign | (e << 23) | ((m & 0x3FF) << 13)
 
 
 @njit
-def _put_f16(out, off, v):
-    """Store v as a little-endian ggml_half at out[off:off+2]; return the value it now holds."""
-    h = _fp16_bits(v)
+def _put_f16(out, off, v, sf, su):
+    """Store v as a little-endian ggml_half at out[off:off+2]; return the value it now holds.
+    sf/su are one float32 of scratch and its uint32 view, numba's way to read a float's bits."""
+    sf[0] = v
+    h = _half_from_float_bits(su[0])
     out[off] = h & 0xFF
     out[off + 1] = h >> 8
-    return _fp16_value(h)
+    su[0] = _float_bits_from_half(h)
+    return sf[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,6 +109,8 @@ def _recip_or_zero(d):
 
 @njit
 def _row_q8_0(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     for b in range(x.size // 32):
         xo, o = b * 32, b * 34
         amax = _f32(0)
@@ -104,7 +118,7 @@ def _row_q8_0(x, out):
             amax = max(amax, abs(x[xo + j]))
         d = amax / _f32(127)
         inv = _recip_or_zero(d)
-        _put_f16(out, o, d)
+        _put_f16(out, o, d, sf, su)
         for j in range(32):
             out[o + 2 + j] = _roundf(x[xo + j] * inv) & 0xFF
 
@@ -137,12 +151,14 @@ def _min_max(x, xo, n):
 
 @njit
 def _row_q4_0(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     for b in range(x.size // 32):
         xo, o = b * 32, b * 18
         _, mx = _signed_absmax(x, xo, 32)
         d = mx / _f32(-8)
         inv = _recip_or_zero(d)
-        _put_f16(out, o, d)
+        _put_f16(out, o, d, sf, su)
         for j in range(16):
             q0 = min(15, int(x[xo + j] * inv + _f32(8.5)))
             q1 = min(15, int(x[xo + 16 + j] * inv + _f32(8.5)))
@@ -151,13 +167,15 @@ def _row_q4_0(x, out):
 
 @njit
 def _row_q4_1(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     for b in range(x.size // 32):
         xo, o = b * 32, b * 20
         mn, mx = _min_max(x, xo, 32)
         d = (mx - mn) / _f32(15)
         inv = _recip_or_zero(d)
-        _put_f16(out, o, d)
-        _put_f16(out, o + 2, mn)
+        _put_f16(out, o, d, sf, su)
+        _put_f16(out, o + 2, mn, sf, su)
         for j in range(16):
             q0 = min(15, int((x[xo + j] - mn) * inv + _f32(0.5)))
             q1 = min(15, int((x[xo + 16 + j] - mn) * inv + _f32(0.5)))
@@ -166,12 +184,14 @@ def _row_q4_1(x, out):
 
 @njit
 def _row_q5_0(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     for b in range(x.size // 32):
         xo, o = b * 32, b * 22
         _, mx = _signed_absmax(x, xo, 32)
         d = mx / _f32(-16)
         inv = _recip_or_zero(d)
-        _put_f16(out, o, d)
+        _put_f16(out, o, d, sf, su)
         qh = 0
         for j in range(16):
             q0 = min(31, int(x[xo + j] * inv + _f32(16.5)))
@@ -185,13 +205,15 @@ def _row_q5_0(x, out):
 
 @njit
 def _row_q5_1(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     for b in range(x.size // 32):
         xo, o = b * 32, b * 24
         mn, mx = _min_max(x, xo, 32)
         d = (mx - mn) / _f32(31)
         inv = _recip_or_zero(d)
-        _put_f16(out, o, d)
-        _put_f16(out, o + 2, mn)
+        _put_f16(out, o, d, sf, su)
+        _put_f16(out, o + 2, mn, sf, su)
         qh = 0
         for j in range(16):
             q0 = int((x[xo + j] - mn) * inv + _f32(0.5)) & 0xFF
@@ -360,6 +382,8 @@ def _make_qx_quants(x, xo, n, nmax, L, lo):
 
 @njit
 def _row_q2_k(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     L = np.empty(QK_K, np.int32)
     Laux = np.empty(16, np.int32)
     w = np.empty(16, np.float32)
@@ -383,18 +407,18 @@ def _row_q2_k(x, out):
             iscale = _f32(15) / max_scale
             for j in range(16):
                 out[o + j] = _nearest_int(iscale * scales[j]) & 0xFF
-            d = _put_f16(out, o + 80, max_scale / _f32(15))
+            d = _put_f16(out, o + 80, max_scale / _f32(15), sf, su)
         else:
             for j in range(16):
                 out[o + j] = 0
-            d = _put_f16(out, o + 80, _f32(0))
+            d = _put_f16(out, o + 80, _f32(0), sf, su)
         if max_min > 0:
             iscale = _f32(15) / max_min
             for j in range(16):
                 out[o + j] = (out[o + j] | (_nearest_int(iscale * mins[j]) << 4)) & 0xFF
-            dmin = _put_f16(out, o + 82, max_min / _f32(15))
+            dmin = _put_f16(out, o + 82, max_min / _f32(15), sf, su)
         else:
-            dmin = _put_f16(out, o + 82, _f32(0))
+            dmin = _put_f16(out, o + 82, _f32(0), sf, su)
         for j in range(16):
             packed = np.int64(out[o + j])
             dd = d * _f32(packed & 0xF)
@@ -416,6 +440,8 @@ def _pack_2bit(L, out, qo):
 
 @njit
 def _row_q3_k(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     L = np.empty(QK_K, np.int32)
     scales = np.empty(16, np.float32)
     for b in range(x.size // QK_K):
@@ -440,9 +466,9 @@ def _row_q3_k(x, out):
                 else:
                     out[so + j - 8] |= (l & 0xF) << 4
                 out[so + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
-            d_all = _put_f16(out, o + 108, _f32(1) / iscale)
+            d_all = _put_f16(out, o + 108, _f32(1) / iscale, sf, su)
         else:
-            d_all = _put_f16(out, o + 108, _f32(0))
+            d_all = _put_f16(out, o + 108, _f32(0), sf, su)
         for j in range(16):
             if j < 8:
                 low = np.int64(out[so + j]) & 0xF
@@ -467,6 +493,8 @@ def _row_q3_k(x, out):
 @njit
 def _row_k4(x, out, nmax, rmin, rdelta, nstep, block_bytes):
     """Q4_K (nmax 15) and Q5_K (nmax 31): d, dmin, 12 scale bytes, then the quants (packed by the caller)."""
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     L = np.empty((x.size // QK_K, QK_K), np.int32)
     Laux = np.empty(32, np.int32)
     w = np.empty(32, np.float32)
@@ -503,8 +531,8 @@ def _row_k4(x, out, nmax, rmin, rdelta, nstep, block_bytes):
             out[o + 4 + j] = ls[j] | ((ls[j + 4] >> 4) << 6)
             out[o + 8 + j] = lm[j] | ((lm[j + 4] >> 4) << 6)
             out[o + 12 + j] = (ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4)
-        d = _put_f16(out, o, max_scale / _f32(63))
-        dmin = _put_f16(out, o + 2, max_min / _f32(63))
+        d = _put_f16(out, o, max_scale / _f32(63), sf, su)
+        dmin = _put_f16(out, o + 2, max_min / _f32(63), sf, su)
         for j in range(8):
             dd = d * _f32(ls[j])
             if dd == 0:
@@ -548,6 +576,8 @@ def _row_q5_k(x, out):
 
 @njit
 def _row_q6_k(x, out):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
     L = np.empty(QK_K, np.int32)
     scales = np.empty(16, np.float32)
     for b in range(x.size // QK_K):
@@ -564,7 +594,7 @@ def _row_q6_k(x, out):
                 out[o + k] = 0
             continue
         iscale = _f32(-128) / max_scale
-        d = _put_f16(out, o + 208, _f32(1) / iscale)
+        d = _put_f16(out, o + 208, _f32(1) / iscale, sf, su)
         for j in range(16):
             out[o + 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
         for j in range(16):
