@@ -236,6 +236,22 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         pk.q4_k_runs(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
 
+def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> None:
+    """Prefill on a packed weight through BLAS: decode tiles of row groups to float32, sgemm each into out."""
+    n, k = w.shape[-2], w.shape[-1]
+    arrays = [a[e] for a in w.arrays]
+    unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]
+    groups_per_tile = max(1, _TILE_FLOATS // (k * pk.ROWS))
+    n_groups = arrays[0].shape[0]
+    tile = np.empty((groups_per_tile * pk.ROWS, k), np.float32)
+    for g0 in range(0, n_groups, groups_per_tile):
+        g1 = min(n_groups, g0 + groups_per_tile)
+        t = tile[:(g1 - g0) * pk.ROWS]
+        unpack(g0, g1, *arrays, t)
+        r0, r1 = g0 * pk.ROWS, min(n, g1 * pk.ROWS)
+        out[:, r0:r1] = x @ t[:r1 - r0].T
+
+
 def _expert_rows(w, e: int) -> np.ndarray:
     if isinstance(w, QStack):
         return w.mats[e].rows_view()

@@ -23,7 +23,8 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["ROWS", "quantize_activations", "pack_q4_0", "pack_q8_0", "pack_q4_k",
-           "q4_0_runs", "q8_0_runs", "q4_k_runs", "unpack_rows"]
+           "q4_0_runs", "q8_0_runs", "q4_k_runs",
+           "unpack_q4_0", "unpack_q8_0", "unpack_q4_k"]
 
 # Rows per interleaved group: 4 vectors of 16 int16 lanes; the last group of a matrix is padded with zero rows.
 ROWS = 64
@@ -222,7 +223,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                 for r in range(ROWS):
                     acc = np.int32(0)
                     for j in range(32):
-                        acc += np.int32(q[j, r]) * xb[j]
+                        acc = np.int32(acc + np.int32(q[j, r]) * xb[j])
                     a[r] += np.float32(acc) * (ds[r] * scale)
         r_end = min(ROWS, n_rows - g * ROWS)
         for m in range(m0, m1):
@@ -244,6 +245,8 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
         dsup = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
         xb = np.empty(64, np.int16)
+        isum_lo = np.empty(ROWS, np.int16)
+        isum_hi = np.empty(ROWS, np.int16)
         for b in range(nsb):
             _halves_to_float(dd[e, g, b, 0], dsup)
             _halves_to_float(dd[e, g, b, 1], dmin)
@@ -255,25 +258,30 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
                     k0 = b * 256 + c * 64
                     for j in range(64):
                         xb[j] = xq[m, k0 + j]
+                    # one loop per nibble: a 32-step body is what LLVM unrolls fully and vectorizes across rows
+                    for r in range(ROWS):
+                        acc = np.int16(0)
+                        for j in range(32):
+                            acc = np.int16(acc + (np.int16(q[j, r]) & 15) * xb[j])
+                        isum_lo[r] = acc
+                    for r in range(ROWS):
+                        acc = np.int16(0)
+                        for j in range(32):
+                            acc = np.int16(acc + (np.int16(q[j, r]) >> 4) * xb[32 + j])
+                        isum_hi[r] = acc
                     blk = k0 // 32
                     s_lo, s_hi = xd[m, blk], xd[m, blk + 1]
                     x_lo, x_hi = xs[m, blk], xs[m, blk + 1]
                     off_lo, off_hi = np.int16(8 * x_lo), np.int16(8 * x_hi)
                     for r in range(ROWS):
-                        acc_lo = np.int16(0)
-                        acc_hi = np.int16(0)
-                        for j in range(32):
-                            v = np.int16(q[j, r])
-                            acc_lo = np.int16(acc_lo + (v & 15) * xb[j])
-                            acc_hi = np.int16(acc_hi + (v >> 4) * xb[32 + j])
                         # sum(q * x) = centred sum + 8 * sum(x); the centred sum is exact in int16 (see module doc)
-                        dot_lo = np.int32(np.int16(acc_lo - off_lo)) + 8 * x_lo
-                        dot_hi = np.int32(np.int16(acc_hi - off_hi)) + 8 * x_hi
+                        dot_lo = np.float32(np.int32(np.int16(isum_lo[r] - off_lo)) + 8 * x_lo)
+                        dot_hi = np.float32(np.int32(np.int16(isum_hi[r] - off_hi)) + 8 * x_hi)
                         ds = dsup[r]
                         dm = dmin[r]
-                        a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * np.float32(dot_lo)
+                        a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * dot_lo
                                         - dm * np.float32(sm[8 + 2 * c, r]) * np.float32(x_lo))
-                        a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(dot_hi)
+                        a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * dot_hi
                                         - dm * np.float32(sm[9 + 2 * c, r]) * np.float32(x_hi))
         r_end = min(ROWS, n_rows - g * ROWS)
         for m in range(m0, m1):
@@ -286,38 +294,48 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
 # ---------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=True)
-def unpack_rows(kind, g0, g1, qs, aux1, aux2, dst):
-    """Decode groups g0..g1 of one packed matrix into dst ((g1-g0)*ROWS, K) float32. kind: 0 Q4_0, 1 Q8_0, 2 Q4_K.
+def unpack_q4_0(g0, g1, qs, d, dst):
+    """Decode groups g0..g1 of one packed Q4_0 matrix into dst ((g1-g0)*ROWS, K) float32; pad rows give zeros."""
+    for g in prange(g0, g1):
+        base = (g - g0) * ROWS
+        scale = np.empty(ROWS, np.float32)
+        for b in range(qs.shape[1]):
+            _halves_to_float(d[g, b], scale)
+            for r in range(ROWS):
+                for j in range(16):
+                    v = np.int32(qs[g, b, j, r])
+                    dst[base + r, b * 32 + j] = scale[r] * np.float32((v & 15) - 8)
+                    dst[base + r, b * 32 + 16 + j] = scale[r] * np.float32((v >> 4) - 8)
 
-    For Q4_0/Q8_0 aux1 is d (G, nb, ROWS); for Q4_K aux1 is scm and aux2 is dd. Pad rows decode to zero.
-    """
+
+@njit(parallel=True, cache=True, fastmath=True)
+def unpack_q8_0(g0, g1, qs, d, dst):
+    """As unpack_q4_0, for packed Q8_0 (qs holds int8 codes)."""
+    for g in prange(g0, g1):
+        base = (g - g0) * ROWS
+        scale = np.empty(ROWS, np.float32)
+        for b in range(qs.shape[1]):
+            _halves_to_float(d[g, b], scale)
+            for r in range(ROWS):
+                for j in range(32):
+                    dst[base + r, b * 32 + j] = scale[r] * np.float32(qs[g, b, j, r])
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def unpack_q4_k(g0, g1, qs, scm, dd, dst):
+    """As unpack_q4_0, for packed Q4_K."""
     for g in prange(g0, g1):
         base = (g - g0) * ROWS
         scale = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
-        nb = qs.shape[1]
-        for b in range(nb):
-            if kind == 0:
-                _halves_to_float(aux1[g, b], scale)
-                for j in range(16):
-                    for r in range(ROWS):
-                        v = np.int32(qs[g, b, j, r])
-                        dst[base + r, b * 32 + j] = scale[r] * np.float32((v & 15) - 8)
-                        dst[base + r, b * 32 + 16 + j] = scale[r] * np.float32((v >> 4) - 8)
-            elif kind == 1:
-                _halves_to_float(aux1[g, b], scale)
-                for j in range(32):
-                    for r in range(ROWS):
-                        v = (np.int32(qs[g, b, j, r]) ^ 128) - 128
-                        dst[base + r, b * 32 + j] = scale[r] * np.float32(v)
-            else:
-                _halves_to_float(aux2[g, b, 0], scale)
-                _halves_to_float(aux2[g, b, 1], dmin)
+        for b in range(qs.shape[1]):
+            _halves_to_float(dd[g, b, 0], scale)
+            _halves_to_float(dd[g, b, 1], dmin)
+            for r in range(ROWS):
                 for s in range(8):
+                    ds = scale[r] * np.float32(scm[g, b, s, r])
+                    dm = dmin[r] * np.float32(scm[g, b, 8 + s, r])
                     c, shift = s // 2, 4 * (s % 2)
-                    for r in range(ROWS):
-                        ds = scale[r] * np.float32(aux1[g, b, s, r])
-                        dm = dmin[r] * np.float32(aux1[g, b, 8 + s, r])
-                        for l in range(32):
-                            q = (np.int32(qs[g, b, c * 32 + l, r]) >> shift) & 15
-                            dst[base + r, b * 256 + s * 32 + l] = ds * np.float32(q) - dm
+                    for l in range(32):
+                        q = (np.int32(qs[g, b, c * 32 + l, r]) >> shift) & 15
+                        dst[base + r, b * 256 + s * 32 + l] = ds * np.float32(q) - dm

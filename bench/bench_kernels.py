@@ -1,0 +1,181 @@
+"""Kernel speed at Mixtral's expert shapes (14336 x 4096 and 4096 x 14336), against the machine's read roofline.
+
+    .venv/bin/python bench/bench_kernels.py [--threads 2] [--repeats 7] [--formats Q4_0,Q8_0,Q4_K] [--out FILE]
+
+What it measures, each as the median of --repeats rounds (other people share this machine, so medians, and the
+load average is recorded):
+  roofline   the best plain read kernel here: sum of uint64 words over 8 buffers of 32 MiB (256 MiB, not cached)
+  decode     one activation row times one expert matrix (expert_linear, 1 row), cycling over 8 stacked experts
+  gather     the decode MoE call: 2 rows, 2 different experts in one call
+  prefill    128 rows, all for one expert (the per-expert batch of a 512-token prompt): integer kernel and the
+             decode-tiles-into-BLAS path, with plain float32 sgemm on the same shape as the yardstick
+  pack       prepare() time per GB (the one-time repack at load)
+Writes bench/results/kernels_<date>.json with the CPU model and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant import QTensor, QType  # noqa: E402
+from quant import kernels  # noqa: E402
+from quant.tensor import nbytes_for  # noqa: E402
+
+N_EXPERTS = 8
+SHAPES = [(14336, 4096), (4096, 14336)]
+PREFILL_ROWS = 128
+
+# f16 scale fields per block and a typical magnitude (random codes with these scales look like real weights)
+_SCALE_FIELDS = {QType.Q4_0: ((0, 0.0025),), QType.Q8_0: ((0, 0.0003),), QType.Q4_K: ((0, 0.0004), (2, 0.0004))}
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def read_sum(words):
+    """The plain read kernel: 8 independent uint64 accumulators per chunk so loads are the only limit."""
+    n_chunks = 64
+    step = words.shape[0] // n_chunks
+    parts = np.zeros(n_chunks, np.uint64)
+    for c in prange(n_chunks):
+        acc = np.zeros(8, np.uint64)
+        blk = words[c * step:(c + 1) * step].reshape(-1, 8)
+        for i in range(blk.shape[0]):
+            for j in range(8):
+                acc[j] += blk[i, j]
+        parts[c] = acc.sum()
+    return parts.sum()
+
+
+CLOCK = time.perf_counter
+
+
+def median_time(fn, repeats: int, inner: int = 1) -> float:
+    fn()  # warm up (JIT, page faults)
+    times = []
+    for _ in range(repeats):
+        t0 = CLOCK()
+        for _ in range(inner):
+            fn()
+        times.append((CLOCK() - t0) / inner)
+    return float(np.median(times))
+
+
+def random_stack(qtype: QType, n: int, k: int, rng) -> QTensor:
+    shape = (N_EXPERTS, n, k)
+    raw = rng.integers(0, 256, nbytes_for(qtype, shape), dtype=np.uint8)
+    bs, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144)}[qtype]
+    blocks = raw.reshape(-1, ts)
+    for off, mag in _SCALE_FIELDS[qtype]:
+        blocks[:, off:off + 2] = (rng.random((blocks.shape[0], 1)) * mag + mag / 2).astype(np.float16).view(np.uint8)
+    return QTensor(qtype, shape, raw)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+        return "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} threads={i.get('num_threads')}"
+                         for i in threadpool_info() if i.get("user_api") == "blas")
+    except ImportError:
+        return "threadpoolctl not installed"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--formats", default="Q4_0,Q8_0,Q4_K")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of the wall clock: on a crowded machine this shows what "
+                         "one thread would do alone (use with --threads 1)")
+    args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+    numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats,
+        "clock": "process CPU time" if args.cpu_time else "wall",
+        "numba": numba.__version__, "numpy": np.__version__, "blas": blas_info(),
+        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
+                if k in os.environ},
+        "loadavg_start": os.getloadavg(),
+    }
+
+    bufs = [rng.integers(0, 1 << 62, (32 << 20) // 8, dtype=np.uint64) for _ in range(8)]
+    t = median_time(lambda: [read_sum(b) for b in bufs], args.repeats)
+    result["roofline_read_GBps"] = round(sum(b.nbytes for b in bufs) / t / 1e9, 2)
+    print(f"read roofline: {result['roofline_read_GBps']} GB/s", flush=True)
+    del bufs
+
+    result["formats"] = {}
+    for name in args.formats.split(","):
+        qtype = QType[name]
+        fr = result["formats"][name] = {}
+        for n, k in SHAPES:
+            key = f"{n}x{k}"
+            src = random_stack(qtype, n, k, rng)
+            t0 = time.perf_counter()
+            w = kernels.prepare(src)
+            t_pack = time.perf_counter() - t0
+            mat_bytes = src.nbytes / N_EXPERTS
+            del src
+            x1 = rng.standard_normal((1, k)).astype(np.float32)
+            x2 = rng.standard_normal((2, k)).astype(np.float32)
+            xp = rng.standard_normal((PREFILL_ROWS, k)).astype(np.float32)
+
+            t_dec = median_time(lambda: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
+                                args.repeats) / N_EXPERTS
+            t_gat = median_time(lambda: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
+                                         for e in range(N_EXPERTS)], args.repeats) / N_EXPERTS
+            ids = np.zeros(PREFILL_ROWS, np.int64)
+            t_pre = median_time(lambda: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
+            out = np.empty((PREFILL_ROWS, n), np.float32)
+            t_tile = median_time(lambda: kernels._packed_tiles(w, 0, xp, out), max(3, args.repeats // 2))
+            wf = rng.standard_normal((n, k)).astype(np.float32)
+            t_blas = median_time(lambda: xp @ wf.T, max(3, args.repeats // 2))
+            del wf
+            macs = PREFILL_ROWS * n * k
+            fr[key] = {
+                "pack_s": round(t_pack, 3), "pack_GBps": round(w.nbytes / t_pack / 1e9, 2),
+                "matrix_MB": round(mat_bytes / 1e6, 1),
+                "decode_ms": round(t_dec * 1e3, 3), "decode_GBps": round(mat_bytes / t_dec / 1e9, 2),
+                "gather2_ms": round(t_gat * 1e3, 3), "gather2_GBps": round(2 * mat_bytes / t_gat / 1e9, 2),
+                f"prefill{PREFILL_ROWS}_int_GMACps": round(macs / t_pre / 1e9, 1),
+                f"prefill{PREFILL_ROWS}_tiles_blas_GMACps": round(macs / t_tile / 1e9, 1),
+                f"sgemm_f32_{PREFILL_ROWS}_GMACps": round(macs / t_blas / 1e9, 1),
+            }
+            print(name, key, fr[key], flush=True)
+            del w
+    result["loadavg_end"] = os.getloadavg()
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels_{dt.date.today().isoformat()}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", out_path)
+
+
+if __name__ == "__main__":
+    main()
