@@ -20,8 +20,8 @@ from gguf import GGML_QUANT_SIZES
 from .tensor import QType
 
 __all__ = [
-    "QK_K", "SUPPORTED_TYPES", "BLOCK_DTYPES", "UnsupportedTypeError",
-    "block_dtype", "row_bytes", "dequantize", "quantize",
+    "BLOCK_DTYPES", "QK_K", "SUPPORTED_TYPES", "UnsupportedTypeError",
+    "block_dtype", "dequantize", "quantize", "row_bytes",
 ]
 
 QK_K = 256  # elements in a K-format super-block
@@ -649,8 +649,7 @@ def quantize(qtype: QType, x: np.ndarray) -> np.ndarray:
         return _to_bf16(x).view(np.uint8).reshape(*lead, nbytes)
     if not np.isfinite(x).all():
         raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
-    bs, ts = _GGML_BLOCK[qtype]
-    blocks = x.reshape(-1, bs)
+    blocks = x.reshape(-1, _GGML_BLOCK[qtype][0])
     out = np.zeros(blocks.shape[0], dtype=BLOCK_DTYPES[qtype])
     if blocks.shape[0]:
         _QUANTIZERS[qtype](blocks, out)

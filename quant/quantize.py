@@ -6,6 +6,9 @@ and does not contract a*b+c into a fused multiply-add unless fastmath is on, so 
 (and llama.cpp) exactly. Two rules keep it that way in this file: every integer or literal that meets a float is
 wrapped in `_f32()` first (numba widens float32 op int64 to float64), and nothing here uses fastmath.
 
+The min/max scans keep ggml's explicit strict comparisons rather than min()/max(): with them the first of equal
+values wins, which decides the sign of a zero scale, so they carry `noqa: PLR1730`.
+
 The input is validated (2-D, float32, whole blocks, finite) before any kernel runs.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from numba import njit, prange
 from .formats import QK_K, row_bytes
 from .tensor import QType
 
-__all__ = ["quantize_fast", "FAST_TYPES"]
+__all__ = ["FAST_TYPES", "quantize_fast"]
 
 _f32 = np.float32
 
@@ -142,9 +145,9 @@ def _min_max(x, xo, n):
     mx = _f32(-3.4028234663852886e38)
     for j in range(n):
         v = x[xo + j]
-        if v < mn:
+        if v < mn:  # noqa: PLR1730
             mn = v
-        if v > mx:
+        if v > mx:  # noqa: PLR1730
             mx = v
     return mn, mx
 
@@ -238,9 +241,9 @@ def _make_qkx2_quants(x, xo, n, w, nmax, rmin, rdelta, nstep, use_mad, L, lo, La
     sum_x = sum_w * x[xo]
     for i in range(1, n):
         v = x[xo + i]
-        if v < mn:
+        if v < mn:  # noqa: PLR1730
             mn = v
-        if v > mx:
+        if v > mx:  # noqa: PLR1730
             mx = v
         sum_w += w[i]
         sum_x += w[i] * v
@@ -399,9 +402,9 @@ def _row_q2_k(x, out):
             sc, mn = _make_qkx2_quants(x, xo + 16 * j, 16, w, 3, _f32(-0.5), _f32(0.1), 15, True, L, 16 * j, Laux)
             scales[j] = sc
             mins[j] = mn
-            if scales[j] > max_scale:
+            if scales[j] > max_scale:  # noqa: PLR1730
                 max_scale = scales[j]
-            if mins[j] > max_min:
+            if mins[j] > max_min:  # noqa: PLR1730
                 max_min = mins[j]
         if max_scale > 0:
             iscale = _f32(15) / max_scale
@@ -518,9 +521,9 @@ def _row_k4(x, out, nmax, rmin, rdelta, nstep, block_bytes):
             sc, mn = _make_qkx2_quants(x, xo + 32 * j, 32, w, nmax, rmin, rdelta, nstep, False, Lb, 32 * j, Laux)
             scales[j] = sc
             mins[j] = mn
-            if scales[j] > max_scale:
+            if scales[j] > max_scale:  # noqa: PLR1730
                 max_scale = scales[j]
-            if mins[j] > max_min:
+            if mins[j] > max_min:  # noqa: PLR1730
                 max_min = mins[j]
         inv_scale = _f32(63) / max_scale if max_scale > 0 else _f32(0)
         inv_min = _f32(63) / max_min if max_min > 0 else _f32(0)

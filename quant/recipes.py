@@ -49,7 +49,7 @@ from gguf import LlamaFileType
 
 from .tensor import QType, block_size
 
-__all__ = ["Level", "LEVELS", "choose_type", "plan"]
+__all__ = ["LEVELS", "Level", "choose_type", "plan"]
 
 
 @dataclass(frozen=True)

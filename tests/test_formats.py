@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
-import os
+import itertools
 import subprocess
 import sys
 
@@ -16,8 +15,16 @@ import gguf
 import numpy as np
 import pytest
 
-from quant.formats import (BLOCK_DTYPES, QK_K, SUPPORTED_TYPES, UnsupportedTypeError, block_dtype, dequantize,
-                           quantize, row_bytes)
+from quant.formats import (
+    BLOCK_DTYPES,
+    QK_K,
+    SUPPORTED_TYPES,
+    UnsupportedTypeError,
+    block_dtype,
+    dequantize,
+    quantize,
+    row_bytes,
+)
 from quant.tensor import QType
 
 QUANTIZED = [q for q in SUPPORTED_TYPES if q not in (QType.F32, QType.F16, QType.BF16)]
@@ -48,7 +55,8 @@ print(path)
 def _ggml_base():
     """(library, None) when llama.cpp's ggml loads here, else (None, reason)."""
     try:
-        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+        probe = subprocess.run([sys.executable, "-c", _PROBE], check=False, capture_output=True, text=True,
+                               timeout=120)
     except subprocess.TimeoutExpired:
         return None, "probing llama_cpp timed out"
     if probe.returncode != 0:
@@ -216,9 +224,9 @@ def test_round_trip_error_falls_as_bits_rise():
         return np.sqrt(np.mean((dequantize(q, quantize(q, x)) - x) ** 2)) / scale
 
     k_ladder = [rel_rmse(q) for q in (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0)]
-    assert all(a > b for a, b in zip(k_ladder, k_ladder[1:])), k_ladder
+    assert all(a > b for a, b in itertools.pairwise(k_ladder)), k_ladder
     legacy = [rel_rmse(q) for q in (QType.Q4_0, QType.Q5_0, QType.Q8_0)]
-    assert all(a > b for a, b in zip(legacy, legacy[1:])), legacy
+    assert all(a > b for a, b in itertools.pairwise(legacy)), legacy
     assert rel_rmse(QType.Q4_1) < rel_rmse(QType.Q4_0) and rel_rmse(QType.Q5_1) < rel_rmse(QType.Q5_0)
     assert k_ladder[0] < 0.5 and k_ladder[-1] < 0.02  # 2 bits still carry signal; 8 bits are near lossless
 

@@ -10,9 +10,9 @@ from quant.quantize import FAST_TYPES, _put_f16, quantize_fast
 from quant.tensor import QType
 
 try:  # helpers shared with the formats tests (plain module when tests/ is not a package)
-    from test_formats import awkward_rows, ggml_quantize, weights_with_outliers  # noqa: F401  (fixture)
+    from test_formats import awkward_rows, ggml_quantize, weights_with_outliers
 except ImportError:
-    from tests.test_formats import awkward_rows, ggml_quantize, weights_with_outliers  # noqa: F401
+    from tests.test_formats import awkward_rows, ggml_quantize, weights_with_outliers  # noqa: F401 (a fixture)
 
 QUANTIZED_FAST = [q for q in FAST_TYPES if q not in (QType.F32, QType.F16, QType.BF16)]
 
@@ -33,7 +33,7 @@ def test_fast_equals_numpy_reference(qtype, matrix):
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED_FAST, ids=lambda q: q.name)
-def test_fast_equals_llama_cpp(qtype, matrix, ggml_quantize):  # noqa: F811
+def test_fast_equals_llama_cpp(qtype, matrix, ggml_quantize):
     np.testing.assert_array_equal(quantize_fast(qtype, matrix), ggml_quantize(qtype, matrix))
 
 
