@@ -131,12 +131,15 @@ def _check_weight(w) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_x(w, x) -> np.ndarray:
-    x = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != w.shape[-1]:
         raise KernelInputError(f"activations of shape {x.shape} do not fit weight {w.shape}: need (T, {w.shape[-1]})")
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype.kind != "f":
         raise KernelInputError(f"activations must be floating point, got {x.dtype}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return x
 
 
 def _check_out(out, t: int, n: int) -> np.ndarray:
@@ -180,13 +183,13 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
         return out
     if isinstance(w, PackedWeight):
         # one kernel call for all experts: runs of rows that share an expert, in expert order
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        run_start = np.r_[starts, len(ids)].astype(np.int64)
-        run_expert = sorted_ids[starts].astype(np.int64)
-        if len(ids) == 1 or np.all(order[:-1] < order[1:]):  # already grouped: no gather or scatter
-            _packed_runs(w, x, run_start, run_expert, out)
+        order = np.empty(len(ids), np.int64)
+        run_start = np.empty(n_exp + 1, np.int64)
+        run_expert = np.empty(n_exp, np.int64)
+        n_runs = pk.expert_runs(ids, n_exp, order, run_start, run_expert)
+        run_start, run_expert = run_start[:n_runs + 1], run_expert[:n_runs]
+        if n_runs == 1 or n_runs == len(ids) and len(ids) <= 2 and ids[0] < ids[-1]:
+            _packed_runs(w, x, run_start, run_expert, out)  # already in expert order: no gather or scatter
         else:
             y = np.empty_like(out)
             _packed_runs(w, np.ascontiguousarray(x[order]), run_start, run_expert, y)
@@ -207,15 +210,17 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
 
 
 def _check_experts(experts, n_rows: int, n_exp: int) -> np.ndarray:
-    ids = np.asarray(experts)
+    ids = experts if isinstance(experts, np.ndarray) else np.asarray(experts)
     if ids.shape != (n_rows,):
         raise KernelInputError(f"need one expert id per activation row: got ids of shape {ids.shape} "
                                f"for {n_rows} rows")
-    if n_rows and not np.issubdtype(ids.dtype, np.integer):
+    if n_rows and ids.dtype.kind not in "iu":
         raise KernelInputError(f"expert ids must be integers, got {ids.dtype}")
     ids = ids.astype(np.int64, copy=False)
-    if n_rows and (ids.min() < 0 or ids.max() >= n_exp):
-        raise KernelInputError(f"expert ids must be in [0, {n_exp}), got {ids.min()}..{ids.max()}")
+    if n_rows:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= n_exp:
+            raise KernelInputError(f"expert ids must be in [0, {n_exp}), got {lo}..{hi}")
     return ids
 
 
@@ -226,7 +231,7 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
     xq = np.empty((m, k), np.int8)
     xd = np.empty((m, k // 32), np.float32)
     xs = np.empty((m, k // 32), np.int32)
-    pk.quantize_activations(x, xq, xd, xs)
+    (pk.quantize_activations if m > 4 else pk.quantize_activations_serial)(x, xq, xd, xs)
     n = w.shape[-2]
     if w.qtype == QType.Q4_0:
         pk.q4_0_runs(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)

@@ -36,6 +36,26 @@ _F16_MAGIC = np.float32(2.0 ** 112)
 # activations
 # ---------------------------------------------------------------------------------------------------------------
 
+@njit(inline="always")
+def _quantize_row(x, xq, xd, xs, m):
+    for b in range(x.shape[1] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[m, b * 32 + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        s = 0
+        for j in range(32):
+            v = x[m, b * 32 + j] * inv
+            q = np.int32(np.floor(abs(v) + np.float32(0.5)))
+            if v < 0:
+                q = -q
+            xq[m, b * 32 + j] = q
+            s += q
+        xd[m, b] = d
+        xs[m, b] = s
+
+
 @njit(parallel=True, cache=True)
 def quantize_activations(x, xq, xd, xs):
     """x (M, K) float32 -> xq int8 (M, K), per-32 scale xd (M, K/32) float32 and block sums xs (M, K/32) int32.
@@ -43,24 +63,44 @@ def quantize_activations(x, xq, xd, xs):
     Rounds like ggml's quantize_row_q8_0 (scale amax/127, round half away from zero) but keeps the scale in float32.
     No fastmath here: the rounding must not depend on reassociation.
     """
-    m_count, k = x.shape
-    for m in prange(m_count):
-        for b in range(k // 32):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[m, b * 32 + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            s = 0
-            for j in range(32):
-                v = x[m, b * 32 + j] * inv
-                q = np.int32(np.floor(abs(v) + np.float32(0.5)))
-                if v < 0:
-                    q = -q
-                xq[m, b * 32 + j] = q
-                s += q
-            xd[m, b] = d
-            xs[m, b] = s
+    for m in prange(x.shape[0]):
+        _quantize_row(x, xq, xd, xs, m)
+
+
+@njit(cache=True)
+def quantize_activations_serial(x, xq, xd, xs):
+    """quantize_activations for a few rows (decode), where starting threads costs more than the work."""
+    for m in range(x.shape[0]):
+        _quantize_row(x, xq, xd, xs, m)
+
+
+@njit(cache=True)
+def expert_runs(ids, n_exp, order, run_start, run_expert):
+    """Group activation rows by expert: fills order (rows sorted by expert, stable), run_start and run_expert.
+
+    Returns the number of runs, or -1 if an id is outside [0, n_exp) (checked before any kernel runs).
+    """
+    counts = np.zeros(n_exp + 1, np.int64)
+    for i in range(ids.shape[0]):
+        e = ids[i]
+        if e < 0 or e >= n_exp:
+            return -1
+        counts[e + 1] += 1
+    for e in range(n_exp):
+        counts[e + 1] += counts[e]
+    n_runs = 0
+    for e in range(n_exp):
+        if counts[e + 1] > counts[e]:
+            run_start[n_runs] = counts[e]
+            run_expert[n_runs] = e
+            n_runs += 1
+    run_start[n_runs] = ids.shape[0]
+    fill = counts[:n_exp].copy()
+    for i in range(ids.shape[0]):
+        e = ids[i]
+        order[fill[e]] = i
+        fill[e] += 1
+    return n_runs
 
 
 @njit(inline="always")
