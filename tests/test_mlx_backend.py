@@ -287,3 +287,19 @@ def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0):
     on_numba.reset()
     steps = [(on_mlx.eval([t]), on_numba.eval([t])) for t in PROMPT_IDS[:4]]
     assert max(mean_kl(y, x) for x, y in steps) < bound
+
+
+def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, hf_model_dir, tmp_path):
+    """Q4_0 blocks are affine groups of 32 (scale d, bias -8d): written with group_size=32 they are copied, not
+    requantized, and GGUF's neighbour-pair q/k rows are put back in HF order. Same logits as the GGUF itself."""
+    from engine.sources.gguf import load_gguf
+    from engine.sources.mlx import write_mlx_folder
+    _, weights, _ = load_gguf(gguf_q4_0)
+    out = write_mlx_folder(weights, hf_model_dir / "tokenizer.model", tmp_path / "out", bits=4, group_size=32)
+    a = engine.load(gguf_q4_0, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
+    b = engine.load(out, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
+    assert rel_err(b, a) < 1e-5 and mean_kl(a, b) < 1e-9
+    # the stored triplet is the Q4_0 block itself: q in 0..15, bias exactly -8 * scale
+    w = mx.load(str(out / "model.safetensors"))
+    v_proj = "model.layers.0.self_attn.v_proj"
+    assert np.array_equal(np.array(w[v_proj + ".biases"]), -8 * np.array(w[v_proj + ".scales"]))
