@@ -123,44 +123,39 @@ def _f16_bits(src, o):
 # packing: file rows (N, row_bytes) -> groups of ROWS interleaved rows
 # ---------------------------------------------------------------------------------------------------------------
 
+@njit(inline="always")
+def _pack_simple(rows, qs, d, block_bytes, pad_code):
+    """Q4_0/Q8_0: rows (N, nb*block_bytes) -> qs (G, nb, block_bytes-2, ROWS), d (G, nb, ROWS) f16 bits.
+
+    Writes run contiguously; the reads of one group (ROWS rows) stay in L2. Pad rows get scale 0.
+    """
+    n = rows.shape[0]
+    n_groups, nb, n_codes = qs.shape[0], qs.shape[1], qs.shape[2]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nb):
+            o = b * block_bytes
+            for r in range(r_end):
+                d[g, b, r] = _f16_bits(rows[g * ROWS + r], o)
+            for r in range(r_end, ROWS):
+                d[g, b, r] = 0
+            for j in range(n_codes):
+                for r in range(r_end):
+                    qs[g, b, j, r] = rows[g * ROWS + r, o + 2 + j]
+                for r in range(r_end, ROWS):
+                    qs[g, b, j, r] = pad_code
+
+
 @njit(parallel=True, cache=True)
 def pack_q4_0(rows, qs, d):
     """rows (N, nb*18) -> qs (G, nb, 16, ROWS) uint8, d (G, nb, ROWS) uint16 (f16 bits); pad rows are zero."""
-    n = rows.shape[0]
-    n_groups, nb = qs.shape[0], qs.shape[1]
-    for g in prange(n_groups):
-        for r in range(ROWS):
-            row = g * ROWS + r
-            for b in range(nb):
-                if row < n:
-                    o = b * 18
-                    d[g, b, r] = _f16_bits(rows[row], o)
-                    for j in range(16):
-                        qs[g, b, j, r] = rows[row, o + 2 + j]
-                else:
-                    d[g, b, r] = 0
-                    for j in range(16):
-                        qs[g, b, j, r] = 0x88  # codes 8, 8: weight zero
+    _pack_simple(rows, qs, d, 18, 0x88)
 
 
 @njit(parallel=True, cache=True)
 def pack_q8_0(rows, qs, d):
     """rows (N, nb*34) -> qs (G, nb, 32, ROWS) uint8 (int8 codes), d (G, nb, ROWS) uint16 (f16 bits)."""
-    n = rows.shape[0]
-    n_groups, nb = qs.shape[0], qs.shape[1]
-    for g in prange(n_groups):
-        for r in range(ROWS):
-            row = g * ROWS + r
-            for b in range(nb):
-                if row < n:
-                    o = b * 34
-                    d[g, b, r] = _f16_bits(rows[row], o)
-                    for j in range(32):
-                        qs[g, b, j, r] = rows[row, o + 2 + j]
-                else:
-                    d[g, b, r] = 0
-                    for j in range(32):
-                        qs[g, b, j, r] = 0
+    _pack_simple(rows, qs, d, 34, 0)
 
 
 @njit(parallel=True, cache=True)
