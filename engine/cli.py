@@ -97,8 +97,22 @@ def _generate(args) -> int:
     llm = _load(args)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    res = _drain(llm.stream(prompt, max_tokens=args.max_tokens, **_sampling(args)), sys.stdout, [])
-    sys.stdout.write("\n")
+    # The text is a continuation of the prompt, so it decodes as one with it: a detokenizer that has seen the
+    # prompt keeps the space before the first new word, which a fresh one drops (sentencepiece's leading-space rule).
+    detok = llm.tokenizer.detokenizer()
+    for token in llm.tokenizer.encode(prompt, add_bos=True):
+        detok.feed(token)
+    steps = llm.stream_steps(prompt, max_tokens=args.max_tokens, **_sampling(args))
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as done:
+            res = done.value
+            break
+        if step.token is not None:
+            sys.stdout.write(detok.feed(step.token))
+            sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
     sys.stdout.flush()
     t = res.timings
     print(f"prefill {t['prefill_tokens']} tokens at {t['prefill_tps']:.1f} tok/s, "

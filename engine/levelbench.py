@@ -325,12 +325,10 @@ class BenchSettings:
     threads: int | None = None
 
     def check(self) -> None:
-        for name in ("n_prompt", "n_gen", "ppl_ctx"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (1 if name != "n_gen" else 0):
-                raise BenchError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.n_prompt < 8:
             raise BenchError(f"-p must be at least 8 tokens, got {self.n_prompt}")
+        if self.n_gen < 0:
+            raise BenchError(f"-n must be 0 or more tokens, got {self.n_gen}")
         if self.ppl_ctx < 16 or self.ppl_ctx % 2:
             raise BenchError(f"--ppl-ctx must be an even number of at least 16 tokens, got {self.ppl_ctx}")
         if self.ppl_chunks is not None and self.ppl_chunks < 1:
@@ -393,7 +391,12 @@ def run_bench(s: BenchSettings) -> dict:
     s.check()
     ref_level = s.reference_level()
     order = ([ref_level] if ref_level else []) + [q for q in s.levels if q != ref_level]
-    model = _describe_source(s.source)
+    model, tokenizer = _describe_source(s.source)
+    if s.ref_file is not None:  # fail before any level is measured, not after
+        tokens = np.asarray(tokenizer.encode(Path(s.ppl_file).read_text(encoding="utf-8"), add_bos=False), np.int32)
+        n_chunks = len(_score_positions(tokens.size, s.ppl_ctx, s.ppl_chunks))
+        _Reference.load(Path(s.ref_file)).check_matches(tokens, s.ppl_ctx, n_chunks * (s.ppl_ctx - s.ppl_ctx // 2),
+                                                        str(s.ref_file))
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mixlocal-bench-") as tmp:
         ref_path = Path(s.ref_file) if s.ref_file else Path(s.save_ref or Path(tmp) / "reference.npz")
@@ -418,13 +421,14 @@ def run_bench(s: BenchSettings) -> dict:
             "results": [{k: rows[q][k] for k in FIELDS} for q in s.levels]}
 
 
-def _describe_source(source) -> dict:
+def _describe_source(source) -> tuple[dict, object]:
+    """What the run measures, and its tokenizer; opening the source here also fails fast on an unreadable model."""
     from .loader import open_source
-    config, weights, _tok, name = open_source(source)
+    config, weights, tok, name = open_source(source)
     st = weight_stats(weights)
     return {"source": str(source) if source is not None else "embedded default", "name": name,
             "n_params": st["n_elements"], "source_size_bytes": st["size_bytes"],
-            "n_layers": config.n_layers, "n_experts": config.n_experts, "dim": config.dim}
+            "n_layers": config.n_layers, "n_experts": config.n_experts, "dim": config.dim}, tok
 
 
 def machine_info(backend: str = "auto", threads: int | None = None) -> dict:
