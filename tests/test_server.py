@@ -1,0 +1,530 @@
+"""The OpenAI-compatible server, live on loopback, with the official openai SDK as its client.
+
+Two servers run as `python -m engine.server` subprocesses on 127.0.0.1 (free ports) over the tiny random Mixtral:
+- `server`: --api-key, --alias tiny-alias, --max-tokens 12 (requests that set none stay short), n_ctx 512;
+- `shift_server`: n_ctx 48 and --context-shift, no key, no default limit.
+Answers are checked against references that are not ours: mistral-common's Mixtral v1 prompt ids, transformers'
+MixtralForCausalLM (greedy tokens and log-probabilities, teacher-forced), sentencepiece's decoder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import sentencepiece
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from openai import OpenAI
+
+from conftest import MIXTRAL_TOKENIZER, reference_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_MODEL_ID = "mistralai/mixtral-8x7b-instruct"
+SEED_MESSAGES = [{"role": "user", "content": "What is the meaning of life?"}]
+OPENROUTER_HEADERS = {"HTTP-Referer": "https://example.org", "X-Title": "mixlocal tests"}
+API_KEY = "test-key"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Live servers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m engine.server` in a subprocess on 127.0.0.1; stopped (SIGINT, then kill) at the end."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *args: str):
+        self.model_dir, self.log_path, self.args = model_dir, log_path, args
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> "LiveServer":
+        for _ in range(3):   # a free port can be taken between the probe and the bind: try another
+            port = _free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "engine.server", "-m", str(self.model_dir), "--host", "127.0.0.1",
+                     "--port", str(port), "--log-level", "warning", *self.args],
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MIXLOCAL_API_KEY": ""})
+            deadline = time.monotonic() + 180
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            self.stop()
+        raise RuntimeError(f"the server did not start; its log:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def server(hf_model_dir, tmp_path_factory):
+    live = LiveServer(hf_model_dir, tmp_path_factory.mktemp("server") / "server.log", "--api-key", API_KEY,
+                      "--alias", "tiny-alias", "--max-tokens", "12", "--n-ctx", "512", "--kv-type", "f32").start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def shift_server(hf_model_dir, tmp_path_factory):
+    live = LiveServer(hf_model_dir, tmp_path_factory.mktemp("shift") / "server.log", "--n-ctx", "48",
+                      "--context-shift", "--kv-type", "f32").start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_name(hf_model_dir):
+    return hf_model_dir.name   # what the server loaded: the name every response must carry
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mistral_v1():
+    return MistralTokenizer.v1()
+
+
+@pytest.fixture(scope="module")
+def spm():
+    return sentencepiece.SentencePieceProcessor(model_file=str(MIXTRAL_TOKENIZER))
+
+
+def mistral_ids(mistral_v1, messages) -> list[int]:
+    return mistral_v1.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def check_greedy_against_transformers(model, prompt_ids: list[int], entries) -> list[int]:
+    """Each token the server chose at temperature 0 is transformers' argmax given the same prefix (ties within the
+    backends' float difference allowed), and its logprobs are transformers'. Returns the token ids."""
+    ids = [e.id for e in entries]       # "id": llama.cpp's extension to OpenAI's logprob entries
+    logits = reference_logits(model, prompt_ids + ids)
+    for i, entry in enumerate(entries):
+        row = logits[len(prompt_ids) - 1 + i]
+        tol = 2e-3 * float(np.abs(row).max())
+        assert row[entry.id] >= row.max() - tol, f"token {i}: {entry.id} is not the argmax {int(row.argmax())}"
+        ref = log_softmax(row)
+        assert abs(entry.logprob - ref[entry.id]) < tol
+        top = entry.top_logprobs
+        assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        np.testing.assert_allclose([t.logprob for t in top], np.sort(ref)[::-1][:len(top)], atol=tol)
+        if top:
+            assert top[0].logprob == pytest.approx(entry.logprob, abs=1e-9)   # greedy: the chosen one is the best
+    return ids
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The seed's request
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_seed_request(server, model_name, mistral_v1):
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    completion = client.chat.completions.create(
+        model="mistralai/mixtral-8x7b-instruct",
+        messages=[{"role": "user", "content": "What is the meaning of life?"}],
+    )
+    assert completion.object == "chat.completion"
+    assert completion.model == model_name     # the id routes to the loaded model and never disguises it
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    usage = completion.usage
+    assert usage.prompt_tokens == len(mistral_ids(mistral_v1, SEED_MESSAGES))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # the server was started with --max-tokens 12 for requests that set no limit
+    assert choice.finish_reason in ("stop", "length")
+    assert usage.completion_tokens == 12 if choice.finish_reason == "length" else usage.completion_tokens < 12
+
+
+def test_seed_request_streaming_with_openrouter_headers(client, model_name):
+    stream = client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, stream=True,
+                                            extra_headers=OPENROUTER_HEADERS)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.model == model_name for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    finishes = [c.choices[0].finish_reason for c in chunks]
+    assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
+    assert all(c.usage is None for c in chunks)     # usage only when stream_options asks for it
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_stream_framing_and_usage_chunk(server, model_name):
+    body = {"model": "tiny-alias", "messages": SEED_MESSAGES, "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage_chunk, final = chunks[-1], chunks[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 5
+    assert final["choices"][0]["finish_reason"] == "length" and final["choices"][0]["delta"] == {}
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert {c["model"] for c in chunks} == {model_name}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answers against transformers
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_answer_and_logprobs_match_transformers(client, hf_reference, mistral_v1, spm, stream):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three colours."}]
+    kw = dict(model="tiny-alias", messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        resp = client.chat.completions.create(**kw)
+        text, entries = resp.choices[0].message.content, resp.choices[0].logprobs.content
+    ids = check_greedy_against_transformers(hf_reference, mistral_ids(mistral_v1, messages), entries)
+    assert text == spm.decode(ids)
+    for e in entries:
+        assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
+
+
+def test_completions_continue_the_prompt(client, model_name, mistral_v1, spm, hf_reference):
+    prompt_ids = mistral_ids(mistral_v1, SEED_MESSAGES)
+    chat = client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, temperature=0, max_tokens=6,
+                                          logprobs=True)
+    ids = check_greedy_against_transformers(hf_reference, prompt_ids, chat.choices[0].logprobs.content)
+
+    done = client.completions.create(model=SEED_MODEL_ID, prompt=prompt_ids, temperature=0, max_tokens=6, logprobs=2)
+    assert done.object == "text_completion" and done.model == model_name
+    assert done.usage.prompt_tokens == len(prompt_ids)
+    # a continuation decodes together with its prompt (keeping the space before its first word)
+    assert spm.decode(prompt_ids) + done.choices[0].text == spm.decode(prompt_ids + ids)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-9)
+
+    text_prompt = "Once upon a time"
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny-alias", prompt=text_prompt,
+                                                                    max_tokens=4, stream=True)]
+    whole = client.completions.create(model="tiny-alias", prompt=text_prompt, max_tokens=4, temperature=0)
+    assert whole.usage.prompt_tokens == 1 + len(spm.encode(text_prompt))     # BOS + sentencepiece's ids
+    assert "".join(pieces) and whole.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("ids", [[736, 403], [28705, 29340, 3614], [28705, 13, 13, 1014, 948], [918], [259, 989],
+                                 [1014, 948], [13, 736]], ids=lambda ids: "-".join(map(str, ids)))
+def test_completion_text_keeps_the_space_before_its_first_word(spm, ids):
+    """The worker's fix for what LLM's fresh decoder drops, against sentencepiece decoding prompt and text as one."""
+    from engine.server_worker import _LeadingSpace
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(MIXTRAL_TOKENIZER)
+    prompt = tok.encode("Once upon a time", add_bos=True)
+    fresh, spacing = tok.detokenizer(), _LeadingSpace(tok, prompt)
+    fix = spacing.fix
+    text = "".join(fix(t, fresh.feed(t)) for t in ids) + fix(None, fresh.flush())
+    whole, head = spm.decode(prompt + ids), spm.decode(prompt)
+    assert whole.startswith(head) and text == whole[len(head):]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_models_name_the_loaded_model(client, model_name):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_name]
+    assert set(models.data[0].aliases) == {"tiny-alias", SEED_MODEL_ID}
+    assert client.models.retrieve(SEED_MODEL_ID).id == model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    resp = client.chat.completions.create(model="tiny-alias", messages=SEED_MESSAGES, max_tokens=2)
+    assert resp.model == model_name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+CHAT_ERRORS = [
+    ("malformed JSON", b'{"model": "tiny-alias", "messages": [', 400, "JSON"),
+    ("not an object", b"[1, 2, 3]", 400, "object"),
+    ("missing model", {"messages": SEED_MESSAGES}, 400, "model"),
+    ("missing messages", {"model": SEED_MODEL_ID}, 400, "messages"),
+    ("empty messages", {"model": SEED_MODEL_ID, "messages": []}, 400, "messages"),
+    ("message not an object", {"model": SEED_MODEL_ID, "messages": ["hi"]}, 400, "messages[0]"),
+    ("wrong type", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "temperature": "hot"}, 400, "temperature"),
+    ("negative max_tokens", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "max_tokens": -5}, 400, "max_tokens"),
+    ("n=2", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "n": 2}, 400, "'n'"),
+    ("top_p out of range", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "top_p": 1.5}, 400, "top_p"),
+    ("unknown role", {"model": SEED_MODEL_ID, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    ("roles out of order", {"model": SEED_MODEL_ID, "messages": [{"role": "assistant", "content": "x"}]}, 400,
+     "assistant"),
+    ("tools", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
+               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("JSON mode", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("top_logprobs alone", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("stream_options alone", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
+                              "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("unknown model", {"model": "gpt-4o", "messages": SEED_MESSAGES}, 404, "gpt-4o"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, mentions", CHAT_ERRORS, ids=[c[0] for c in CHAT_ERRORS])
+def test_chat_errors_in_openai_shape(server, name, body, status, mentions):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert mentions in error["message"]
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ({"model": SEED_MODEL_ID}, "prompt"),
+    ({"model": SEED_MODEL_ID, "prompt": "hi", "echo": True}, "echo"),
+    ({"model": SEED_MODEL_ID, "prompt": "hi", "logprobs": 9}, "logprobs"),
+    ({"model": SEED_MODEL_ID, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": SEED_MODEL_ID, "prompt": [1, 99999]}, "99999"),
+])
+def test_completion_errors(server, body, mentions):
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400 and mentions in r.json()["error"]["message"]
+
+
+def test_sdk_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=-1)
+    assert e.value.code == "invalid_value" and "max_tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, n=2)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="mistralai/mistral-large", messages=SEED_MESSAGES)
+    assert e.value.code == "model_not_found"
+    wrong = OpenAI(base_url=server.url + "/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    missing = httpx.post(server.url + "/v1/chat/completions", json={"model": SEED_MODEL_ID, "messages": SEED_MESSAGES})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"          # health needs no key
+    nowhere = httpx.get(server.url + "/v1/engines", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert nowhere.status_code == 404 and "error" in nowhere.json()
+
+
+def test_prompt_longer_than_the_context(client):
+    long = [{"role": "user", "content": "tell me more " * 200}]    # about 600 tokens, n_ctx is 512
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=SEED_MODEL_ID, messages=long, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+    assert "512" in e.value.message and "context" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=SEED_MODEL_ID, prompt="tell me more " * 200, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load: concurrency, hang-ups, the prompt cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_concurrent_clients_each_get_their_own_answer(server, hf_reference, mistral_v1):
+    questions = ["Why is the sky blue?", "Write a haiku.", "Count to five.", "What is 2 + 2?"]
+    results, errors = {}, []
+    barrier = threading.Barrier(len(questions))
+
+    def ask(i: int, question: str) -> None:
+        sdk = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        kw = dict(model=SEED_MODEL_ID, messages=[{"role": "user", "content": question}], temperature=0,
+                  max_tokens=5, logprobs=True)
+        barrier.wait()
+        try:
+            if i % 2:
+                chunks = list(sdk.chat.completions.create(stream=True, **kw))
+                results[i] = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            else:
+                results[i] = sdk.chat.completions.create(**kw).choices[0].logprobs.content
+        except Exception as e:   # reported below; an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(questions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == list(range(len(questions)))
+    for i, question in enumerate(questions):   # no answer leaked into another's cache or stream
+        prompt = mistral_ids(mistral_v1, [{"role": "user", "content": question}])
+        check_greedy_against_transformers(hf_reference, prompt, results[i])
+
+
+def test_client_hanging_up_mid_stream_cancels_its_generation(client, server):
+    before = server.health()
+    stream = client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=450,
+                                            stream=True)
+    seen = 0
+    for chunk in stream:
+        seen += bool(chunk.choices and chunk.choices[0].delta.content)
+        if seen == 2:
+            break
+    stream.close()    # hang up, 448 tokens early
+
+    deadline = time.monotonic() + 60    # not a timing assertion: only how long to wait before giving up
+    while time.monotonic() < deadline:
+        now = server.health()
+        if now["cancelled"] > before["cancelled"] and not now["busy"]:
+            break
+        time.sleep(0.05)
+    assert now["cancelled"] == before["cancelled"] + 1
+    assert now["finished"] == before["finished"]       # it was stopped, not run to its end
+    after = client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=3)
+    assert after.choices[0].finish_reason in ("length", "stop") and after.usage.completion_tokens <= 3
+
+
+def test_prompt_cache_reuse_in_usage(client, mistral_v1):
+    first = [{"role": "user", "content": "Tell me about caches."}]
+    a = client.chat.completions.create(model=SEED_MODEL_ID, messages=first, temperature=0, max_tokens=3)
+    n_first = len(mistral_ids(mistral_v1, first))
+    assert a.usage.prompt_tokens == n_first
+    again = client.chat.completions.create(model=SEED_MODEL_ID, messages=first, temperature=0, max_tokens=3)
+    # all of the prompt is in the cache; its last token is run again to give the next token's logits
+    assert again.usage.prompt_tokens_details.cached_tokens == n_first - 1
+    longer = first + [{"role": "assistant", "content": "They keep things."}, {"role": "user", "content": "More?"}]
+    b = client.chat.completions.create(model=SEED_MODEL_ID, messages=longer, temperature=0, max_tokens=3)
+    n_longer = len(mistral_ids(mistral_v1, longer))
+    assert b.usage.prompt_tokens == n_longer
+    assert n_first <= b.usage.prompt_tokens_details.cached_tokens < n_longer
+
+
+def test_bounded_load(server, model_name, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_server_load", ROOT / "bench" / "bench_server_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run_load(server.url + "/v1", api_key=API_KEY, clients=3, requests=2, max_tokens=4,
+                            deadline_s=40)
+    assert result["lost"] == [] and result["unfinished_clients"] == 0
+    assert result["sent"] >= 1 and result["ok"] == result["sent"]   # every request that went out was answered
+    assert result["models_seen"] == [model_name]
+    assert set(result["latency_s"]) == {"p50", "p90", "p99", "max", "mean"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Context shift and the end of the context (n_ctx 48)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_context_shift_drops_oldest_turns_and_keeps_the_system_prompt(shift_server, mistral_v1, model_name):
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i, fruit in enumerate(["apples", "pears", "plums"]):
+        turns += [{"role": "user", "content": f"Say something about {fruit}."},
+                  {"role": "assistant", "content": f"{fruit.title()} grow on trees."}]
+    messages = [system, *turns, {"role": "user", "content": "And cherries?"}]
+    n_ctx, max_tokens = 48, 4
+    full = len(mistral_ids(mistral_v1, messages))
+    assert full + max_tokens > n_ctx     # the shift must really be needed
+    dropped = next(k for k in range(2, len(turns) + 1, 2)
+                   if len(mistral_ids(mistral_v1, [system, *turns[k:], messages[-1]])) + max_tokens <= n_ctx)
+    kept = len(mistral_ids(mistral_v1, [system, *turns[dropped:], messages[-1]]))
+
+    sdk = OpenAI(base_url=shift_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    resp = sdk.chat.completions.create(model=SEED_MODEL_ID, messages=messages, max_tokens=max_tokens)
+    note = resp.context_shift
+    assert note["dropped_messages"] == dropped and note["prompt_tokens_before"] == full
+    assert "context shift" in note["message"]
+    assert resp.usage.prompt_tokens == kept and resp.model == model_name
+
+    raw = sdk.chat.completions.with_raw_response.create(model=SEED_MODEL_ID, messages=messages,
+                                                        max_tokens=max_tokens, stream=True)
+    assert raw.headers["x-context-shift"] == f"dropped {dropped} messages"
+    chunks = list(raw.parse())
+    assert chunks[0].context_shift["dropped_messages"] == dropped
+
+    too_long = [system, {"role": "user", "content": "words " * 60}]
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.chat.completions.create(model=SEED_MODEL_ID, messages=too_long, max_tokens=max_tokens)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_without_max_tokens_the_answer_runs_to_the_end_of_the_context(shift_server, mistral_v1):
+    sdk = OpenAI(base_url=shift_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    resp = sdk.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES)
+    assert resp.usage.prompt_tokens == len(mistral_ids(mistral_v1, SEED_MESSAGES))
+    if resp.choices[0].finish_reason == "length":
+        assert resp.usage.total_tokens == 48
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_serve_arguments_and_exposure_warning(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from engine.server import add_serve_arguments, run_serve
+
+    monkeypatch.delenv("MIXLOCAL_API_KEY", raising=False)
+    # run_serve sets a default OMP_WAIT_POLICY; keep that from leaking into the rest of the session
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.host, args.port, args.api_key, args.alias, args.context_shift) == ("127.0.0.1", 8080, None, [],
+                                                                                   False)
+    args = parser.parse_args(["-m", "m", "--alias", "a", "--alias", "b", "--n-ctx", "64", "--threads", "1"])
+    assert args.alias == ["a", "b"] and args.n_ctx == 64 and args.threads == 1
+
+    missing = str(tmp_path / "no-such-model")   # load fails before anything binds, so no socket is opened
+    for argv, warned in ([["--host", "0.0.0.0"], True], [["--host", "0.0.0.0", "--api-key", "k"], False],
+                         [["--host", "::1"], False], [[], False]):
+        with pytest.raises(ValueError):
+            run_serve(parser.parse_args(["-m", missing, *argv]))
+        err = capsys.readouterr().err
+        assert ("warning" in err and "--api-key" in err) == warned
