@@ -75,19 +75,6 @@ def _sampling(args) -> dict:
                 repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
-def _drain(gen, out, pieces: list[str]):
-    """Write every piece of an LLM.stream generator to out as it comes, keeping them in pieces (so a caller that is
-    interrupted still has the text shown so far); return the GenerationResult."""
-    while True:
-        try:
-            piece = next(gen)
-        except StopIteration as done:
-            return done.value
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,6 +115,44 @@ def _generate(args) -> int:
 CHAT_HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer"
 
 
+class _Conversation:
+    """A chat's messages as text, and the exact token ids the model has seen, so each turn prefills only itself.
+
+    Re-encoding the whole conversation each turn would give other ids wherever an answer's text does not
+    round-trip through the tokenizer, and the KV cache would be recomputed from there. Mixtral v1 encodes every user
+    turn on its own (`[INST] text [/INST]`) and every answer as its text then EOS, so the next prompt is the ids
+    seen so far, EOS, and the new user turn's ids. Other chat formats (a GGUF's Jinja template) re-encode.
+    """
+
+    def __init__(self, tokenizer, system: str | None):
+        self.tok = tokenizer
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = list(self.system)
+        self.seen: list[int] = []  # prompt and answer ids of the exchanges so far, EOS included
+
+    def prompt(self, text: str) -> list[int]:
+        user = {"role": "user", "content": text}
+        if self.seen and self.tok.default_chat_format == "mixtral":
+            return self.seen + self.tok.encode_chat([user])[1:]  # [1:]: no second BOS
+        return self.tok.encode_chat(self.messages + [user])
+
+    def add(self, text: str, prompt_ids: list[int], answer: str, answer_ids: list[int]) -> None:
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        self.seen = prompt_ids + answer_ids + [self.tok.eos_id]
+
+    def drop_oldest(self) -> bool:
+        """Forget the oldest exchange (the system prompt stays); False when there is none."""
+        n = len(self.system)
+        if len(self.messages) - n < 2:
+            return False
+        self.messages = self.messages[:n] + self.messages[n + 2:]
+        self.seen = []  # re-encode from the messages
+        return True
+
+
 def _chat(args) -> int:
     if sys.stdin.isatty():
         try:
@@ -135,8 +160,7 @@ def _chat(args) -> int:
         except ImportError:
             pass
     llm = _load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    conv = _Conversation(llm.tokenizer, args.system)
     print(f"mixlocal chat with {llm.name}: {CHAT_HELP}", file=sys.stderr, flush=True)
     while True:
         try:
@@ -155,53 +179,53 @@ def _chat(args) -> int:
             if command in ("/exit", "/quit", "/bye"):
                 return 0
             if command == "/reset":
-                messages = list(system)
+                conv.reset()
                 llm.reset()
                 print("(conversation cleared)", file=sys.stderr, flush=True)
             else:
                 print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr, flush=True)
             continue
-        messages.append({"role": "user", "content": text})
-        messages, ids, dropped = _fit_context(llm, messages, len(system))
-        if ids is None:
+        ids, dropped = conv.prompt(text), 0
+        while len(ids) >= llm.n_ctx and conv.drop_oldest():
+            ids, dropped = conv.prompt(text), dropped + 1
+        if len(ids) >= llm.n_ctx:
             print(f"(the message alone exceeds the context of {llm.n_ctx} tokens)", file=sys.stderr, flush=True)
-            messages.pop()
             continue
         if dropped:
             print(f"(dropped the {dropped} oldest exchanges to fit the context)", file=sys.stderr, flush=True)
-        gen = llm.stream(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), **_sampling(args))
-        pieces, res = [], None
-        try:
-            res = _drain(gen, sys.stdout, pieces)
-        except KeyboardInterrupt:  # stop this answer; the model keeps what it said so far
-            gen.close()
-        answer = "".join(pieces)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        answer_ids, res = _answer(llm, ids, args)
+        answer = llm.tokenizer.decode(answer_ids)
         if answer.strip():
-            messages.append({"role": "assistant", "content": answer.strip()})
-        else:
-            messages.pop()  # nothing was said: forget the question too, so roles keep alternating
+            conv.add(text, ids, answer, answer_ids)
+        # How much of the prompt was new is the number that shows the KV cache at work.
+        head = f"[prompt {len(ids)} tokens, {llm.last_cached_tokens} cached; {len(answer_ids)} tokens"
         if res is None:
-            print("[stopped]", file=sys.stderr, flush=True)
+            print(f"{head}, stopped]", file=sys.stderr, flush=True)
         else:
-            u, t = res.usage, res.timings
-            print(f"[prompt {u['prompt_tokens']} tokens, {u['prompt_tokens_details']['cached_tokens']} cached; "
-                  f"{u['completion_tokens']} tokens at {t['decode_tps']:.1f} tok/s]",
-                  file=sys.stderr, flush=True)
+            print(f"{head} at {res.timings['decode_tps']:.1f} tok/s]", file=sys.stderr, flush=True)
 
 
-def _fit_context(llm, messages, n_system):
-    """Prompt ids for messages, dropping the oldest exchanges until the prompt leaves room for an answer."""
-    dropped = 0
-    while True:
-        ids = llm.tokenizer.encode_chat(messages)
-        if len(ids) < llm.n_ctx:
-            return messages, ids, dropped
-        if len(messages) - n_system <= 1:
-            return messages, None, dropped
-        messages = messages[:n_system] + messages[n_system + 2:]
-        dropped += 1
+def _answer(llm, ids: list[int], args) -> tuple[list[int], object]:
+    """Stream one answer to stdout. Returns its token ids and the GenerationResult, or None if Ctrl-C stopped it:
+    the ids shown so far are kept either way, as the model has already read them."""
+    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), **_sampling(args))
+    tokens, res = [], None
+    try:
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as done:
+                res = done.value
+                break
+            if step.token is not None:
+                tokens.append(step.token)
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        steps.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return tokens, res
 
 
 # ---------------------------------------------------------------------------------------------------------------------
