@@ -94,7 +94,7 @@ def run_load(base_url: str, *, api_key: str = "none", model: str = "mistralai/mi
             try:
                 rec = _one_request(sdk, model, prompt_for(c, r), max_tokens, stream=(c + r) % 2 == 1)
                 rec["status"] = "ok" if rec["finish_reason"] in ("stop", "length") else "incomplete"
-            except Exception as e:   # a lost request: recorded, never raised, so the other clients go on
+            except Exception as e:  # noqa: BLE001 - a lost request: recorded, not raised, so the other clients go on
                 rec = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             rec.update(client=c, request=r)
             with lock:

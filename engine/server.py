@@ -30,12 +30,26 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .server_prompts import Prompt, chat_prompt, completion_prompt
-from .server_requests import (APIError, ChatRequest, CompletionRequest, GenerationRequest, parse_chat_request,
-                              parse_completion_request, parse_json_body)
+from .server_requests import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_body,
+)
 from .server_responses import SSE_DONE, ResponseShape, sse
-from .server_worker import Cancelled, Failed, Finished, GenerationJob, ModelWorker, Piece
+from .server_worker import (
+    Cancelled,
+    Failed,
+    Finished,
+    GenerationJob,
+    ModelWorker,
+    Piece,
+)
 
-__all__ = ["create_app", "add_serve_arguments", "run_serve", "main", "SEED_MODEL_ID"]
+__all__ = ["SEED_MODEL_ID", "add_serve_arguments", "create_app", "main", "run_serve"]
 
 SEED_MODEL_ID = "mistralai/mixtral-8x7b-instruct"   # the id on OpenRouter's Mixtral page, routed here by default
 

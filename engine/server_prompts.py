@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .server_requests import APIError
 
-__all__ = ["Prompt", "chat_prompt", "completion_prompt", "answer_room"]
+__all__ = ["Prompt", "answer_room", "chat_prompt", "completion_prompt"]
 
 DEFAULT_ANSWER_ROOM = 512    # context kept free for an answer when shifting and the request gave no max_tokens
 

@@ -13,8 +13,15 @@ from typing import Any
 
 from .sampling import SamplingParams
 
-__all__ = ["APIError", "GenerationRequest", "ChatRequest", "CompletionRequest", "parse_json_body",
-           "parse_chat_request", "parse_completion_request"]
+__all__ = [
+    "APIError",
+    "ChatRequest",
+    "CompletionRequest",
+    "GenerationRequest",
+    "parse_chat_request",
+    "parse_completion_request",
+    "parse_json_body",
+]
 
 MAX_TOP_LOGPROBS = 20          # OpenAI's limit for chat; the legacy completions API allows 5
 MAX_COMPLETION_LOGPROBS = 5
@@ -63,9 +70,9 @@ class GenerationRequest:
     top_logprobs: int | None = None         # None: no logprobs; 0..N: logprobs with that many alternatives
 
     def sampling_kwargs(self) -> dict:
-        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                    repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop)
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                    "repeat_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": self.stop}
 
 
 @dataclass
@@ -155,19 +162,19 @@ def _common(body: dict) -> dict:
 
     # max_completion_tokens is the newer name for max_tokens in OpenAI's chat API
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    kw = dict(
-        model=model,
-        max_tokens=_integer(body, limit_name, None, 1),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        stop=_stop(body),
-        stream=_boolean(body, "stream", False),
-    )
+    kw = {
+        "model": model,
+        "max_tokens": _integer(body, limit_name, None, 1),
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "top_k": _integer(body, "top_k", 0, 0),
+        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
+        "repeat_penalty": _number(body, "repeat_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "stop": _stop(body),
+        "stream": _boolean(body, "stream", False),
+    }
     seed = body.get("seed")
     if seed is not None:
         if not _is_int(seed) or seed < -1:

@@ -11,7 +11,7 @@ import uuid
 
 from .server_worker import TokenLogprob
 
-__all__ = ["ResponseShape", "sse", "SSE_DONE", "token_text"]
+__all__ = ["SSE_DONE", "ResponseShape", "sse", "token_text"]
 
 SSE_DONE = "data: [DONE]\n\n"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

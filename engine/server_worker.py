@@ -10,13 +10,21 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import numpy as np
 
-__all__ = ["ModelWorker", "GenerationJob", "TokenLogprob", "Piece", "Finished", "Failed", "Cancelled",
-           "token_logprob"]
+__all__ = [
+    "Cancelled",
+    "Failed",
+    "Finished",
+    "GenerationJob",
+    "ModelWorker",
+    "Piece",
+    "TokenLogprob",
+    "token_logprob",
+]
 
 _MODEL_CALLS = threading.Lock()
 
@@ -210,7 +218,7 @@ class ModelWorker:
                     logprob = token_logprob(step.logits, step.token, job.top_logprobs)
                 text = spacing.fix(step.token, step.text) if spacing else step.text
                 job.post(Piece(text, logprob))
-        except Exception as e:   # reported to the client; the worker keeps serving
+        except Exception as e:  # noqa: BLE001 - reported to the client; the worker keeps serving
             self.counts["failed"] += 1
             job.post(Failed(e))
         finally:

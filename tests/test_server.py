@@ -24,11 +24,10 @@ import numpy as np
 import openai
 import pytest
 import sentencepiece
+from conftest import MIXTRAL_TOKENIZER, reference_logits
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from openai import OpenAI
-
-from conftest import MIXTRAL_TOKENIZER, reference_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_MODEL_ID = "mistralai/mixtral-8x7b-instruct"
@@ -55,7 +54,7 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         for _ in range(3):   # a free port can be taken between the probe and the bind: try another
             port = _free_port()
             self.url = f"http://127.0.0.1:{port}"
@@ -217,7 +216,7 @@ def test_stream_framing_and_usage_chunk(server, model_name):
 @pytest.mark.parametrize("stream", [False, True])
 def test_greedy_answer_and_logprobs_match_transformers(client, hf_reference, mistral_v1, spm, stream):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three colours."}]
-    kw = dict(model="tiny-alias", messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    kw = {"model": "tiny-alias", "messages": messages, "temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kw))
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -383,8 +382,8 @@ def test_concurrent_clients_each_get_their_own_answer(server, hf_reference, mist
 
     def ask(i: int, question: str) -> None:
         sdk = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        kw = dict(model=SEED_MODEL_ID, messages=[{"role": "user", "content": question}], temperature=0,
-                  max_tokens=5, logprobs=True)
+        kw = {"model": SEED_MODEL_ID, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                  "max_tokens": 5, "logprobs": True}
         barrier.wait()
         try:
             if i % 2:
@@ -392,7 +391,7 @@ def test_concurrent_clients_each_get_their_own_answer(server, hf_reference, mist
                 results[i] = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
             else:
                 results[i] = sdk.chat.completions.create(**kw).choices[0].logprobs.content
-        except Exception as e:   # reported below; an assertion in a thread would be lost
+        except Exception as e:  # noqa: BLE001 - reported below; an assertion in a thread would be lost
             errors.append(e)
 
     threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(questions)]
@@ -528,3 +527,23 @@ def test_serve_arguments_and_exposure_warning(tmp_path, capsys, monkeypatch):
             run_serve(parser.parse_args(["-m", missing, *argv]))
         err = capsys.readouterr().err
         assert ("warning" in err and "--api-key" in err) == warned
+
+
+def test_create_app_in_process(hf_model_dir, model_name):
+    """create_app is what embedders and tests use: the same routes, run here through starlette's TestClient."""
+    from starlette.testclient import TestClient
+
+    import engine
+    from engine.server import create_app
+
+    llm = engine.load(hf_model_dir, n_ctx=64)
+    app = create_app(llm, api_key="k", aliases=("house-model",), context_shift=True)
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(app) as tc:
+        r = tc.post("/v1/chat/completions", headers=auth,
+                    json={"model": "house-model", "messages": SEED_MESSAGES, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == model_name == llm.name
+        assert r.json()["usage"]["completion_tokens"] <= 2
+        assert tc.post("/v1/chat/completions", json={"model": "house-model", "messages": SEED_MESSAGES}).status_code == 401
+        assert tc.get("/v1/models", headers=auth).json()["data"][0]["id"] == llm.name
+        assert tc.get("/health").json()["finished"] == 1
