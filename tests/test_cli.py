@@ -227,3 +227,66 @@ def test_bench_levels_json_csv_plot_and_saved_reference(hf_model_dir, hf_referen
     line = one_error_line(run_cli("bench", "-m", hf_model_dir, "--quants", "q2_k", "--ppl-ctx", 32,
                                   "--ref-file", ref), 1)
     assert "--ppl-ctx 64" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantize and serve
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_quantize_writes_a_gguf_that_gguf_py_reads(hf_model_dir, tmp_path):
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from safetensors import safe_open
+
+    out = tmp_path / "tiny-q8_0.gguf"
+    r = run_cli("quantize", hf_model_dir, out, "--type", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "tiny-q8_0.gguf.part").exists()
+    reader = GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    layers = json.loads((hf_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(tensors) == 3 + 10 * layers
+    for name, t in tensors.items():
+        small = name.endswith("norm.weight") or name.endswith("ffn_gate_inp.weight")
+        assert t.tensor_type == (GGMLQuantizationType.F32 if small else GGMLQuantizationType.Q8_0), name
+    down = quants.dequantize(np.asarray(tensors["blk.1.ffn_down_exps.weight"].data), GGMLQuantizationType.Q8_0)
+    with safe_open(next(hf_model_dir.glob("*.safetensors")), framework="pt") as st:
+        w2 = st.get_tensor("model.layers.1.block_sparse_moe.experts.3.w2.weight").to(torch.float32).numpy()
+    assert down.shape[1:] == w2.shape
+    assert np.abs(down[3] - w2).max() <= np.abs(w2).max() / 127  # Q8_0: half a step of a 127-level block scale
+
+    line = one_error_line(run_cli("quantize", hf_model_dir, out, "--type", "q8_0"), 2)
+    assert "--force" in line
+    line = one_error_line(run_cli("quantize", hf_model_dir, tmp_path / "x.gguf", "--type", "q7"), 2)
+    assert "unknown level 'q7'" in line
+
+
+def test_serve_is_wired_to_the_server(hf_model_dir):
+    import socket
+    import time
+    import urllib.request
+
+    help_text = run_cli("serve", "--help")
+    assert help_text.returncode == 0 and "--port" in help_text.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "-m", str(hf_model_dir), "--port", str(port),
+                             "--threads", "1"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as resp:
+                    models = json.loads(resp.read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert models["object"] == "list" and models["data"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
