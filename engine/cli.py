@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -71,8 +71,8 @@ def _load(args):
 
 
 def _sampling(args) -> dict:
-    return dict(temperature=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+    return {"temperature": args.temp, "top_p": args.top_p, "min_p": args.min_p, "top_k": args.top_k,
+                "repeat_penalty": args.repeat_penalty, "seed": args.seed}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,7 +208,8 @@ def _chat(args) -> int:
 def _answer(llm, ids: list[int], args) -> tuple[list[int], object]:
     """Stream one answer to stdout. Returns its token ids and the GenerationResult, or None if Ctrl-C stopped it:
     the ids shown so far are kept either way, as the model has already read them."""
-    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), **_sampling(args))
+    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), continuation=False,
+                             **_sampling(args))
     tokens, res = [], None
     try:
         while True:
@@ -371,14 +372,15 @@ def _add_serve_parser(sub, wanted: bool):
     try:
         from .server import add_serve_arguments, run_serve
     except ImportError as e:
-        p.set_defaults(func=lambda args: _unavailable("serve", e))
+        why = str(e)  # `e` itself is unbound once the except block ends
+        p.set_defaults(func=lambda args: _unavailable("serve", why))
         p.add_argument("rest", nargs=argparse.REMAINDER)
         return
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
 
 
-def _unavailable(command: str, why: Exception) -> int:
+def _unavailable(command: str, why: str) -> int:
     raise RuntimeError(f"{command} is not available in this build ({why})")
 
 
@@ -437,8 +439,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "prefill and decode speed, peak memory, and quality against a reference "
                                    "(perplexity, KL divergence, top-1 agreement).")
     b.add_argument("-m", "--model", default=None, metavar="SRC", help=MODEL_HELP)
-    b.add_argument("--quants", default=",".join(("f16", "q8_0", "q6_k", "q4_k_m", "q4_0", "q4_moe", "q3_k_m",
-                                                 "q2_k")),
+    b.add_argument("--quants", default="f16,q8_0,q6_k,q4_k_m,q4_0,q4_moe,q3_k_m,q2_k",
                    help="comma-separated levels (default: %(default)s)")
     b.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prefill tokens (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="decoded tokens (default 128)")

@@ -39,9 +39,23 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_LEVELS", "FIELDS", "BenchSettings", "BenchError", "run_bench", "weight_stats",
-           "machine_info", "write_json", "write_csv", "write_plot", "format_table", "pareto_front",
-           "DEFAULT_PPL_TEXT", "known_levels", "REF_TOP_K"]
+__all__ = [
+    "DEFAULT_LEVELS",
+    "DEFAULT_PPL_TEXT",
+    "FIELDS",
+    "REF_TOP_K",
+    "BenchError",
+    "BenchSettings",
+    "format_table",
+    "known_levels",
+    "machine_info",
+    "pareto_front",
+    "run_bench",
+    "weight_stats",
+    "write_csv",
+    "write_json",
+    "write_plot",
+]
 
 DEFAULT_LEVELS = ("f16", "q8_0", "q6_k", "q4_k_m", "q4_0", "q4_moe", "q3_k_m", "q2_k")
 FIELDS = ("quant", "size_bytes", "bits_per_weight", "load_s", "pp_tps", "tg_tps", "peak_rss_bytes",
@@ -167,7 +181,7 @@ class _Reference:
                                 top_logprobs=self.top_logprobs, tail=self.tail, level=self.level, model=self.model)
 
     @classmethod
-    def load(cls, path: Path) -> "_Reference":
+    def load(cls, path: Path) -> _Reference:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["format"]) != REF_FORMAT:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HubId", "parse_hub_id", "looks_like_hub_id", "resolve", "pull", "HubError"]
+__all__ = ["HubError", "HubId", "looks_like_hub_id", "parse_hub_id", "pull", "resolve"]
 
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<tag>[\w.*-]+))?")
 
@@ -58,7 +58,7 @@ def _snapshot_folder(hub: HubId, cache_dir: str | None) -> Path:
     incomplete = getattr(errors, "IncompleteSnapshotError", None)
     try:
         return Path(snapshot_download(hub.repo, revision=hub.revision, cache_dir=cache_dir, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - only the two "not cached" kinds are expected; others re-raise
+    except Exception as e:  # only the two "not cached" kinds are handled here; the rest re-raise
         if incomplete is not None and isinstance(e, incomplete) and getattr(e, "snapshot_path", None):
             return Path(e.snapshot_path)
         if isinstance(e, errors.LocalEntryNotFoundError):
