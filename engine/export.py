@@ -11,14 +11,10 @@ import numpy as np
 
 from quant import QStack, QTensor, QType
 
-from .quantize import quantize_weights
+from .quantize import LEVELS, quantize_weights
 from .weights import ModelWeights
 
-__all__ = ["write_gguf", "FILE_TYPES"]
-
-# llama.cpp's LLAMA_FTYPE values for general.file_type
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
-              "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q4_moe": 15}
+__all__ = ["write_gguf", "neighbor_row_order"]
 
 
 def neighbor_row_order(n_heads: int, head_dim: int) -> np.ndarray:
@@ -59,8 +55,8 @@ def write_gguf(weights: ModelWeights, tokenizer, path: str | Path, level: str | 
     w.add_expert_count(c.n_experts)
     w.add_expert_used_count(c.n_experts_used)
     w.add_vocab_size(c.vocab_size)
-    if level in FILE_TYPES:
-        w.add_file_type(FILE_TYPES[level])
+    if level is not None:
+        w.add_file_type(int(LEVELS[level].file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write_gguf_metadata(w)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -117,7 +117,7 @@ class LLM:
         return [int(t) for t in self._check_tokens(prompt)]
 
     def _steps(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-               stop: list[str] | None, stats: dict) -> Iterator[_Step]:
+               stop: list[str] | None, stats: dict, continuation: bool = True) -> Iterator[_Step]:
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         sampler = Sampler(params)
@@ -128,6 +128,11 @@ class LLM:
                      prefill_s=t1 - t0, prefilled=len(prompt_ids) - self.last_cached_tokens,
                      completion_tokens=0, decode_s=0.0, decoded=0, finish_reason="length")
         detok = self.tokenizer.detokenizer()
+        if continuation:
+            # The new text continues the prompt, so it decodes as one with it: a decoder that has seen the prompt
+            # keeps the space before the first new word, which sentencepiece drops at the start of a decode.
+            for t in prompt_ids:
+                detok.feed(t)
         matcher = StopMatcher(list(stop or []))
         eos = self.tokenizer.eos_id
         for _ in range(max_tokens):
@@ -163,64 +168,59 @@ class LLM:
                    "decode_tps": stats["decoded"] / stats["decode_s"] if stats["decode_s"] > 0 else 0.0}
         return usage, timings
 
-    def _params(self, **kw) -> SamplingParams:
-        return SamplingParams().with_(**kw)
+    def stream_steps(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
+                     continuation: bool = True, **sampling) -> Iterator[_Step]:
+        """Every step of a generation: `.text` (possibly empty), `.token` (None for the final flush of held-back
+        text) and `.logits`, the raw logits the token was drawn from, valid only until the next step. For callers
+        that need per-token data (the server's logprobs). Returns the GenerationResult.
 
-    def generate(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 seed: int | None = None, stop: list[str] | str | None = None) -> GenerationResult:
-        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, seed=seed)
+        sampling: the SamplingParams fields (temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+        frequency_penalty, seed); None keeps the default. continuation=True means the text continues the prompt
+        and keeps the space before its first word; chat answers pass False."""
+        params = SamplingParams().with_(**sampling)
         stats: dict = {}
         pieces, tokens = [], []
-        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
-            pieces.append(step.text)
-            if step.token is not None:
-                tokens.append(step.token)
-        usage, timings = self._summaries(stats)
-        return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
-
-    def stream(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-               presence_penalty: float | None = None, frequency_penalty: float | None = None,
-               seed: int | None = None, stop: list[str] | str | None = None) -> Iterator[str]:
-        """Yield text pieces as they are made. The generator's return value is the GenerationResult."""
-        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, seed=seed)
-        stats: dict = {}
-        pieces, tokens = [], []
-        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
-            if step.token is not None:
-                tokens.append(step.token)
-            if step.text:
-                pieces.append(step.text)
-                yield step.text
-        usage, timings = self._summaries(stats)
-        return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
-
-    def stream_steps(self, prompt, *, max_tokens: int = 256, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                     repeat_penalty: float | None = None, presence_penalty: float | None = None,
-                     frequency_penalty: float | None = None, seed: int | None = None,
-                     stop: list[str] | str | None = None) -> Iterator[_Step]:
-        """Like stream, but yield every step: `.text` (possibly empty), `.token` (None for the final flush of
-        held-back text) and `.logits`, the raw logits the token was drawn from, valid only until the next step.
-        For callers that need per-token data (the server's logprobs). Returns the GenerationResult."""
-        params = self._params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, seed=seed)
-        stats: dict = {}
-        pieces, tokens = [], []
-        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats):
+        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats, continuation):
             if step.token is not None:
                 tokens.append(step.token)
             pieces.append(step.text)
             yield step
         usage, timings = self._summaries(stats)
         return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
+
+    def stream(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
+               presence_penalty: float | None = None, frequency_penalty: float | None = None,
+               seed: int | None = None, stop: list[str] | str | None = None,
+               continuation: bool = True) -> Iterator[str]:
+        """Yield text pieces as they are made. The generator's return value is the GenerationResult."""
+        steps = self.stream_steps(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                  frequency_penalty=frequency_penalty, seed=seed)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as done:
+                return done.value
+            if step.text:
+                yield step.text
+
+    def generate(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 seed: int | None = None, stop: list[str] | str | None = None,
+                 continuation: bool = True) -> GenerationResult:
+        """Generate up to max_tokens after prompt (text or token ids); temperature=0 is greedy."""
+        steps = self.stream(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation,
+                            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty, seed=seed)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256, stream: bool = False,
                                **kw):
@@ -230,7 +230,7 @@ class LLM:
         created = int(time.time())
         if stream:
             return self._chat_chunks(prompt_ids, max_tokens, kw, cid, created)
-        res = self.generate(prompt_ids, max_tokens=max_tokens, **kw)
+        res = self.generate(prompt_ids, max_tokens=max_tokens, continuation=False, **kw)
         return {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "logprobs": None, "finish_reason": res.finish_reason}],
@@ -241,7 +241,7 @@ class LLM:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         yield chunk({"role": "assistant", "content": ""})
-        gen = self.stream(prompt_ids, max_tokens=max_tokens, **kw)
+        gen = self.stream(prompt_ids, max_tokens=max_tokens, continuation=False, **kw)
         while True:
             try:
                 piece = next(gen)

@@ -74,31 +74,6 @@ def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(logp[token]), top)
 
 
-class _LeadingSpace:
-    """A text completion continues its prompt, so it keeps the space before its first word. LLM decodes the new
-    tokens on their own, and sentencepiece drops that space at the start of a decode ("▁there" alone is "there",
-    after "Once upon a time" it is " there"). Two shadow decoders, one primed with the prompt, find what was dropped.
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int]):
-        self._fresh = tokenizer.detokenizer()
-        self._primed = tokenizer.detokenizer()
-        for token in prompt_ids:
-            self._primed.feed(token)
-        self._decided = False
-        self._owed = ""
-
-    def fix(self, token: int | None, text: str) -> str:
-        if not self._decided and token is not None:
-            fresh, primed = self._fresh.feed(token), self._primed.feed(token)
-            if fresh or primed:     # the first token that makes text decides
-                self._decided = True
-                self._owed = " " if primed == " " + fresh else ""
-        if text and self._owed:
-            text, self._owed = self._owed + text, ""
-        return text
-
-
 class GenerationJob:
     """One request's generation. Made on the event loop; run by the worker; cancellable from either side.
     continuation: the text continues the prompt (completions), rather than answering it (chat)."""
@@ -199,8 +174,7 @@ class ModelWorker:
                     self._current = None
 
     def _execute(self, job: GenerationJob) -> None:
-        steps = self.llm.stream_steps(job.prompt_ids, **job.generate_kwargs)
-        spacing = _LeadingSpace(self.llm.tokenizer, job.prompt_ids) if job.continuation else None
+        steps = self.llm.stream_steps(job.prompt_ids, continuation=job.continuation, **job.generate_kwargs)
         try:
             while True:
                 if job.cancelled:  # checked between tokens: a client that hangs up stops its generation here
@@ -216,8 +190,7 @@ class ModelWorker:
                 logprob = None
                 if job.top_logprobs is not None and step.token is not None:
                     logprob = token_logprob(step.logits, step.token, job.top_logprobs)
-                text = spacing.fix(step.token, step.text) if spacing else step.text
-                job.post(Piece(text, logprob))
+                job.post(Piece(step.text, logprob))
         except Exception as e:  # noqa: BLE001 - reported to the client; the worker keeps serving
             self.counts["failed"] += 1
             job.post(Failed(e))

@@ -213,3 +213,13 @@ def test_sharded_checkpoint(tmp_path, hf_model_dir, ref_logits):
     assert (d / "model.safetensors.index.json").is_file()
     llm = engine.load(d, kv_type="f32", n_ctx=64)
     check_close(llm.eval(PROMPT_IDS), ref_logits)
+
+
+def test_text_continuation_decodes_as_one_with_its_prompt(llm):
+    """sentencepiece drops a leading space at the start of a decode; a continuation must keep it."""
+    prompt = "The cat sat on the"
+    res = llm.generate(prompt, max_tokens=6, temperature=0)
+    whole = llm.tokenizer.decode(llm.tokenizer.encode(prompt) + res.tokens)
+    assert prompt + res.text == whole
+    chat = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert not chat["choices"][0]["message"]["content"].startswith(" ")
