@@ -171,6 +171,10 @@ def main() -> None:
             print(name, key, fr[key], flush=True)
             del w
     result["loadavg_end"] = os.getloadavg()
+    busy = max(result["loadavg_start"][0], result["loadavg_end"][0])
+    if busy > 1.5 * (os.cpu_count() or 1) - args.threads + 1:
+        result["note"] = (f"machine busy (load average {busy:.1f} on {os.cpu_count()} cores): with several threads, "
+                          "wall-clock figures measure the scheduler, not the kernels; compare --threads 1 --cpu-time")
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels_{dt.date.today().isoformat()}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")

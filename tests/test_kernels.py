@@ -151,3 +151,32 @@ def test_empty_batches():
     p = kernels.prepare(w)
     assert kernels.expert_linear(p, np.zeros((0, 256), np.float32), np.zeros(0, np.int64)).shape == (0, 9)
     assert kernels.linear(kernels.prepare(w.expert(1)), np.zeros((0, 256), np.float32)).shape == (0, 9)
+
+
+def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
+    """The alloc hook lets a backend keep the repacked layout in a file it maps (a cache next to the model)."""
+    w, ref = make_weight(QType.Q4_K, (2, 70, 512), seed=5)
+    made = []
+
+    def alloc(shape, dtype):
+        a = np.lib.format.open_memmap(tmp_path / f"a{len(made)}.npy", mode="w+", dtype=dtype, shape=shape)
+        made.append(a)
+        return a
+
+    p = kernels.prepare(w, alloc=alloc)
+    assert made and all(any(np.shares_memory(a, m) for m in made) for a in p.arrays)
+    x = np.random.default_rng(6).standard_normal((2, 512)).astype(np.float32)
+    y = kernels.expert_linear(p, x, np.array([1, 0]))
+    assert_matches(y[:1], ref[1], x[:1], "mapped expert 1", kernels.quantizes_activations(p, 1))
+    assert_matches(y[1:], ref[0], x[1:], "mapped expert 0", kernels.quantizes_activations(p, 1))
+
+
+@pytest.mark.parametrize("qtype", sorted(kernels.PACKED_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
+def test_packed_tiles_for_blas_match_reference(qtype):
+    """The decode-tiles-into-BLAS prefill path on the packed layout (float activations, no rounding)."""
+    w, ref = make_weight(qtype, (2, 70, cols_for(qtype)), seed=7)
+    p = kernels.prepare(w)
+    x = np.random.default_rng(8).standard_normal((5, w.shape[2])).astype(np.float32)
+    out = np.empty((5, 70), np.float32)
+    kernels._packed_tiles(p, 1, x, out)
+    assert_matches(out, ref[1], x, f"{qtype.name} tiles")
