@@ -40,6 +40,134 @@ def _i8(v):
     return (np.int32(v) ^ 128) - 128
 
 
+# Each decoder below has loops of constant trip count and no per-element division, so LLVM vectorizes them; the
+# offsets are ggml-common.h's block layouts.
+
+@njit(inline="always")
+def _row_q8_0(src, dst, tab):  # d f16 | qs int8[32]                                    (34 bytes)
+    for b in range(dst.shape[0] // 32):
+        o = b * 34
+        d = _h(tab, src, o)
+        for j in range(32):
+            dst[b * 32 + j] = d * np.float32(_i8(src[o + 2 + j]))
+
+
+@njit(inline="always")
+def _row_q4(src, dst, tab, size, has_min):  # Q4_0: d | qs[16] (18);  Q4_1: d | m | qs[16] (20)
+    for b in range(dst.shape[0] // 32):
+        o = b * size
+        d = _h(tab, src, o)
+        m = _h(tab, src, o + 2) if has_min else np.float32(-8.0) * d
+        oq = o + (4 if has_min else 2)
+        for j in range(16):
+            v = np.int32(src[oq + j])
+            dst[b * 32 + j] = d * np.float32(v & 15) + m
+            dst[b * 32 + 16 + j] = d * np.float32(v >> 4) + m
+
+
+@njit(inline="always")
+def _row_q5(src, dst, tab, size, has_min):  # Q5_0: d | qh u32 | qs[16] (22);  Q5_1: d | m | qh u32 | qs[16] (24)
+    for b in range(dst.shape[0] // 32):
+        o = b * size
+        d = _h(tab, src, o)
+        m = _h(tab, src, o + 2) if has_min else np.float32(-16.0) * d
+        oh = o + (4 if has_min else 2)
+        qh = (np.uint32(src[oh]) | (np.uint32(src[oh + 1]) << 8)
+              | (np.uint32(src[oh + 2]) << 16) | (np.uint32(src[oh + 3]) << 24))
+        for j in range(16):
+            v = np.uint32(src[oh + 4 + j])
+            lo = (v & 15) | (((qh >> j) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            dst[b * 32 + j] = d * np.float32(lo) + m
+            dst[b * 32 + 16 + j] = d * np.float32(hi) + m
+
+
+@njit(inline="always")
+def _row_q2_k(src, dst, tab):  # scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin   (84 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 84
+        d = _h(tab, src, o + 80)
+        dmin = _h(tab, src, o + 82)
+        for half in range(2):
+            for shift in range(4):
+                for part in range(2):  # 16 values share one scale
+                    sc = np.int32(src[o + half * 8 + shift * 2 + part])
+                    dl = d * np.float32(sc & 15)
+                    ml = dmin * np.float32(sc >> 4)
+                    base = b * 256 + half * 128 + shift * 32 + part * 16
+                    oq = o + 16 + half * 32 + part * 16
+                    for l in range(16):
+                        q = (np.int32(src[oq + l]) >> (2 * shift)) & 3
+                        dst[base + l] = dl * np.float32(q) - ml
+
+
+@njit(inline="always")
+def _row_q3_k(src, dst, tab):  # hmask[32] | qs[64] | scales[12] (16 x 6 bits, offset 32) | d     (110 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 110
+        d = _h(tab, src, o + 108)
+        for half in range(2):
+            for shift in range(4):
+                bit = half * 4 + shift
+                for part in range(2):
+                    s = bit * 2 + part
+                    low4 = (np.int32(src[o + 96 + s % 8]) >> (4 * (s // 8))) & 15
+                    high2 = (np.int32(src[o + 104 + s % 4]) >> (2 * (s // 4))) & 3
+                    dl = d * np.float32((low4 | (high2 << 4)) - 32)
+                    base = b * 256 + half * 128 + shift * 32 + part * 16
+                    for l in range(16):
+                        ll = part * 16 + l
+                        ql = (np.int32(src[o + 32 + half * 32 + ll]) >> (2 * shift)) & 3
+                        hbit = (np.int32(src[o + ll]) >> bit) & 1
+                        dst[base + l] = dl * np.float32(ql - 4 + 4 * hbit)
+
+
+@njit(inline="always")
+def _row_q45_k(src, dst, tab, five):  # Q4_K: d | dmin | scales[12] | qs[128] (144); Q5_K: ... | qh[32] | qs (176)
+    size = 176 if five else 144
+    oq = 48 if five else 16
+    for b in range(dst.shape[0] // 256):
+        o = b * size
+        d = _h(tab, src, o)
+        dmin = _h(tab, src, o + 2)
+        for s in range(8):
+            sc, mn = _scale_min_k4(src, o + 4, s)
+            ds = d * np.float32(sc)
+            dm = dmin * np.float32(mn)
+            shift = 4 * (s % 2)
+            base_q = o + oq + (s // 2) * 32
+            for l in range(32):
+                q = (np.int32(src[base_q + l]) >> shift) & 15
+                if five:
+                    q |= ((np.int32(src[o + 16 + l]) >> s) & 1) << 4
+                dst[b * 256 + s * 32 + l] = ds * np.float32(q) - dm
+
+
+@njit(inline="always")
+def _row_q6_k(src, dst, tab):  # ql[128] | qh[64] | scales int8[16] | d          (210 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 210
+        d = _h(tab, src, o + 208)
+        for half in range(2):
+            oql = o + half * 64
+            oqh = o + 128 + half * 32
+            osc = o + 192 + half * 8
+            base = b * 256 + half * 128
+            for part in range(2):  # l in 0-15 and 16-31 use different scales
+                s0 = d * np.float32(_i8(src[osc + part]))
+                s1 = d * np.float32(_i8(src[osc + part + 2]))
+                s2 = d * np.float32(_i8(src[osc + part + 4]))
+                s3 = d * np.float32(_i8(src[osc + part + 6]))
+                for l in range(part * 16, part * 16 + 16):
+                    a = np.int32(src[oql + l])
+                    c = np.int32(src[oql + l + 32])
+                    h = np.int32(src[oqh + l])
+                    dst[base + l] = s0 * np.float32(((a & 15) | ((h & 3) << 4)) - 32)
+                    dst[base + l + 32] = s1 * np.float32(((c & 15) | (((h >> 2) & 3) << 4)) - 32)
+                    dst[base + l + 64] = s2 * np.float32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                    dst[base + l + 96] = s3 * np.float32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+
+
 @njit(cache=True)
 def _decode_row(fmt, src, dst, tab):
     """Decode one row of blocks src (uint8, row_bytes) into dst (float32, cols)."""
@@ -55,102 +183,26 @@ def _decode_row(fmt, src, dst, tab):
         u = dst.view(np.uint32)
         for k in range(cols):
             u[k] = (np.uint32(src[2 * k]) << 16) | (np.uint32(src[2 * k + 1]) << 24)
-    elif fmt == 3:  # Q8_0: d f16 | qs int8[32]                                    (34 bytes)
-        for b in range(cols // 32):
-            o = b * 34
-            d = _h(tab, src, o)
-            for j in range(32):
-                dst[b * 32 + j] = d * np.float32(_i8(src[o + 2 + j]))
-    elif fmt == 4:  # Q4_0: d f16 | qs[16]: low nibbles elements 0-15, high 16-31   (18 bytes)
-        for b in range(cols // 32):
-            o = b * 18
-            d = _h(tab, src, o)
-            for j in range(16):
-                v = np.int32(src[o + 2 + j])
-                dst[b * 32 + j] = d * np.float32((v & 15) - 8)
-                dst[b * 32 + 16 + j] = d * np.float32((v >> 4) - 8)
-    elif fmt == 5:  # Q4_1: d f16 | m f16 | qs[16]                                  (20 bytes)
-        for b in range(cols // 32):
-            o = b * 20
-            d = _h(tab, src, o)
-            m = _h(tab, src, o + 2)
-            for j in range(16):
-                v = np.int32(src[o + 4 + j])
-                dst[b * 32 + j] = d * np.float32(v & 15) + m
-                dst[b * 32 + 16 + j] = d * np.float32(v >> 4) + m
-    elif fmt == 6 or fmt == 7:  # Q5_0: d | qh u32 | qs[16] (22);  Q5_1: d | m | qh u32 | qs[16] (24)
-        size = 22 if fmt == 6 else 24
-        for b in range(cols // 32):
-            o = b * size
-            d = _h(tab, src, o)
-            if fmt == 6:
-                m = np.float32(-16.0) * d
-                oh = o + 2
-            else:
-                m = _h(tab, src, o + 2)
-                oh = o + 4
-            qh = (np.uint32(src[oh]) | (np.uint32(src[oh + 1]) << 8)
-                  | (np.uint32(src[oh + 2]) << 16) | (np.uint32(src[oh + 3]) << 24))
-            for j in range(16):
-                v = np.uint32(src[oh + 4 + j])
-                lo = (v & 15) | (((qh >> j) & 1) << 4)
-                hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-                dst[b * 32 + j] = d * np.float32(lo) + m
-                dst[b * 32 + 16 + j] = d * np.float32(hi) + m
-    elif fmt == 8:  # Q2_K: scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin   (84 bytes)
-        for b in range(cols // 256):
-            o = b * 84
-            d = _h(tab, src, o + 80)
-            dmin = _h(tab, src, o + 82)
-            for half in range(2):
-                for shift in range(4):
-                    for l in range(32):
-                        i = half * 128 + shift * 32 + l
-                        sc = np.int32(src[o + i // 16])
-                        q = (np.int32(src[o + 16 + half * 32 + l]) >> (2 * shift)) & 3
-                        dst[b * 256 + i] = d * np.float32(sc & 15) * np.float32(q) - dmin * np.float32(sc >> 4)
-    elif fmt == 9:  # Q3_K: hmask[32] | qs[64] | scales[12] (16 x 6 bits) | d     (110 bytes)
-        for b in range(cols // 256):
-            o = b * 110
-            d = _h(tab, src, o + 108)
-            for half in range(2):
-                for shift in range(4):
-                    for l in range(32):
-                        i = half * 128 + shift * 32 + l
-                        s = i // 16
-                        low4 = (np.int32(src[o + 96 + s % 8]) >> (4 * (s // 8))) & 15
-                        high2 = (np.int32(src[o + 104 + s % 4]) >> (2 * (s // 4))) & 3
-                        sc = (low4 | (high2 << 4)) - 32
-                        ql = (np.int32(src[o + 32 + half * 32 + l]) >> (2 * shift)) & 3
-                        hbit = (np.int32(src[o + l]) >> (half * 4 + shift)) & 1
-                        dst[b * 256 + i] = d * np.float32(sc) * np.float32(ql - 4 + 4 * hbit)
-    elif fmt == 10 or fmt == 11:  # Q4_K: d | dmin | scales[12] | qs[128] (144);  Q5_K: ... | qh[32] | qs[128] (176)
-        size = 144 if fmt == 10 else 176
-        oq = 16 if fmt == 10 else 48
-        for b in range(cols // 256):
-            o = b * size
-            d = _h(tab, src, o)
-            dmin = _h(tab, src, o + 2)
-            for s in range(8):
-                sc, mn = _scale_min_k4(src, o + 4, s)
-                ds = d * np.float32(sc)
-                dm = dmin * np.float32(mn)
-                for l in range(32):
-                    q = (np.int32(src[o + oq + (s // 2) * 32 + l]) >> (4 * (s % 2))) & 15
-                    if fmt == 11:
-                        q |= ((np.int32(src[o + 16 + l]) >> s) & 1) << 4
-                    dst[b * 256 + s * 32 + l] = ds * np.float32(q) - dm
-    elif fmt == 12:  # Q6_K: ql[128] | qh[64] | scales int8[16] | d          (210 bytes)
-        for b in range(cols // 256):
-            o = b * 210
-            d = _h(tab, src, o + 208)
-            for half in range(2):
-                for r in range(128):
-                    i = half * 128 + r
-                    ql = (np.int32(src[o + half * 64 + r % 64]) >> (4 * (r // 64))) & 15
-                    qh = (np.int32(src[o + 128 + half * 32 + r % 32]) >> (2 * (r // 32))) & 3
-                    sc = _i8(src[o + 192 + i // 16])
-                    dst[b * 256 + i] = d * np.float32(sc) * np.float32((ql | (qh << 4)) - 32)
+    elif fmt == 3:
+        _row_q8_0(src, dst, tab)
+    elif fmt == 4:
+        _row_q4(src, dst, tab, 18, False)
+    elif fmt == 5:
+        _row_q4(src, dst, tab, 20, True)
+    elif fmt == 6:
+        _row_q5(src, dst, tab, 22, False)
+    elif fmt == 7:
+        _row_q5(src, dst, tab, 24, True)
+    elif fmt == 8:
+        _row_q2_k(src, dst, tab)
+    elif fmt == 9:
+        _row_q3_k(src, dst, tab)
+    elif fmt == 10:
+        _row_q45_k(src, dst, tab, False)
+    elif fmt == 11:
+        _row_q45_k(src, dst, tab, True)
+    elif fmt == 12:
+        _row_q6_k(src, dst, tab)
 
 
 @njit(inline="always")
