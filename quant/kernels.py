@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 from . import kernels_generic as gen
 from . import kernels_packed as pk
+from . import kernels_vnni as vn
 from .tensor import QStack, QTensor, QType, nbytes_for
 
 __all__ = ["prepare", "linear", "expert_linear", "quantizes_activations", "packed_shapes", "PackedWeight",
-           "SUPPORTED_TYPES", "PACKED_TYPES", "KernelInputError"]
+           "SUPPORTED_TYPES", "PACKED_TYPES", "KernelInputError", "host_has_vnni"]
 
 SUPPORTED_TYPES = frozenset(gen.FORMAT_CODE)
 
@@ -55,6 +56,7 @@ class PackedWeight:
     qtype: QType
     shape: tuple[int, ...]
     arrays: tuple[np.ndarray, ...]
+    vnni: bool = False  # quads-of-bytes layout for the AVX-512 VNNI kernels (kernels_vnni.py)
 
     @property
     def nbytes(self) -> int:
@@ -65,45 +67,65 @@ class PackedWeight:
         return self.arrays[0].shape[0]
 
 
-def packed_shapes(qtype: QType, n_exp: int, n: int, k: int) -> list[tuple[tuple[int, ...], np.dtype]]:
+def host_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI (vpdpbusd on 512-bit registers), as LLVM sees it."""
+    try:
+        from llvmlite import binding
+        feats = binding.get_host_cpu_features()
+        return all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+    except Exception:  # no feature list (an unusual LLVM build): stay portable
+        return False
+
+
+_HOST_VNNI = host_has_vnni()
+
+
+def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, vnni: bool = False) -> list[tuple[tuple[int, ...], np.dtype]]:
     """The arrays of a PackedWeight: (shape, dtype) each, so that a caller can place them in a file it maps."""
-    g = -(-n // pk.ROWS)
+    g, rows = -(-n // pk.ROWS), pk.ROWS
+    u8, u16 = np.dtype(np.uint8), np.dtype(np.uint16)
     if qtype == QType.Q4_0:
-        return [((n_exp, g, k // 32, 16, pk.ROWS), np.dtype(np.uint8)), ((n_exp, g, k // 32, pk.ROWS), np.dtype(np.uint16))]
+        codes = (n_exp, g, k // 32, 4, 4, 16, 4) if vnni else (n_exp, g, k // 32, 16, rows)
+        return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
     if qtype == QType.Q8_0:
-        return [((n_exp, g, k // 32, 32, pk.ROWS), np.dtype(np.int8)), ((n_exp, g, k // 32, pk.ROWS), np.dtype(np.uint16))]
+        codes = (n_exp, g, k // 32, 4, 8, 16, 4) if vnni else (n_exp, g, k // 32, 32, rows)
+        return [(codes, u8 if vnni else np.dtype(np.int8)), ((n_exp, g, k // 32, rows), u16)]
     if qtype == QType.Q4_K:
-        return [((n_exp, g, k // 256, 128, pk.ROWS), np.dtype(np.uint8)),
-                ((n_exp, g, k // 256, 16, pk.ROWS), np.dtype(np.uint8)),
-                ((n_exp, g, k // 256, 2, pk.ROWS), np.dtype(np.uint16))]
+        codes = (n_exp, g, k // 256, 4, 4, 8, 16, 4) if vnni else (n_exp, g, k // 256, 128, rows)
+        return [(codes, u8), ((n_exp, g, k // 256, 16, rows), u8), ((n_exp, g, k // 256, 2, rows), u16)]
     raise KernelInputError(f"{qtype.name} has no packed layout")
 
 
-def prepare(w, alloc=np.empty):
+def prepare(w, alloc=np.empty, *, vnni: bool | None = None):
     """Return the form of w that linear/expert_linear run fastest on. It still has .qtype and .shape.
 
     Q4_0, Q8_0 and Q4_K are repacked into interleaved row groups (one pass, about 1 s per GB on one core); the
     result is one new copy of the weight's bytes, so the file's pages can be dropped by the OS after load. alloc(shape,
     dtype) makes each packed array: pass one that returns views of a memory-mapped cache file to keep the packed form
     on disk (then later loads can rebuild a PackedWeight from that file without packing again). Other formats are
-    returned as they are.
+    returned as they are. vnni picks the layout for the AVX-512 VNNI kernels; None means "if this CPU has them".
     """
     _check_weight(w)
     if w.qtype not in PACKED_TYPES:
         return w
+    if vnni is None:
+        vnni = _HOST_VNNI
+    elif vnni and not _HOST_VNNI:
+        raise KernelInputError("this CPU has no AVX-512 VNNI; prepare(..., vnni=True) cannot run here")
     shape = tuple(w.shape)
     n_exp, n, k = (1,) + shape if len(shape) == 2 else shape
     arrays = []
-    for arr_shape, dtype in packed_shapes(w.qtype, n_exp, n, k):
+    for arr_shape, dtype in packed_shapes(w.qtype, n_exp, n, k, vnni):
         a = alloc(arr_shape, dtype)
         if a.shape != arr_shape or a.dtype != dtype or not a.flags.c_contiguous:
             raise KernelInputError(f"alloc returned {a.dtype}{a.shape}, need C-contiguous {dtype}{arr_shape}")
         arrays.append(a)
-    pack = {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k}[w.qtype]
+    mod = vn if vnni else pk
+    pack = {QType.Q4_0: mod.pack_q4_0, QType.Q8_0: mod.pack_q8_0, QType.Q4_K: mod.pack_q4_k}[w.qtype]
     for e in range(n_exp):
         rows = w.rows_view() if len(shape) == 2 else _expert_rows(w, e)
         pack(rows, *[a[e].view(np.uint8) if a.dtype == np.int8 else a[e] for a in arrays])
-    return PackedWeight(w.qtype, shape, tuple(arrays))
+    return PackedWeight(w.qtype, shape, tuple(arrays), vnni)
 
 
 def _check_weight(w) -> None:
@@ -233,16 +255,21 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
     xs = np.empty((m, k // 32), np.int32)
     (pk.quantize_activations if m > 4 else pk.quantize_activations_serial)(x, xq, xd, xs)
     n = w.shape[-2]
-    if w.qtype == QType.Q4_0:
-        pk.q4_0_runs(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
-    elif w.qtype == QType.Q8_0:
-        pk.q8_0_runs(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
-    else:
-        pk.q4_k_runs(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
+    if w.vnni:  # the intrinsics take flat code and activation arrays (free views)
+        codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
+        kernel = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs}[w.qtype]
+        kernel(codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
+        return
+    kernel = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}[w.qtype]
+    kernel(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
 
 def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> None:
-    """Prefill on a packed weight through BLAS: decode tiles of row groups to float32, sgemm each into out."""
+    """Prefill on a packed weight through BLAS: decode tiles of row groups to float32, sgemm each into out.
+
+    Only for the portable layout; on VNNI hosts the integer kernel is faster than this at every batch size."""
+    if w.vnni:
+        raise KernelInputError("tiles for BLAS are only decoded from the portable layout (prepare(vnni=False))")
     n, k = w.shape[-2], w.shape[-1]
     arrays = [a[e] for a in w.arrays]
     unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]

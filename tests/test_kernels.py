@@ -175,8 +175,33 @@ def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
 def test_packed_tiles_for_blas_match_reference(qtype):
     """The decode-tiles-into-BLAS prefill path on the packed layout (float activations, no rounding)."""
     w, ref = make_weight(qtype, (2, 70, cols_for(qtype)), seed=7)
-    p = kernels.prepare(w)
+    p = kernels.prepare(w, vnni=False)
     x = np.random.default_rng(8).standard_normal((5, w.shape[2])).astype(np.float32)
     out = np.empty((5, 70), np.float32)
     kernels._packed_tiles(p, 1, x, out)
     assert_matches(out, ref[1], x, f"{qtype.name} tiles")
+
+
+LAYOUTS = [False] + ([True] if kernels.host_has_vnni() else [])
+
+
+@pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
+@pytest.mark.parametrize("qtype", sorted(kernels.PACKED_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
+def test_both_packed_layouts_match_reference(qtype, vnni):
+    """The portable integer kernels and the AVX-512 VNNI ones (where the CPU has them), whichever is the default."""
+    n_exp, n, k = 3, 70, cols_for(qtype)
+    w, ref = make_weight(qtype, (n_exp, n, k), seed=9)
+    p = kernels.prepare(w, vnni=vnni)
+    assert p.vnni == vnni
+    rng = np.random.default_rng(10)
+    for t in (1, 2, 40):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        ids = rng.integers(0, n_exp, t)
+        y = kernels.expert_linear(p, x, ids)
+        for e in np.unique(ids):
+            rows = ids == e
+            assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} vnni={vnni} T={t} expert {e}", act_q8=True)
+    w2 = w.expert(2)
+    p2 = kernels.prepare(w2, vnni=vnni)
+    x = rng.standard_normal((7, k)).astype(np.float32)
+    assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} vnni={vnni} linear", act_q8=True)
