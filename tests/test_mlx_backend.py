@@ -295,7 +295,8 @@ def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, hf_model_dir, tmp_pat
     from engine.sources.gguf import load_gguf
     from engine.sources.mlx import write_mlx_folder
     _, weights, _ = load_gguf(gguf_q4_0)
-    out = write_mlx_folder(weights, hf_model_dir / "tokenizer.model", tmp_path / "out", bits=4, group_size=32)
+    tok_bytes = (hf_model_dir / "tokenizer.model").read_bytes()  # as a GGUF source would rebuild them
+    out = write_mlx_folder(weights, tok_bytes, tmp_path / "out", bits=4, group_size=32)
     a = engine.load(gguf_q4_0, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
     b = engine.load(out, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
     assert rel_err(b, a) < 1e-5 and mean_kl(a, b) < 1e-9

@@ -42,6 +42,11 @@ class Precision:
     compute: mx.Dtype      # activations between layers
     dense_gather: mx.Dtype  # operands of gather_mm over float experts
 
+    @property
+    def scale_storage(self) -> str:
+        """How ggml scales are laid out on the way to MLX: float16 where params are float16, else float32."""
+        return "F16" if self.params == mx.float16 else "F32"
+
     def for_gather(self, w: mx.array) -> mx.array:
         return w if w.dtype == self.dense_gather else w.astype(self.dense_gather)
 
@@ -81,7 +86,10 @@ def _affine_arrays(a: AffineTensor, dtype: mx.Dtype) -> tuple[mx.array, mx.array
 
 
 def to_affine(t, name: str, scale_dtype: str = "F32") -> AffineTensor:
-    """Any quantized weight as MLX affine groups: exactly where ggml's blocks allow it, else requantized."""
+    """Any quantized weight as MLX affine groups: exactly where ggml's blocks allow it, else requantized.
+
+    scale_dtype "F16" keeps the 32-element formats' scales in float16 (exact: they are float16 in ggml too); K-format
+    products d * sc that float16 cannot hold stay float32 here and are rounded only by the backend's params dtype."""
     if isinstance(t, AffineTensor):
         return t
     if t.qtype in REQUANT_BITS:
@@ -97,7 +105,12 @@ def to_affine(t, name: str, scale_dtype: str = "F32") -> AffineTensor:
             return parts[0]
         return AffineTensor(tuple(t.shape), bits, 32, np.stack([p.packed for p in parts]),
                             np.stack([p.scales for p in parts]), np.stack([p.biases for p in parts]), "F32")
-    return affine_from_ggml(t, scale_dtype)
+    try:
+        return affine_from_ggml(t, scale_dtype)
+    except ValueError:
+        if scale_dtype == "F32":
+            raise
+        return affine_from_ggml(t, "F32")
 
 
 def _is_float(t) -> bool:
@@ -105,17 +118,26 @@ def _is_float(t) -> bool:
                                                                                          QType.BF16))
 
 
-class Linear:
-    """y = x @ W.T for a (N, K) weight, quantized (affine) or float."""
+class _Weight:
+    """A weight held the way MLX runs it: an affine triplet (w, scales, biases) or a float array w."""
 
     def __init__(self, t, prec: Precision, name: str):
+        self.prec = prec
         self.quantized = not _is_float(t)
         if self.quantized:
-            a = to_affine(t, name)
+            a = to_affine(t, name, prec.scale_storage)
             self.bits, self.group_size = a.bits, a.group_size
             self.w, self.scales, self.biases = _affine_arrays(a, prec.params)
         else:
             self.w = _float_array(t, prec.params)
+        mx.eval(self.arrays())  # one weight at a time: float32 intermediates never pile up across the model
+
+    def arrays(self) -> list[mx.array]:
+        return [self.w, self.scales, self.biases] if self.quantized else [self.w]
+
+
+class Linear(_Weight):
+    """y = x @ W.T for a (N, K) weight."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.quantized:
@@ -131,18 +153,8 @@ class Linear:
         return self.w[ids].astype(dtype)
 
 
-class Experts:
+class Experts(_Weight):
     """A stacked (E, N, K) weight applied per row to the expert that row chose: y[i] = x[i] @ W[idx[i]].T."""
-
-    def __init__(self, t, prec: Precision, name: str):
-        self.prec = prec
-        self.quantized = not _is_float(t)
-        if self.quantized:
-            a = to_affine(t, name)
-            self.bits, self.group_size = a.bits, a.group_size
-            self.w, self.scales, self.biases = _affine_arrays(a, prec.params)
-        else:
-            self.w = _float_array(t, prec.params)
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_idx: bool) -> mx.array:
         if self.quantized:
@@ -271,19 +283,9 @@ class MLXBackend:
         self.scale = 1.0 / float(np.sqrt(c.head_dim))
         # GGUF rows pair neighbours (MLX's "traditional" RoPE); HF rows rotate halves
         self.rope_traditional = c.rope_pairing == "neighbor"
-        mx.eval([a for a in self._arrays()])
+        mx.eval([l.attn_norm for l in self.layers] + [l.ffn_norm for l in self.layers] +
+                [l.router for l in self.layers] + [self.norm])
         self.trace: list[RouterTrace] | None = None  # set to [] to record router intermediates
-
-    def _arrays(self):
-        for m in [self.tok_embd, self.output] + [getattr(l, k) for l in self.layers
-                                                 for k in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")]:
-            yield m.w
-            if m.quantized:
-                yield m.scales
-                yield m.biases
-        for l in self.layers:
-            yield from (l.attn_norm, l.ffn_norm, l.router)
-        yield self.norm
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         c = self.config
@@ -325,7 +327,7 @@ class MLXBackend:
         if self.trace is not None:
             self.trace.extend(RouterTrace(np.array(lg), np.array(ids).astype(np.int64), np.array(w))
                               for lg, ids, w in traces)
-        return np.array(logits, copy=False)
+        return np.array(logits)
 
     def moe(self, h: mx.array, lw: _Layer) -> tuple[mx.array, tuple]:
         """Route each token to A experts (softmax over all E in float32, top A, renormalised) and mix their SwiGLU

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -620,21 +619,25 @@ def _writer_affine(t, bits: int, group_size: int) -> AffineTensor:
                         np.stack([p.scales for p in parts]), np.stack([p.biases for p in parts]), "F16")
 
 
-def write_mlx_folder(weights: ModelWeights, tokenizer_path: str | Path, out_dir: str | Path, bits: int = 4,
+def write_mlx_folder(weights: ModelWeights, tokenizer_path: str | Path | bytes, out_dir: str | Path, bits: int = 4,
                      group_size: int = 64) -> Path:
     """Write weights as an mlx-community folder (config.json with `quantization`, model*.safetensors with affine
     triplets and stacked switch_mlp experts, tokenizer.model and tokenizer_config.json) that mlx-lm loads.
 
     Matrices are quantized to `bits` in groups of `group_size`; norms and the router stay float16 (mlx-lm leaves
     modules without scales unquantized). GGUF's neighbour-pair q/k rows are put back in HF's order, so the folder
-    is a plain HF-convention Mixtral. Returns out_dir."""
+    is a plain HF-convention Mixtral. tokenizer_path is a sentencepiece tokenizer.model, or its bytes (a GGUF
+    source rebuilds them from metadata). Returns out_dir."""
     if bits not in BITS or group_size not in GROUP_SIZES:
         raise ValueError(f"bits must be one of {BITS} and group_size one of {GROUP_SIZES}, got {bits}, {group_size}")
     c = weights.config
     if c.dim % group_size or c.ffn_dim % group_size or c.q_dim % group_size:
         raise ValueError(f"model widths {c.dim}, {c.ffn_dim}, {c.q_dim} are not multiples of group size {group_size}")
-    tokenizer_path = Path(tokenizer_path)
-    if not tokenizer_path.is_file():
+    if isinstance(tokenizer_path, (bytes, bytearray)):
+        tokenizer_bytes = bytes(tokenizer_path)
+    elif Path(tokenizer_path).is_file():
+        tokenizer_bytes = Path(tokenizer_path).read_bytes()
+    else:
         raise ValueError(f"{tokenizer_path}: tokenizer model not found")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -696,7 +699,7 @@ def write_mlx_folder(weights: ModelWeights, tokenizer_path: str | Path, out_dir:
                  "weight_map": {e[0]: names[k] for k, shard in enumerate(shards) for e in shard}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(_hf_config(c, bits, group_size), indent=2))
-    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    (out / "tokenizer.model").write_bytes(tokenizer_bytes)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": True, "model_max_length": c.max_context,
