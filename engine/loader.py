@@ -75,7 +75,8 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
     backend = resolve_backend(backend)
-    config, weights, tok, name = open_source(source, backend)
+    # requantizing at load works on ggml blocks, so an MLX folder then comes in ggml layout for either backend
+    config, weights, tok, name = open_source(source, backend if quant is None else "numba")
     if quant is not None:
         from .quantize import quantize_weights
         weights = quantize_weights(weights, quant)

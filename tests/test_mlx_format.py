@@ -221,3 +221,13 @@ def test_affine_tensor_rejects_inconsistent_triplets():
         AffineTensor((4, 128), 4, 64, packed, np.zeros((4, 3), np.float16), np.zeros((4, 2), np.float16))
     with pytest.raises(ValueError, match="group size"):
         AffineTensor((4, 128), 4, 16, packed, np.zeros((4, 8), np.float16), np.zeros((4, 8), np.float16))
+
+
+def test_community_folder_requantized_at_load_on_mlx(community_dir, caplog):
+    """quant= requantizes ggml blocks, so the folder comes in as ggml blocks, and MLX maps the result (Q4_0 exactly,
+    Q6_K by requantizing, with a notice)."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="mixlocal.mlx"):
+        llm = engine.load(community_dir, backend="mlx", quant="q4_0", n_ctx=64, kv_type="f32")
+    assert (llm.backend.layers[0].w1.bits, llm.backend.layers[0].w1.group_size) == (4, 32)
+    assert np.isfinite(llm.eval(IDS[:4])).all()
