@@ -72,7 +72,7 @@ def _load(args):
 
 def _sampling(args) -> dict:
     return {"temperature": args.temp, "top_p": args.top_p, "min_p": args.min_p, "top_k": args.top_k,
-                "repeat_penalty": args.repeat_penalty, "seed": args.seed}
+            "repeat_penalty": args.repeat_penalty, "seed": args.seed}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def _pull(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _info(args) -> int:
-    from .cache import KV_TYPES
+    from .cache import KV_TYPES, KVCache
     from .levelbench import human_bytes, weight_stats
     from .loader import open_source
 
@@ -261,7 +261,7 @@ def _info(args) -> int:
         from .quantize import quantize_weights
         weights = quantize_weights(weights, args.quant, progress=_tqdm_progress(f"quantizing to {args.quant}"))
     st = weight_stats(weights)
-    kv_per_token = 2 * config.n_layers * config.kv_dim * KV_TYPES[args.kv_type]().itemsize
+    kv_per_token = KVCache(config, 1, args.kv_type).bytes_per_token  # the cache's own accounting, one position
     info = {"source": str(args.model) if args.model else "embedded default", "name": name,
             "quant": args.quant, "config": config.to_dict(), "tokenizer_vocab": tok.vocab_size, **st,
             "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,

@@ -204,7 +204,7 @@ class _Reference:
                              f"score {n_scored} (a different --ppl-chunks?)")
 
 
-def _score_positions(n_tokens: int, ppl_ctx: int, max_chunks: int | None) -> list[int]:
+def _chunk_indices(n_tokens: int, ppl_ctx: int, max_chunks: int | None) -> list[int]:
     n_chunks = n_tokens // ppl_ctx
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
@@ -227,7 +227,7 @@ def _worker(spec: dict) -> dict:
     stats = weight_stats(_weights_of(llm))
     tokens = np.asarray(llm.tokenizer.encode(Path(spec["ppl_file"]).read_text(encoding="utf-8"), add_bos=False),
                         dtype=np.int32)
-    chunks = _score_positions(tokens.size, ppl_ctx, spec.get("ppl_chunks"))
+    chunks = _chunk_indices(tokens.size, ppl_ctx, spec.get("ppl_chunks"))
     if not chunks:
         raise BenchError(f"{spec['ppl_file']}: {tokens.size} tokens, fewer than one --ppl-ctx chunk of {ppl_ctx}")
     half = ppl_ctx // 2
@@ -355,6 +355,8 @@ class BenchSettings:
             raise BenchError("give --ref or --ref-file, not both")
         if self.ref_file is not None and self.save_ref is not None:
             raise BenchError("give --save-ref or --ref-file, not both")
+        if self.save_ref is not None and not Path(self.save_ref).resolve().parent.is_dir():
+            raise BenchError(f"--save-ref {self.save_ref}: no such directory")
         if self.ref_file is not None and not Path(self.ref_file).is_file():
             raise BenchError(f"{self.ref_file}: reference file not found")
         if self.ref is not None and self.ref not in self.levels:
@@ -406,9 +408,12 @@ def run_bench(s: BenchSettings) -> dict:
     ref_level = s.reference_level()
     order = ([ref_level] if ref_level else []) + [q for q in s.levels if q != ref_level]
     model, tokenizer = _describe_source(s.source)
-    if s.ref_file is not None:  # fail before any level is measured, not after
-        tokens = np.asarray(tokenizer.encode(Path(s.ppl_file).read_text(encoding="utf-8"), add_bos=False), np.int32)
-        n_chunks = len(_score_positions(tokens.size, s.ppl_ctx, s.ppl_chunks))
+    # Fail before any level is measured, not after: the text must fill a chunk, a saved reference must match it.
+    tokens = np.asarray(tokenizer.encode(Path(s.ppl_file).read_text(encoding="utf-8"), add_bos=False), np.int32)
+    n_chunks = len(_chunk_indices(tokens.size, s.ppl_ctx, s.ppl_chunks))
+    if not n_chunks:
+        raise BenchError(f"{s.ppl_file}: {tokens.size} tokens, fewer than one --ppl-ctx chunk of {s.ppl_ctx}")
+    if s.ref_file is not None:
         _Reference.load(Path(s.ref_file)).check_matches(tokens, s.ppl_ctx, n_chunks * (s.ppl_ctx - s.ppl_ctx // 2),
                                                         str(s.ref_file))
     rows: dict[str, dict] = {}
