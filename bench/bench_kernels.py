@@ -138,38 +138,40 @@ def main() -> None:
         for n, k in SHAPES:
             key = f"{n}x{k}"
             src = random_stack(qtype, n, k, rng)
-            t0 = time.perf_counter()
-            w = kernels.prepare(src)
-            t_pack = time.perf_counter() - t0
             mat_bytes = src.nbytes / N_EXPERTS
-            del src
             x1 = rng.standard_normal((1, k)).astype(np.float32)
             x2 = rng.standard_normal((2, k)).astype(np.float32)
             xp = rng.standard_normal((PREFILL_ROWS, k)).astype(np.float32)
-
-            t_dec = median_time(lambda: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
-                                args.repeats) / N_EXPERTS
-            t_gat = median_time(lambda: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
-                                         for e in range(N_EXPERTS)], args.repeats) / N_EXPERTS
             ids = np.zeros(PREFILL_ROWS, np.int64)
-            t_pre = median_time(lambda: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
-            out = np.empty((PREFILL_ROWS, n), np.float32)
-            t_tile = median_time(lambda: kernels._packed_tiles(w, 0, xp, out), max(3, args.repeats // 2))
+            macs = PREFILL_ROWS * n * k
+            fr[key] = {"matrix_MB": round(mat_bytes / 1e6, 1)}
+            layouts = [("vnni", True), ("portable", False)] if kernels.host_has_vnni() else [("portable", False)]
+            for label, vnni in layouts:
+                t0 = time.perf_counter()
+                w = kernels.prepare(src, vnni=vnni)
+                t_pack = time.perf_counter() - t0
+                t_dec = median_time(lambda: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
+                                    args.repeats) / N_EXPERTS
+                t_gat = median_time(lambda: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
+                                             for e in range(N_EXPERTS)], args.repeats) / N_EXPERTS
+                t_pre = median_time(lambda: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
+                fr[key][label] = {
+                    "pack_s": round(t_pack, 3), "pack_GBps": round(w.nbytes / t_pack / 1e9, 2),
+                    "decode_ms": round(t_dec * 1e3, 3), "decode_GBps": round(mat_bytes / t_dec / 1e9, 2),
+                    "gather2_ms": round(t_gat * 1e3, 3), "gather2_GBps": round(2 * mat_bytes / t_gat / 1e9, 2),
+                    f"prefill{PREFILL_ROWS}_int_GMACps": round(macs / t_pre / 1e9, 1),
+                }
+                if not vnni:
+                    out = np.empty((PREFILL_ROWS, n), np.float32)
+                    t_tile = median_time(lambda: kernels._packed_tiles(w, 0, xp, out), max(3, args.repeats // 2))
+                    fr[key][label][f"prefill{PREFILL_ROWS}_tiles_blas_GMACps"] = round(macs / t_tile / 1e9, 1)
+                del w
+            del src
             wf = rng.standard_normal((n, k)).astype(np.float32)
             t_blas = median_time(lambda: xp @ wf.T, max(3, args.repeats // 2))
             del wf
-            macs = PREFILL_ROWS * n * k
-            fr[key] = {
-                "pack_s": round(t_pack, 3), "pack_GBps": round(w.nbytes / t_pack / 1e9, 2),
-                "matrix_MB": round(mat_bytes / 1e6, 1),
-                "decode_ms": round(t_dec * 1e3, 3), "decode_GBps": round(mat_bytes / t_dec / 1e9, 2),
-                "gather2_ms": round(t_gat * 1e3, 3), "gather2_GBps": round(2 * mat_bytes / t_gat / 1e9, 2),
-                f"prefill{PREFILL_ROWS}_int_GMACps": round(macs / t_pre / 1e9, 1),
-                f"prefill{PREFILL_ROWS}_tiles_blas_GMACps": round(macs / t_tile / 1e9, 1),
-                f"sgemm_f32_{PREFILL_ROWS}_GMACps": round(macs / t_blas / 1e9, 1),
-            }
+            fr[key][f"sgemm_f32_{PREFILL_ROWS}_GMACps"] = round(macs / t_blas / 1e9, 1)
             print(name, key, fr[key], flush=True)
-            del w
     result["loadavg_end"] = os.getloadavg()
     busy = max(result["loadavg_start"][0], result["loadavg_end"][0])
     if busy > 1.5 * (os.cpu_count() or 1) - args.threads + 1:

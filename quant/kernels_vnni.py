@@ -157,13 +157,17 @@ def _pack_blocks(rows, qs, d, block_bytes, n_quads, pad_code):
             o = b * block_bytes
             for r in range(ROWS):
                 d[g, b, r] = _f16_bits(rows[g * ROWS + r], o) if r < r_end else 0
-            for rq in range(4):
-                for jq in range(n_quads):
-                    for rr in range(_QUARTER):
-                        r = rq * _QUARTER + rr
+            for r in range(ROWS):
+                rq, rr = r // _QUARTER, r % _QUARTER
+                if r < r_end:
+                    src = rows[g * ROWS + r]
+                    for jq in range(n_quads):
                         for jj in range(4):
-                            qs[g, b, rq, jq, rr, jj] = rows[g * ROWS + r, o + 2 + jq * 4 + jj] if r < r_end \
-                                else pad_code
+                            qs[g, b, rq, jq, rr, jj] = src[o + 2 + jq * 4 + jj]
+                else:
+                    for jq in range(n_quads):
+                        for jj in range(4):
+                            qs[g, b, rq, jq, rr, jj] = pad_code
 
 
 @njit(parallel=True, cache=True)
@@ -206,14 +210,13 @@ def pack_q4_k(rows, qs, scm, dd):
                     dd[g, b, 1, r] = 0
                     for s in range(16):
                         scm[g, b, s, r] = 0
-            for c in range(4):
-                for rq in range(4):
+            for r in range(ROWS):
+                rq, rr = r // _QUARTER, r % _QUARTER
+                for c in range(4):
                     for jq in range(8):
-                        for rr in range(_QUARTER):
-                            r = rq * _QUARTER + rr
-                            for jj in range(4):
-                                qs[g, b, c, rq, jq, rr, jj] = rows[g * ROWS + r, o + 16 + c * 32 + jq * 4 + jj] \
-                                    if r < r_end else 0
+                        for jj in range(4):
+                            qs[g, b, c, rq, jq, rr, jj] = rows[g * ROWS + r, o + 16 + c * 32 + jq * 4 + jj] \
+                                if r < r_end else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
