@@ -1,0 +1,259 @@
+"""Write a GGUF with Mixtral-8x7B's exact tensor shapes but only a few blocks, filled with random quantized blocks.
+
+    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K] [--blocks 4] [--seed 0]
+
+Speed at the real shape is what this file is for: the matrices are Mixtral's (embedding 4096, 8 experts of 14336,
+32 query and 8 KV heads of 128, vocabulary 32000), so kernels see the real strides, cache pressure and bytes per
+token. The weights are random but sane: quant codes are uniform and the block scales are chosen so every weight
+matrix has a standard deviation near 0.011 (a trained Mixtral's are 0.01-0.02), so activations neither vanish nor
+blow up through the blocks. Norm weights are about 1 and the router is float32 with logits spread about 3, so
+tokens really pick different experts. The tokenizer metadata is Mixtral's own (mistral-common ships it), so
+llama.cpp and mixlocal both load the file as a Mixtral.
+
+The file is written with gguf-py's GGUFWriter as raw quantized blocks, one tensor at a time, so writing a 26 GB
+32-block file needs no more memory than the largest tensor (264 MB for Q4_0 experts).
+
+The shape options (--dim, --ffn, --vocab ...) exist for tests, which want a small file with the same structure; a
+vocabulary smaller than 32000 keeps the tokenizer's first pieces (control, byte and the most frequent merges).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+__all__ = ["SliceShape", "MIXTRAL", "SLICE_TYPES", "write_slice", "tensor_plan", "random_blocks", "main"]
+
+
+@dataclass(frozen=True)
+class SliceShape:
+    """The dimensions of a Mixtral-family model (Mixtral-8x7B's by default)."""
+    dim: int = 4096
+    ffn: int = 14336
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    n_experts: int = 8
+    n_experts_used: int = 2
+    vocab: int = 32000
+    context: int = 32768
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+
+
+MIXTRAL = SliceShape()
+
+# Quantized formats the slice can be made of, with llama.cpp's file_type code for a file that is all of that type.
+SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14}
+
+# Target standard deviation of every weight matrix; block scales are derived from it per format.
+WEIGHT_STD = 0.0115
+# Router logits spread like a trained Mixtral's (about 3), for unit-variance normalised activations.
+ROUTER_LOGIT_STD = 3.0
+
+
+def tensor_plan(shape: SliceShape, n_blocks: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """(GGUF name, logical numpy shape, kind) in llama.cpp's converter order; kind is "norm", "router" or "matrix"."""
+    s = shape
+    q_dim, kv_dim = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    plan = [("token_embd.weight", (s.vocab, s.dim), "matrix")]
+    for i in range(n_blocks):
+        p = f"blk.{i}."
+        plan += [
+            (p + "attn_norm.weight", (s.dim,), "norm"),
+            (p + "attn_q.weight", (q_dim, s.dim), "matrix"),
+            (p + "attn_k.weight", (kv_dim, s.dim), "matrix"),
+            (p + "attn_v.weight", (kv_dim, s.dim), "matrix"),
+            (p + "attn_output.weight", (s.dim, q_dim), "matrix"),
+            (p + "ffn_norm.weight", (s.dim,), "norm"),
+            (p + "ffn_gate_inp.weight", (s.n_experts, s.dim), "router"),
+            (p + "ffn_gate_exps.weight", (s.n_experts, s.ffn, s.dim), "matrix"),
+            (p + "ffn_down_exps.weight", (s.n_experts, s.dim, s.ffn), "matrix"),
+            (p + "ffn_up_exps.weight", (s.n_experts, s.ffn, s.dim), "matrix"),
+        ]
+    plan += [("output_norm.weight", (s.dim,), "norm"), ("output.weight", (s.vocab, s.dim), "matrix")]
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# random blocks, per format (layouts as in ggml-common.h; gguf.quants.dequantize is the reference in the tests)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
+    # Generator.bytes is several times faster than integers(0, 256) and the codes only need to be uniform.
+    return np.frombuffer(bytearray(rng.bytes(n)), dtype=np.uint8)
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    """(n,) float -> (n, 2) little-endian float16 bytes."""
+    return values.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _q4_0(rng, n_blocks: int) -> np.ndarray:
+    # value = d * (q - 8). Uniform codes 0..15 would have mean -0.5 and bias every row sum; a code 0 becomes 8, so
+    # q - 8 is symmetric in -7..7 (with zero twice as likely): mean 0, std 4.18.
+    blocks = _random_bytes(rng, n_blocks * 18).reshape(n_blocks, 18)
+    codes = blocks[:, 2:]
+    codes += ((codes & 0x0F) == 0) * np.uint8(0x08) + ((codes & 0xF0) == 0) * np.uint8(0x80)
+    d = WEIGHT_STD / 4.18 * rng.uniform(0.75, 1.25, n_blocks)
+    blocks[:, 0:2] = _f16_bytes(d)
+    return blocks
+
+
+def _q8_0(rng, n_blocks: int) -> np.ndarray:
+    # value = d * q; -128 becomes 0 so codes are symmetric in -127..127: mean 0, std 73.5
+    blocks = _random_bytes(rng, n_blocks * 34).reshape(n_blocks, 34)
+    codes = blocks[:, 2:]
+    codes[codes == 0x80] = 0
+    d = WEIGHT_STD / 73.5 * rng.uniform(0.75, 1.25, n_blocks)
+    blocks[:, 0:2] = _f16_bytes(d)
+    return blocks
+
+
+def _q4_k(rng, n_blocks: int) -> np.ndarray:
+    """Q4_K super-blocks of 256: d, dmin (f16), 12 bytes of 6-bit scales and mins for 8 sub-blocks, 128 bytes of codes.
+
+    A sub-block's value is d*sc*q - dmin*m. With dmin = 8*d and m = round(sc*15/16) the offset sits near the middle
+    of the code range (q = 7.5), as a real quantizer's mins do, so the weights are centred on zero.
+    """
+    blocks = _random_bytes(rng, n_blocks * 144).reshape(n_blocks, 144)
+    sc = rng.integers(32, 64, (n_blocks, 8), dtype=np.uint8)                     # 6-bit scales, upper half
+    m = np.rint(sc * (15.0 / 16.0)).astype(np.uint8)                               # 6-bit mins, <= 59
+    d = WEIGHT_STD / (4.61 * 47.5) * rng.uniform(0.75, 1.25, n_blocks)            # 47.5: mean of sc
+    blocks[:, 0:2] = _f16_bytes(d)
+    blocks[:, 2:4] = _f16_bytes(8.0 * d)
+    # ggml's get_scale_min_k4 packing: sub-blocks 0-3 in the low 6 bits of bytes 0-7, sub-blocks 4-7 split into
+    # a low nibble (bytes 8-11) and the top two bits of bytes 0-7.
+    packed = np.empty((n_blocks, 12), np.uint8)
+    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    blocks[:, 4:16] = packed
+    return blocks
+
+
+_MAKERS = {"Q4_0": (_q4_0, 32, 18), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144)}
+
+
+def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of qtype for a tensor of logical shape (..., cols): uint8 (..., cols // block * block_bytes)."""
+    make, per_block, block_bytes = _MAKERS[qtype]
+    if shape[-1] % per_block:
+        raise ValueError(f"{qtype} needs a last axis that is a multiple of {per_block}, got shape {shape}")
+    n_blocks = int(np.prod(shape)) // per_block
+    return make(rng, n_blocks).reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
+
+
+def _float_tensor(kind: str, shape: tuple[int, ...], dim: int, rng) -> np.ndarray:
+    if kind == "norm":
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (rng.standard_normal(shape) * (ROUTER_LOGIT_STD / np.sqrt(dim))).astype(np.float32)  # router
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the file
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tokenizer_fields(vocab: int) -> dict:
+    """Mixtral's tokenizer metadata (mistral-common's tokenizer.model.v1), cut to the first `vocab` pieces."""
+    import mistral_common
+
+    from tokenizer import Tokenizer
+    from tokenizer import gguf_vocab as gv
+
+    tok = Tokenizer.from_file(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
+    fields = tok.gguf_metadata()
+    n = len(fields[gv.TOKENS])
+    if vocab > n:
+        raise ValueError(f"vocab {vocab} is larger than the Mixtral tokenizer's {n} pieces")
+    if vocab < 259:
+        raise ValueError(f"vocab {vocab} is too small: Mixtral's control and byte pieces alone are 259")
+    if vocab < n:
+        for key in (gv.TOKENS, gv.SCORES, gv.TOKEN_TYPE):
+            fields[key] = fields[key][:vocab]
+    return fields
+
+
+def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: SliceShape = MIXTRAL,
+                seed: int = 0, progress: bool = False) -> Path:
+    """Write the slice GGUF to out (overwritten) and return its path."""
+    import gguf
+
+    from tokenizer import gguf_vocab
+
+    if qtype not in SLICE_TYPES:
+        raise ValueError(f"unknown slice type {qtype!r}; choose one of {', '.join(SLICE_TYPES)}")
+    if n_blocks <= 0:
+        raise ValueError(f"n_blocks must be positive, got {n_blocks}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    raw_type = gguf.GGMLQuantizationType[qtype]
+    s = shape
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(f"mixtral-8x7b-shape-{n_blocks}blk-{qtype.lower()}-random")
+    w.add_file_type(SLICE_TYPES[qtype])
+    w.add_context_length(s.context)
+    w.add_embedding_length(s.dim)
+    w.add_block_count(n_blocks)
+    w.add_feed_forward_length(s.ffn)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_dimension_count(s.head_dim)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_layer_norm_rms_eps(s.norm_eps)
+    w.add_expert_count(s.n_experts)
+    w.add_expert_used_count(s.n_experts_used)
+    w.add_vocab_size(s.vocab)
+    gguf_vocab.write_fields(w, _tokenizer_fields(s.vocab))
+
+    plan = tensor_plan(s, n_blocks)
+    _, per_block, block_bytes = _MAKERS[qtype]
+    for name, tshape, kind in plan:
+        if kind == "matrix":
+            byte_shape = (*tshape[:-1], tshape[-1] // per_block * block_bytes)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw_type)
+        else:
+            w.add_tensor_info(name, tshape, np.dtype(np.float32), int(np.prod(tshape)) * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t0 = time.perf_counter()
+    for i, (name, tshape, kind) in enumerate(plan):
+        data = random_blocks(qtype, tshape, rng) if kind == "matrix" else _float_tensor(kind, tshape, s.dim, rng)
+        w.write_tensor_data(data)
+        if progress and (i % 10 == 0 or i == len(plan) - 1):
+            print(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    w.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--type", default="Q4_0", choices=sorted(SLICE_TYPES))
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    for field, default in asdict(MIXTRAL).items():
+        if isinstance(default, int):
+            ap.add_argument("--" + field.replace("_", "-"), type=int, default=default,
+                            help=f"default {default} (Mixtral-8x7B)")
+    args = ap.parse_args(argv)
+    shape = replace(MIXTRAL, **{f: getattr(args, f) for f, v in asdict(MIXTRAL).items() if isinstance(v, int)})
+    t0 = time.perf_counter()
+    path = write_slice(args.out, args.type, args.blocks, shape, args.seed, progress=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
