@@ -18,6 +18,7 @@ import numpy as np
 
 from dataclasses import dataclass
 
+from . import kernels_blas
 from . import kernels_generic as gen
 from . import kernels_packed as pk
 from . import kernels_vnni as vn
@@ -273,6 +274,7 @@ def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> No
     n, k = w.shape[-2], w.shape[-1]
     arrays = [a[e] for a in w.arrays]
     unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]
+    kernels_blas.match_numba_threads()
     groups_per_tile = max(1, _TILE_FLOATS // (k * pk.ROWS))
     n_groups = arrays[0].shape[0]
     tile = np.empty((groups_per_tile * pk.ROWS, k), np.float32)
@@ -299,12 +301,14 @@ def _matmul(qtype: QType, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> N
     """out = x @ decode(rows).T; shapes already checked: rows (N, row_bytes), x (T, K), out (T, N)."""
     n, k = out.shape[1], x.shape[1]
     if qtype == QType.F32:
+        kernels_blas.match_numba_threads()
         np.matmul(x, rows.view(np.float32).reshape(n, k).T, out=out)
         return
     fmt = gen.FORMAT_CODE[qtype]
     if x.shape[0] <= _FUSED_MAX_ROWS:
         gen.matmul_rows(fmt, rows, x, out, gen.F16_TABLE)
         return
+    kernels_blas.match_numba_threads()
     tile_rows = max(16, _TILE_FLOATS // k)
     tile = np.empty((min(tile_rows, n), k), dtype=np.float32)
     for r0 in range(0, n, tile_rows):

@@ -205,3 +205,21 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
     p2 = kernels.prepare(w2, vnni=vnni)
     x = rng.standard_normal((7, k)).astype(np.float32)
     assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} vnni={vnni} linear", act_q8=True)
+
+
+def test_blas_path_follows_numba_thread_count():
+    """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count."""
+    import numba
+    from quant import kernels_blas
+    if kernels_blas.blas_threads() is None:
+        pytest.skip("no OpenBLAS entry point found in numpy's libraries")
+    w, ref = make_weight(QType.Q6_K, (20, 256))
+    before = numba.get_num_threads()
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            x = np.random.default_rng(n).standard_normal((40, 256)).astype(np.float32)
+            assert_matches(kernels.linear(kernels.prepare(w), x), ref, x, f"Q6_K threads={n}")
+            assert kernels_blas.blas_threads() == n
+    finally:
+        numba.set_num_threads(before)
