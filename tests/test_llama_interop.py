@@ -11,6 +11,7 @@ from engine.export import write_gguf
 from engine.sources.hf import load_hf
 from gguf_fixtures import llama_cpp_quantize, llama_cpp_status, run_llama_cpp
 from numpy_reference import forward as numpy_forward
+from test_gguf_source import ACTIVATION_ROUNDING_KL
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(llama_cpp_status() is not None, reason=str(llama_cpp_status()))
@@ -72,7 +73,10 @@ def test_llama_cpp_quantized_files_load_here(f16_gguf, tmp_path, ftype, name):
     ours = engine.load(path, n_ctx=64, kv_type="f32")
     ids = PROMPTS[0]
     ref = numpy_forward(path, ids)
-    assert mean_kl(ref, ours.eval(ids)) < 1e-4
+    theirs = np.asarray(run_llama_cpp(path, [ids], "logits")[0], np.float32)
+    kl = mean_kl(ref, ours.eval(ids))
+    # activation rounding on a chaotic random fixture: see test_gguf_source.ACTIVATION_ROUNDING_KL
+    assert kl < ACTIVATION_ROUNDING_KL and kl < 1.5 * mean_kl(ref, theirs) + 1e-5
 
 
 def test_mixed_fallback_file(tmp_path):
@@ -86,4 +90,7 @@ def test_mixed_fallback_file(tmp_path):
     assert {"Q4_K"} & types and ({"Q5_0", "Q5_1", "Q8_0"} & types), types
     llm = engine.load(path, n_ctx=64, kv_type="f32")
     ids = PROMPTS[1]
-    assert mean_kl(numpy_forward(path, ids), llm.eval(ids)) < 1e-4
+    ref = numpy_forward(path, ids)
+    theirs = np.asarray(run_llama_cpp(path, [ids], "logits")[0], np.float32)
+    kl = mean_kl(ref, llm.eval(ids))
+    assert kl < ACTIVATION_ROUNDING_KL and kl < 1.5 * mean_kl(ref, theirs) + 1e-5
