@@ -322,7 +322,7 @@ def _read_safetensors(path: Path) -> dict[str, _Raw]:
             if len(head) < 8:
                 raise ModelFormatError(f"{path}: file too short for a safetensors header ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
+            if n > min(size - 8, 100 << 20):
                 raise ModelFormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
             header = json.loads(f.read(n))
     except OSError as e:
