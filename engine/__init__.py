@@ -7,6 +7,6 @@
 from __future__ import annotations
 
 from .errors import ContextOverflowError, ModelFormatError
-from .loader import DEFAULT_MODEL_DIR, load
+from .loader import DEFAULT_MODEL, DEFAULT_MODEL_DIR, load
 
-__all__ = ["load", "ModelFormatError", "ContextOverflowError", "DEFAULT_MODEL_DIR"]
+__all__ = ["load", "ModelFormatError", "ContextOverflowError", "DEFAULT_MODEL", "DEFAULT_MODEL_DIR"]

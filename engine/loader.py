@@ -12,9 +12,10 @@ from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
 
-__all__ = ["load", "DEFAULT_MODEL_DIR", "physical_cores", "open_source"]
+__all__ = ["load", "DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "physical_cores", "open_source"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default"
+DEFAULT_MODEL = DEFAULT_MODEL_DIR / "model.gguf"  # trained here by tools/train_default_model.py, q8_0 by our quantizer
 
 
 def physical_cores() -> int:
@@ -41,7 +42,7 @@ def open_source(source, backend: str = "numba"):
     backend ("numba" or "mlx") only matters for mlx-community folders, whose affine triplets the MLX backend takes
     as they are and the numba backend gets as ggml blocks."""
     if source is None:
-        source = DEFAULT_MODEL_DIR
+        source = DEFAULT_MODEL
         if not source.exists():
             raise ModelFormatError(f"{source}: the embedded default model is not installed")
     from .sources.hub import looks_like_hub_id, resolve as resolve_hub_id
