@@ -430,6 +430,7 @@ def run_bench(s: BenchSettings) -> dict:
                 spec["ref_file"] = str(ref_path)
             with tqdm(total=1, desc=f"[{i + 1}/{len(order)}] {level}", unit="step", leave=True,
                       disable=None, file=sys.stderr) as bar:
+                bar.set_postfix_str("loading", refresh=True)
                 row = _spawn(spec, bar)
             if level == ref_level:  # the reference against itself: zero divergence, full agreement, by definition
                 row["kld"], row["top1"] = 0.0, 1.0
