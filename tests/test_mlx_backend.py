@@ -260,19 +260,28 @@ def gguf_q4_0(hf_model_dir, tmp_path_factory):
     return write_gguf_with_gguf_py(hf_model_dir, tmp_path_factory.mktemp("mlx_gguf") / "q4_0.gguf", QType.Q4_0)
 
 
-def test_gguf_q4_0_on_mlx_matches_independent_reference(gguf_q4_0):
+@pytest.fixture(scope="module")
+def gguf_on_mlx(gguf_q4_0):
+    llm = engine.load(gguf_q4_0, backend="mlx", n_ctx=256, kv_type="f32")
+    yield llm
+    llm.reset()
+
+
+def test_gguf_q4_0_on_mlx_matches_independent_reference(gguf_q4_0, gguf_on_mlx):
     """gguf-py's own dequantization in a float64 numpy forward pass (tests/numpy_reference.py) is the reference:
     the affine mapping of Q4_0 is exact, so only float32 rounding separates them."""
     from numpy_reference import forward as numpy_forward
-    ours = engine.load(gguf_q4_0, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS[:14])
+    gguf_on_mlx.reset()
+    ours = gguf_on_mlx.eval(PROMPT_IDS[:14])
     ref = numpy_forward(gguf_q4_0, PROMPT_IDS[:14])
     assert rel_err(ours, ref) < 1e-3
     assert mean_kl(ref, ours) < 1e-6
 
 
-def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0):
+def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0, gguf_on_mlx):
     from quant import kernels
-    on_mlx = engine.load(gguf_q4_0, backend="mlx", n_ctx=256, kv_type="f32")
+    on_mlx = gguf_on_mlx
+    on_mlx.reset()
     on_numba = engine.load(gguf_q4_0, backend="numba", n_ctx=256, kv_type="f32")
     assert on_mlx.backend.layers[0].w1.quantized and on_mlx.backend.layers[0].w1.group_size == 32
     # numba's packed Q4_0 kernels round activations to int8 per 32-block, as llama.cpp does; MLX computes with
@@ -289,7 +298,7 @@ def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0):
     assert max(mean_kl(y, x) for x, y in steps) < bound
 
 
-def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, hf_model_dir, tmp_path):
+def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, gguf_on_mlx, hf_model_dir, tmp_path):
     """Q4_0 blocks are affine groups of 32 (scale d, bias -8d): written with group_size=32 they are copied, not
     requantized, and GGUF's neighbour-pair q/k rows are put back in HF order. Same logits as the GGUF itself."""
     from engine.sources.gguf import load_gguf
@@ -297,7 +306,8 @@ def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, hf_model_dir, tmp_pat
     _, weights, _ = load_gguf(gguf_q4_0)
     tok_bytes = (hf_model_dir / "tokenizer.model").read_bytes()  # as a GGUF source would rebuild them
     out = write_mlx_folder(weights, tok_bytes, tmp_path / "out", bits=4, group_size=32)
-    a = engine.load(gguf_q4_0, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
+    gguf_on_mlx.reset()
+    a = gguf_on_mlx.eval(PROMPT_IDS)
     b = engine.load(out, backend="mlx", n_ctx=64, kv_type="f32").eval(PROMPT_IDS)
     assert rel_err(b, a) < 1e-5 and mean_kl(a, b) < 1e-9
     # the stored triplet is the Q4_0 block itself: q in 0..15, bias exactly -8 * scale
