@@ -25,7 +25,7 @@ from . import kernels_vnni as vn
 from .tensor import QStack, QTensor, QType, nbytes_for
 
 __all__ = ["prepare", "linear", "expert_linear", "quantizes_activations", "packed_shapes", "PackedWeight",
-           "SUPPORTED_TYPES", "PACKED_TYPES", "KernelInputError", "host_has_vnni"]
+           "SUPPORTED_TYPES", "PACKED_TYPES", "VNNI_TYPES", "KernelInputError", "host_has_vnni"]
 
 SUPPORTED_TYPES = frozenset(gen.FORMAT_CODE)
 
@@ -47,6 +47,8 @@ class KernelInputError(ValueError):
 
 # Formats with an interleaved runtime layout and integer kernels (kernels_packed.py); the rest read the file layout.
 PACKED_TYPES = frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})
+# ...and with AVX-512 VNNI also Q6_K (which llama.cpp's Q4_K_M files use for the output head and some ffn_down).
+VNNI_TYPES = PACKED_TYPES | {QType.Q6_K}
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +96,9 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, vnni: bool = False) 
     if qtype == QType.Q4_K:
         codes = (n_exp, g, k // 256, 4, 4, 8, 16, 4) if vnni else (n_exp, g, k // 256, 128, rows)
         return [(codes, u8), ((n_exp, g, k // 256, 16, rows), u8), ((n_exp, g, k // 256, 2, rows), u16)]
+    if qtype == QType.Q6_K and vnni:
+        return [((n_exp, g, k // 256, 8, 4, 6, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
+                ((n_exp, g, k // 256, rows), u16)]
     raise KernelInputError(f"{qtype.name} has no packed layout")
 
 
@@ -107,12 +112,12 @@ def prepare(w, alloc=np.empty, *, vnni: bool | None = None):
     returned as they are. vnni picks the layout for the AVX-512 VNNI kernels; None means "if this CPU has them".
     """
     _check_weight(w)
-    if w.qtype not in PACKED_TYPES:
-        return w
     if vnni is None:
         vnni = _HOST_VNNI
     elif vnni and not _HOST_VNNI:
         raise KernelInputError("this CPU has no AVX-512 VNNI; prepare(..., vnni=True) cannot run here")
+    if w.qtype not in (VNNI_TYPES if vnni else PACKED_TYPES):
+        return w
     shape = tuple(w.shape)
     n_exp, n, k = (1,) + shape if len(shape) == 2 else shape
     arrays = []
@@ -122,7 +127,8 @@ def prepare(w, alloc=np.empty, *, vnni: bool | None = None):
             raise KernelInputError(f"alloc returned {a.dtype}{a.shape}, need C-contiguous {dtype}{arr_shape}")
         arrays.append(a)
     mod = vn if vnni else pk
-    pack = {QType.Q4_0: mod.pack_q4_0, QType.Q8_0: mod.pack_q8_0, QType.Q4_K: mod.pack_q4_k}[w.qtype]
+    pack = {QType.Q4_0: mod.pack_q4_0, QType.Q8_0: mod.pack_q8_0, QType.Q4_K: mod.pack_q4_k,
+            QType.Q6_K: getattr(mod, "pack_q6_k", None)}[w.qtype]
     for e in range(n_exp):
         rows = w.rows_view() if len(shape) == 2 else _expert_rows(w, e)
         pack(rows, *[a[e].view(np.uint8) if a.dtype == np.int8 else a[e] for a in arrays])
@@ -258,7 +264,10 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
     n = w.shape[-2]
     if w.vnni:  # the intrinsics take flat code and activation arrays (free views)
         codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
-        kernel = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs}[w.qtype]
+        if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
+            xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
+        kernel = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs,
+                  QType.Q6_K: vn.q6_k_runs}[w.qtype]
         kernel(codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
     kernel = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}[w.qtype]

@@ -1,4 +1,4 @@
-"""AVX-512 VNNI kernels for Q4_0, Q8_0 and Q4_K: one `vpdpbusd` multiplies 64 byte pairs and sums them by fours.
+"""AVX-512 VNNI kernels for Q4_0, Q8_0, Q4_K and Q6_K: one `vpdpbusd` multiplies 64 byte pairs and sums them by fours.
 
 The portable kernels (kernels_packed.py) leave the instruction choice to LLVM, which widens bytes to 16 bits and
 multiplies 16-32 lanes per instruction. Here a numba intrinsic emits `llvm.x86.avx512.vpdpbusd.512` itself, which
@@ -12,6 +12,7 @@ row ("quads"), so a register holds quad jq of 16 rows:
   Q4_0  (G, nb, 4 quarters, 4 quads, 16 rows, 4 bytes)   low nibbles are elements 4jq..4jq+3, high ones 16+4jq..
   Q8_0  (G, nb, 4 quarters, 8 quads, 16 rows, 4 bytes)   int8 codes 4jq..4jq+3
   Q4_K  (G, nsb, 4 chunks, 4 quarters, 8 quads, 16 rows, 4 bytes)  chunk c: low nibbles sub-block 2c, high 2c+1
+  Q6_K  (G, nsb, 8 chunks, 4 quarters, 6 quads, 16 rows, 4 bytes)  see pack_q6_k; 210 bytes per 256 as in the file
 Scales are the same arrays as in kernels_packed.py (f16 bits, and for Q4_K the unpacked 6-bit scales and mins).
 
 vpdpbusd multiplies unsigned by signed bytes. Nibbles are unsigned (0..15), activations signed, so Q4_0 and Q4_K
@@ -29,7 +30,8 @@ from numba.extending import intrinsic
 
 from .kernels_packed import ROWS, _halves_to_float
 
-__all__ = ["pack_q4_0", "pack_q8_0", "pack_q4_k", "q4_0_runs", "q8_0_runs", "q4_k_runs"]
+__all__ = ["pack_q4_0", "pack_q8_0", "pack_q4_k", "pack_q6_k", "q4_0_runs", "q8_0_runs", "q4_k_runs",
+           "q6_k_runs"]
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -103,6 +105,47 @@ def _nibble_dot16_split(typingctx, w, w_off, x, x_off, out_lo, out_hi, out_off):
             x_hi = builder.load(builder.gep(xp, [ir.Constant(_I64, 8 + jq)]), align=1)
             acc_lo = builder.call(dp, [acc_lo, builder.and_(v, low), _splat(builder, x_lo)])
             acc_hi = builder.call(dp, [acc_hi, builder.and_(builder.lshr(v, four), low), _splat(builder, x_hi)])
+        builder.store(acc_lo, lp, align=4)
+        builder.store(acc_hi, hp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _q6_dot16_split(typingctx, w, w_off, x, x_off, out_lo, out_hi, out_off):
+    """Q6_K chunk of 32 codes, 16 rows: 4 nibble quads and 2 quads of 2-bit highs rebuilt into 6-bit codes (0..63);
+    elements 0-15 (low nibbles) go to out_lo, 16-31 (high nibbles) to out_hi, each summed against x."""
+    sig = types.void(w, w_off, x, x_off, out_lo, out_hi, out_off)
+
+    def codegen(context, builder, signature, args):
+        wa, wo, xa, xo, la, ha, oo = args
+        wp = _data_ptr(context, builder, signature.args[0], wa, wo, _V16)
+        xp = _data_ptr(context, builder, signature.args[2], xa, xo, _I32)
+        lp = _data_ptr(context, builder, signature.args[4], la, oo, _V16)
+        hp = _data_ptr(context, builder, signature.args[5], ha, oo, _V16)
+        dp = _dpbusd(builder)
+        low4 = _splat(builder, ir.Constant(_I32, 0x0F0F0F0F))
+        low2 = _splat(builder, ir.Constant(_I32, 0x03030303))
+
+        def shifted(v, n):
+            return builder.lshr(v, _splat(builder, ir.Constant(_I32, n))) if n else v
+
+        def up4(v):
+            return builder.shl(v, _splat(builder, ir.Constant(_I32, 4)))
+
+        highs = [builder.load(builder.gep(wp, [ir.Constant(_I64, 4 + i)]), align=1) for i in range(2)]
+        acc_lo = ir.Constant(_V16, None)
+        acc_hi = ir.Constant(_V16, None)
+        for jq in range(4):
+            v = builder.load(builder.gep(wp, [ir.Constant(_I64, jq)]), align=1)
+            h = highs[jq % 2]
+            q_lo = builder.or_(builder.and_(v, low4), up4(builder.and_(shifted(h, 2 * (jq // 2)), low2)))
+            q_hi = builder.or_(builder.and_(shifted(v, 4), low4), up4(builder.and_(shifted(h, 4 + 2 * (jq // 2)), low2)))
+            x_lo = builder.load(builder.gep(xp, [ir.Constant(_I64, jq)]), align=1)
+            x_hi = builder.load(builder.gep(xp, [ir.Constant(_I64, 4 + jq)]), align=1)
+            acc_lo = builder.call(dp, [acc_lo, q_lo, _splat(builder, x_lo)])
+            acc_hi = builder.call(dp, [acc_hi, q_hi, _splat(builder, x_hi)])
         builder.store(acc_lo, lp, align=4)
         builder.store(acc_hi, hp, align=4)
         return context.get_dummy_value()
@@ -219,6 +262,54 @@ def pack_q4_k(rows, qs, scm, dd):
                                 if r < r_end else 0
 
 
+@njit(parallel=True, cache=True)
+def pack_q6_k(rows, qs, sc, d):
+    """rows (N, nsb*210) -> qs (G, nsb, 8 chunks, 4, 6 quads, 16, 4), sc (G, nsb, 16, ROWS) int8, d (G, nsb, ROWS).
+
+    Chunk t holds codes 32t..32t+31 of the super-block: quads 0-3 are nibbles (byte j: code j low, code 16+j high),
+    quads 4-5 the 2-bit highs (byte j: codes j, j+8, j+16, j+24 at bits 0, 2, 4, 6).
+    """
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        low = np.empty(256, np.uint8)
+        high = np.empty(256, np.uint8)
+        for b in range(nsb):
+            o = b * 210
+            for r in range(ROWS):
+                rq, rr = r // _QUARTER, r % _QUARTER
+                if r < r_end:
+                    src = rows[g * ROWS + r]
+                    d[g, b, r] = _f16_bits(src, o + 208)
+                    for s in range(16):
+                        sc[g, b, s, r] = src[o + 192 + s]
+                    for half in range(2):  # ggml's Q6_K element order (dequantize_row_q6_K)
+                        for l in range(32):
+                            a = src[o + half * 64 + l]
+                            c = src[o + half * 64 + 32 + l]
+                            h = src[o + 128 + half * 32 + l]
+                            i = half * 128 + l
+                            low[i], low[i + 32], low[i + 64], low[i + 96] = a & 15, c & 15, a >> 4, c >> 4
+                            high[i], high[i + 32] = h & 3, (h >> 2) & 3
+                            high[i + 64], high[i + 96] = (h >> 4) & 3, h >> 6
+                else:
+                    d[g, b, r] = 0
+                    for s in range(16):
+                        sc[g, b, s, r] = 0
+                    low[:] = 0
+                    high[:] = 0
+                flat = qs[g, b].reshape(-1)  # (8, 4, 6, 16, 4) contiguous
+                for t in range(8):
+                    c0 = t * 32
+                    at = (t * 4 + rq) * 6 * 64 + rr * 4
+                    for j in range(16):
+                        flat[at + (j >> 2) * 64 + (j & 3)] = low[c0 + j] | (low[c0 + 16 + j] << 4)
+                    for j in range(8):
+                        flat[at + (4 + (j >> 2)) * 64 + (j & 3)] = (high[c0 + j] | (high[c0 + j + 8] << 2)
+                                                                    | (high[c0 + j + 16] << 4) | (high[c0 + j + 24] << 6))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kernels over runs of activation rows that share an expert (same contract as kernels_packed.py)
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,6 +418,46 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
                                         - dm * np.float32(sm[8 + 2 * c, r]) * x_lo)
                         a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(isum_hi[r])
                                         - dm * np.float32(sm[9 + 2 * c, r]) * x_hi)
+        r_end = min(ROWS, n_rows - g * ROWS)
+        for m in range(m0, m1):
+            for r in range(r_end):
+                out[m, g * ROWS + r] = accf[m - m0, r]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q6_k_runs(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
+    """As q4_k_runs for Q6_K; xs16 holds the activations' sums per 16 (the code offset 32 comes off with them)."""
+    n_groups, nsb = d.shape[1], d.shape[2]
+    k = nsb * 256
+    n_runs = run_expert.shape[0]
+    block = ROWS * 192
+    for task in prange(n_runs * n_groups):
+        run = task // n_groups
+        g = task % n_groups
+        e = run_expert[run]
+        m0 = run_start[run]
+        m1 = run_start[run + 1]
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        isum_lo = np.empty(ROWS, np.int32)
+        isum_hi = np.empty(ROWS, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            scb = sc[e, g, b]
+            base = ((e * n_groups + g) * nsb + b) * block
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for t in range(8):
+                    for rq in range(4):
+                        _q6_dot16_split(qs, base + t * 1536 + rq * 384, xq, m * k + b * 256 + t * 32,
+                                        isum_lo, isum_hi, rq * _QUARTER)
+                    blk = b * 8 + t
+                    s = xd[m, blk]
+                    off_lo = 32 * xs16[m, 2 * blk]
+                    off_hi = 32 * xs16[m, 2 * blk + 1]
+                    for r in range(ROWS):
+                        a[r] += s * dsup[r] * (np.float32(scb[2 * t, r]) * np.float32(isum_lo[r] - off_lo)
+                                               + np.float32(scb[2 * t + 1, r]) * np.float32(isum_hi[r] - off_hi))
         r_end = min(ROWS, n_rows - g * ROWS)
         for m in range(m0, m1):
             for r in range(r_end):
