@@ -157,6 +157,18 @@ def test_32k_cache_costs_nothing_up_front(hf_model_dir):
     assert big.cache.capacity == MLXKVCache.STEP
 
 
+def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch):
+    from engine import loader
+    monkeypatch.setattr(loader.sys, "platform", "linux")
+    assert loader.resolve_backend("auto") == "numba"
+    monkeypatch.setattr(loader.sys, "platform", "darwin")
+    monkeypatch.setattr(loader.platform, "machine", lambda: "arm64")
+    assert loader.resolve_backend("auto") == "mlx"
+    monkeypatch.setattr(loader.platform, "machine", lambda: "x86_64")
+    assert loader.resolve_backend("auto") == "numba"
+    assert loader.resolve_backend("mlx") == "mlx"
+
+
 def test_unknown_backend_is_value_error(hf_model_dir):
     with pytest.raises(ValueError, match="unknown backend"):
         engine.load(hf_model_dir, backend="cuda")
