@@ -11,7 +11,7 @@ import numpy as np
 
 from quant import formats, kernels
 
-from ..cache import F16_TO_F32, KVCache
+from ..cache import KVCache
 from ..config import ModelConfig
 from ..weights import ModelWeights
 from . import numba_ops as ops
@@ -83,7 +83,7 @@ class NumbaCPUBackend:
             nq = h.shape[0]
             q = kernels.linear(m["wq"], h).reshape(nq, c.n_heads, c.head_dim)
             ops.rope(q, positions[-nq:], self.inv_freq, self.pairs)
-            att = ops.attention(q, cache.k[li], cache.v[li], F16_TO_F32, q_pos0, self.scale, np.empty_like(q))
+            att = ops.attention(q, cache.k[li], cache.v[li], q_pos0, self.scale, np.empty_like(q))
             x = x + kernels.linear(m["wo"], att.reshape(nq, c.q_dim))
             h = ops.rmsnorm(x, lw.ffn_norm, c.norm_eps, np.empty_like(x))
             x = x + self.moe(h, lw.router, m)

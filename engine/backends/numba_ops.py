@@ -1,6 +1,6 @@
 """numba kernels for the parts of the forward pass that are not weight products: RMSNorm, RoPE, attention.
 
-Shapes use T tokens, H query heads, G = H / n_kv_heads query heads per KV head, Dh head width.
+Shapes use T tokens, H query heads, Hkv KV heads, G = H / Hkv query heads per KV head, Dh head width.
 """
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
-__all__ = ["rmsnorm", "rope", "attention", "rope_pairs", "silu_mul"]
+__all__ = ["rmsnorm", "rope", "attention", "attention_plan", "rope_pairs", "silu_mul", "set_threads",
+           "f16_bits_to_f32", "Q8_0_BLOCK", "Q8_0_BLOCK_BYTES"]
 
-KEY_BLOCK = 128     # keys decoded and scored together; bounds attention scratch whatever the context length
-QUERY_BLOCK = 16    # queries that share one decoded key block
+KEY_BLOCK = 128       # keys decoded and scored together; with QUERY_BLOCK it bounds scratch at any context length
+QUERY_BLOCK = 16      # queries of one job: they share each decoded key block, so K/V are read once per 16 queries
+TILE = 4              # the score and value products work on 4 rows x 4 keys held in registers
+JOBS_PER_THREAD = 4   # below this many (KV head, query block) jobs per thread the key range is split (decode)
+Q8_0_BLOCK = 32       # ggml Q8_0: 32 values share one float16 scale ...
+Q8_0_BLOCK_BYTES = 34  # ... stored first: 2 bytes of scale, then 32 int8
 
+# fastmath without nnan/ninf: masked scores are -inf and must stay -inf. reassoc lets LLVM vectorise the sums.
+_FAST = {"reassoc", "contract", "arcp", "nsz"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RMSNorm, RoPE, SiLU
+# ----------------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=False)
 def rmsnorm(x, w, eps, out):
@@ -71,87 +84,387 @@ def silu_mul(g, u):
     return g
 
 
-def _decode_rows(src, dst, lut):  # pragma: no cover - replaced by the overload below inside numba
+# ----------------------------------------------------------------------------------------------------------------------
+# Bit-level helpers. LLVM's own conversions: exact, and they vectorise (vcvtph2ps on x86 with F16C, fcvt on ARM),
+# where a 64K-entry lookup table is a gather per element.
+# ----------------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def f16_bits_to_f32(typingctx, bits):
+    """The float32 value of a float16 stored as its uint16 bit pattern (numba has no float16 arrays)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)       # ln 2 split so that n * _LN2_HI is exact for |n| < 2^8
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)          # below this e^x is under float32's normal range: return 0
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp_nonpos(x):
+    """e^x for x <= 0 (softmax arguments), relative error about 1e-7; exactly 0 for x < -87 and for -inf.
+
+    libm's expf is a call per element and stops the loop from vectorising; this is range reduction to
+    r in [-ln2/2, ln2/2], a degree-7 Taylor polynomial (remainder < 5e-9), and 2^n built from its bits."""
+    xc = max(x, _EXP_FLOOR)
+    # n = round(x / ln2): truncation toward zero of a value <= 0 rounds up, so subtracting 1/2 rounds to nearest.
+    # (math.floor would be a libm call, which stops vectorisation.)
+    n = np.float32(np.int32(xc * _LOG2E - np.float32(0.5)))
+    r = xc - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    y = p * _f32_from_bits(np.int32((np.int64(n) + 127) << 23))  # 2^n: n + bias in the exponent field
+    return y if x >= _EXP_FLOOR else np.float32(0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cache rows -> float32 scratch, one overload per KV format (chosen by the cache array's dtype):
+#   float32 (n_ctx, Dh)      f32
+#   uint16  (n_ctx, Dh)      f16 bit patterns
+#   uint8   (n_ctx, Dh/32*34) q8_0: ggml Q8_0 blocks along the head dimension
+# ----------------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always", fastmath=_FAST)
+def _decode_f32(src, k0, n, dst):
+    for r in range(n):
+        for d in range(dst.shape[1]):
+            dst[r, d] = src[k0 + r, d]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _decode_f16(src, k0, n, dst):
+    for r in range(n):
+        for d in range(dst.shape[1]):
+            dst[r, d] = f16_bits_to_f32(src[k0 + r, d])
+
+
+@njit(inline="always", fastmath=_FAST)
+def _decode_q8_0(src, k0, n, dst):
+    n_blocks = src.shape[1] // Q8_0_BLOCK_BYTES
+    per_block = dst.shape[1] // n_blocks  # 32, but read at run time: a literal trip count gets the inner loop
+    #                                       fully unrolled into scalar code instead of vectorised (LLVM, measured)
+    for r in range(n):
+        row = k0 + r
+        for b in range(n_blocks):
+            o = b * Q8_0_BLOCK_BYTES
+            scale = f16_bits_to_f32(np.uint16(src[row, o] | (np.uint32(src[row, o + 1]) << 8)))  # little-endian
+            for i in range(per_block):
+                dst[r, b * per_block + i] = scale * np.float32(np.int8(src[row, o + 2 + i]))
+
+
+def _decode_rows(src, k0, n, n_pad, dst):  # pragma: no cover - replaced by the overload below inside numba
     raise NotImplementedError
 
 
 @overload(_decode_rows, inline="always")
-def _decode_rows_impl(src, dst, lut):
-    """Copy a (rows, Dh) slice of the cache into float32 scratch; f16 caches hold uint16 bit patterns."""
-    if src.dtype == types.uint16:
-        def impl(src, dst, lut):
-            for r in range(src.shape[0]):
-                for d in range(src.shape[1]):
-                    dst[r, d] = lut[src[r, d]]
-        return impl
+def _decode_rows_impl(src, k0, n, n_pad, dst):
+    """dst[:n] = float32 rows k0..k0+n-1 of one head's cache; dst[n:n_pad] = 0 (padding keys get weight 0, and
+    0 * a stale NaN would still be NaN)."""
+    decode = {types.float32: _decode_f32, types.uint16: _decode_f16, types.uint8: _decode_q8_0}.get(src.dtype)
+    if decode is None:
+        return None
 
-    def impl(src, dst, lut):
-        for r in range(src.shape[0]):
-            for d in range(src.shape[1]):
-                dst[r, d] = src[r, d]
+    def impl(src, k0, n, n_pad, dst):
+        decode(src, k0, n, dst)
+        for r in range(n, n_pad):
+            for d in range(dst.shape[1]):
+                dst[r, d] = np.float32(0.0)
     return impl
 
 
-@njit(parallel=True, cache=True)
-def attention(q, k_cache, v_cache, lut, pos0, scale, out):
-    """Causal attention of T queries at positions pos0.. over the cache, with an online softmax.
+# ----------------------------------------------------------------------------------------------------------------------
+# Register-blocked products on one key block. Each 4 x 4 tile keeps its 16 sums in registers while the head
+# dimension streams through, so one load of a key (or value) row feeds four rows: written the plain way (one row,
+# one key) the loops are bound by loads and stores at about half this speed (measured, Zen 4).
+# ----------------------------------------------------------------------------------------------------------------------
 
-    q (T, H, Dh) float32; k_cache, v_cache (Hkv, n_ctx, Dh) float32 or uint16 (f16 bits); out (T, H, Dh).
-    Work is split over (KV head, block of queries); each job decodes a block of keys once and scores it for all
-    of its queries and their G heads, so scratch is O(KEY_BLOCK * Dh) per job at any context length.
+@njit(fastmath=_FAST, cache=True)
+def _block_scores(qs, kb, s, n_rows, n_keys):
+    """s[r, j] = qs[r] . kb[j] for r < n_rows, j < n_keys (both multiples of TILE)."""
+    dh = qs.shape[1]
+    for r in range(0, n_rows, TILE):
+        for j in range(0, n_keys, TILE):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            b0 = b1 = b2 = b3 = np.float32(0.0)
+            c0 = c1 = c2 = c3 = np.float32(0.0)
+            e0 = e1 = e2 = e3 = np.float32(0.0)
+            for d in range(dh):
+                qa = qs[r, d]
+                qb = qs[r + 1, d]
+                qc = qs[r + 2, d]
+                qe = qs[r + 3, d]
+                k0 = kb[j, d]
+                k1 = kb[j + 1, d]
+                k2 = kb[j + 2, d]
+                k3 = kb[j + 3, d]
+                a0 += qa * k0
+                a1 += qa * k1
+                a2 += qa * k2
+                a3 += qa * k3
+                b0 += qb * k0
+                b1 += qb * k1
+                b2 += qb * k2
+                b3 += qb * k3
+                c0 += qc * k0
+                c1 += qc * k1
+                c2 += qc * k2
+                c3 += qc * k3
+                e0 += qe * k0
+                e1 += qe * k1
+                e2 += qe * k2
+                e3 += qe * k3
+            s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a0, a1, a2, a3
+            s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = b0, b1, b2, b3
+            s[r + 2, j], s[r + 2, j + 1], s[r + 2, j + 2], s[r + 2, j + 3] = c0, c1, c2, c3
+            s[r + 3, j], s[r + 3, j + 1], s[r + 3, j + 2], s[r + 3, j + 3] = e0, e1, e2, e3
+
+
+@njit(fastmath=_FAST, cache=True)
+def _block_values(p, vb, acc, n_rows, n_keys):
+    """acc[r] += sum_j p[r, j] * vb[j] for r < n_rows, j < n_keys (both multiples of TILE)."""
+    dh = vb.shape[1]
+    for r in range(0, n_rows, TILE):
+        for j in range(0, n_keys, TILE):
+            pa0, pa1, pa2, pa3 = p[r, j], p[r, j + 1], p[r, j + 2], p[r, j + 3]
+            pb0, pb1, pb2, pb3 = p[r + 1, j], p[r + 1, j + 1], p[r + 1, j + 2], p[r + 1, j + 3]
+            pc0, pc1, pc2, pc3 = p[r + 2, j], p[r + 2, j + 1], p[r + 2, j + 2], p[r + 2, j + 3]
+            pe0, pe1, pe2, pe3 = p[r + 3, j], p[r + 3, j + 1], p[r + 3, j + 2], p[r + 3, j + 3]
+            for d in range(dh):
+                v0 = vb[j, d]
+                v1 = vb[j + 1, d]
+                v2 = vb[j + 2, d]
+                v3 = vb[j + 3, d]
+                acc[r, d] += pa0 * v0 + pa1 * v1 + pa2 * v2 + pa3 * v3
+                acc[r + 1, d] += pb0 * v0 + pb1 * v1 + pb2 * v2 + pb3 * v3
+                acc[r + 2, d] += pc0 * v0 + pc1 * v1 + pc2 * v2 + pc3 * v3
+                acc[r + 3, d] += pe0 * v0 + pe1 * v1 + pe2 * v2 + pe3 * v3
+
+
+@njit(fastmath=_FAST, cache=True)
+def _softmax_update(s, m, l, acc, n_rows, n_visible_of_row, g_per, n_keys_pad):
+    """Online softmax step for one key block: turn row r's scores into weights against its new running max,
+    and rescale what the row has accumulated so far. Row r sees its first n_visible_of_row(r) keys (causal)."""
+    dh = acc.shape[1]
+    for r in range(n_rows):
+        lim = n_visible_of_row[r // g_per]
+        if lim <= 0:  # the whole block is in this row's future
+            for j in range(n_keys_pad):
+                s[r, j] = np.float32(0.0)
+            continue
+        mx = m[r]
+        for j in range(lim):
+            v = s[r, j]
+            if v > mx:
+                mx = v
+        tot = np.float32(0.0)
+        for j in range(lim):
+            e = _exp_nonpos(s[r, j] - mx)
+            s[r, j] = e
+            tot += e
+        for j in range(lim, n_keys_pad):
+            s[r, j] = np.float32(0.0)
+        corr = _exp_nonpos(m[r] - mx)  # 0 on the row's first block, where m is -inf
+        l[r] = l[r] * corr + tot
+        m[r] = mx
+        for d in range(dh):
+            acc[r, d] *= corr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _round_up(n, k):
+    return (n + k - 1) // k * k
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def _attention_kernel(q, k_cache, v_cache, pos0, scale, n_splits, out,
+                      ws_q, ws_k, ws_v, ws_s, ws_acc, ws_ml, ws_vis, part_ml, part_acc):
+    """Causal attention of T queries at positions pos0.. over the cache, with an online softmax over key blocks.
+
+    Jobs are (KV head, block of QUERY_BLOCK queries, key split); worker w takes jobs w, w + W, ... and owns row w
+    of every ws_* scratch array, so scratch is fixed by the worker count and block sizes, not by T or n_ctx.
+    With one key split a job writes `out` itself; with several (decode over a long cache with few KV heads) each
+    job leaves its running max, sum and unnormalised output in part_* and a second pass merges them.
     """
     n_tok, n_heads, dh = q.shape
     n_kv = k_cache.shape[0]
     g_per = n_heads // n_kv
     n_qblk = (n_tok + QUERY_BLOCK - 1) // QUERY_BLOCK
-    for job in prange(n_kv * n_qblk):
-        kvh = job // n_qblk
-        t0 = (job % n_qblk) * QUERY_BLOCK
-        t1 = min(n_tok, t0 + QUERY_BLOCK)
-        kblk = np.empty((KEY_BLOCK, dh), dtype=np.float32)
-        vblk = np.empty((KEY_BLOCK, dh), dtype=np.float32)
-        s = np.empty(KEY_BLOCK, dtype=np.float32)
-        m = np.full((QUERY_BLOCK, g_per), -np.inf, dtype=np.float32)
-        l = np.zeros((QUERY_BLOCK, g_per), dtype=np.float32)
-        acc = np.zeros((QUERY_BLOCK, g_per, dh), dtype=np.float32)
-        n_keys = pos0 + t1
-        for k0 in range(0, n_keys, KEY_BLOCK):
-            k1 = min(n_keys, k0 + KEY_BLOCK)
-            _decode_rows(k_cache[kvh, k0:k1], kblk, lut)
-            _decode_rows(v_cache[kvh, k0:k1], vblk, lut)
-            for t in range(t0, t1):
-                end = min(k1, pos0 + t + 1)  # causal: keys up to and including this query's position
-                if end <= k0:
-                    continue
-                for g in range(g_per):
-                    h = kvh * g_per + g
-                    mx = m[t - t0, g]
-                    for j in range(end - k0):
-                        dot = np.float32(0.0)
-                        for d in range(dh):
-                            dot += q[t, h, d] * kblk[j, d]
-                        dot *= scale
-                        s[j] = dot
-                        if dot > mx:
-                            mx = dot
-                    corr = np.exp(m[t - t0, g] - mx)
-                    lsum = l[t - t0, g] * corr
+    n_jobs = n_kv * n_qblk * n_splits
+    n_workers = ws_q.shape[0]
+    key_block = ws_k.shape[1]
+    for w in prange(n_workers):
+        qs, kb, vb, s, acc = ws_q[w], ws_k[w], ws_v[w], ws_s[w], ws_acc[w]
+        m, l, vis = ws_ml[w, 0], ws_ml[w, 1], ws_vis[w]
+        for job in range(w, n_jobs, n_workers):
+            split = job % n_splits
+            qb = (job // n_splits) % n_qblk
+            kvh = job // (n_splits * n_qblk)
+            t0 = qb * QUERY_BLOCK
+            t1 = min(n_tok, t0 + QUERY_BLOCK)
+            n_rows = (t1 - t0) * g_per
+            n_rows_pad = (n_rows + TILE - 1) // TILE * TILE
+            n_keys = pos0 + t1
+            per_split = ((n_keys + n_splits - 1) // n_splits + key_block - 1) // key_block * key_block
+            a = split * per_split
+            b = min(n_keys, a + per_split)
+            for r in range(n_rows_pad):  # scaled queries, zero rows as padding
+                if r < n_rows:
+                    t = t0 + r // g_per
+                    h = kvh * g_per + r % g_per
                     for d in range(dh):
-                        acc[t - t0, g, d] *= corr
-                    for j in range(end - k0):
-                        p = np.exp(s[j] - mx)
-                        lsum += p
-                        for d in range(dh):
-                            acc[t - t0, g, d] += p * vblk[j, d]
-                    l[t - t0, g] = lsum
-                    m[t - t0, g] = mx
-        for t in range(t0, t1):
-            for g in range(g_per):
-                h = kvh * g_per + g
-                inv = np.float32(1.0) / l[t - t0, g]
+                        qs[r, d] = q[t, h, d] * scale
+                else:
+                    for d in range(dh):
+                        qs[r, d] = np.float32(0.0)
+                m[r] = -np.inf
+                l[r] = np.float32(0.0)
                 for d in range(dh):
-                    out[t, h, d] = acc[t - t0, g, d] * inv
+                    acc[r, d] = np.float32(0.0)
+            kh = k_cache[kvh]
+            vh = v_cache[kvh]
+            for k0 in range(a, b, key_block):
+                nk = min(b, k0 + key_block) - k0
+                nk_pad = (nk + TILE - 1) // TILE * TILE
+                _decode_rows(kh, k0, nk, nk_pad, kb)
+                _decode_rows(vh, k0, nk, nk_pad, vb)
+                for t in range(t0, t1):
+                    vis[t - t0] = min(nk, pos0 + t + 1 - k0)
+                _block_scores(qs, kb, s, n_rows_pad, nk_pad)
+                _softmax_update(s, m, l, acc, n_rows, vis, g_per, nk_pad)
+                _block_values(s, vb, acc, n_rows_pad, nk_pad)
+            if n_splits == 1:
+                for r in range(n_rows):
+                    t = t0 + r // g_per
+                    h = kvh * g_per + r % g_per
+                    inv = np.float32(1.0) / l[r]
+                    for d in range(dh):
+                        out[t, h, d] = acc[r, d] * inv
+            else:
+                for r in range(n_rows):
+                    part_ml[job, 0, r] = m[r]
+                    part_ml[job, 1, r] = l[r]
+                    for d in range(dh):
+                        part_acc[job, r, d] = acc[r, d]
+    if n_splits > 1:
+        rows = part_acc.shape[1]
+        for item in prange(n_kv * n_qblk * rows):
+            r = item % rows
+            blk = item // rows  # kvh * n_qblk + qb
+            t = (blk % n_qblk) * QUERY_BLOCK + r // g_per
+            if r >= QUERY_BLOCK * g_per or t >= n_tok:
+                continue
+            h = (blk // n_qblk) * g_per + r % g_per
+            j0 = blk * n_splits
+            mx = part_ml[j0, 0, r]
+            for sp in range(1, n_splits):
+                v = part_ml[j0 + sp, 0, r]
+                if v > mx:
+                    mx = v
+            tot = np.float32(0.0)
+            for d in range(dh):
+                out[t, h, d] = np.float32(0.0)
+            for sp in range(n_splits):
+                if part_ml[j0 + sp, 1, r] == 0:  # no visible key in this split
+                    continue
+                wgt = _exp_nonpos(part_ml[j0 + sp, 0, r] - mx)
+                tot += wgt * part_ml[j0 + sp, 1, r]
+                for d in range(dh):
+                    out[t, h, d] += wgt * part_acc[j0 + sp, r, d]
+            inv = np.float32(1.0) / tot
+            for d in range(dh):
+                out[t, h, d] *= inv
     return out
+
+
+def attention_plan(n_tok: int, n_heads: int, n_kv: int, head_dim: int, pos0: int, n_workers: int,
+                   key_block: int | None = None) -> dict:
+    """How a call is split into jobs and how much scratch it gets. The scratch depends on the worker count, the
+    head shape and, through the query blocks, on min(T, a few blocks); never on pos0 or n_ctx."""
+    g_per = n_heads // n_kv
+    n_qblk = -(-n_tok // QUERY_BLOCK)
+    rows = _round_up(QUERY_BLOCK * g_per, TILE)
+    n_keys = pos0 + n_tok
+    target = JOBS_PER_THREAD * n_workers
+    # Split keys only while there are fewer jobs than target, so n_jobs < 2 * target whenever n_splits > 1.
+    if key_block is None:
+        key_block = KEY_BLOCK
+    n_splits = max(1, min(-(-target // (n_kv * n_qblk)), -(-n_keys // key_block)))
+    n_parts = n_kv * n_qblk * n_splits if n_splits > 1 else 1
+    shapes = {
+        "ws_q": ((n_workers, rows, head_dim), np.float32),
+        "ws_k": ((n_workers, key_block, head_dim), np.float32),
+        "ws_v": ((n_workers, key_block, head_dim), np.float32),
+        "ws_s": ((n_workers, rows, key_block), np.float32),
+        "ws_acc": ((n_workers, rows, head_dim), np.float32),
+        "ws_ml": ((n_workers, 2, rows), np.float32),
+        "ws_vis": ((n_workers, QUERY_BLOCK), np.int64),
+        "part_ml": ((n_parts, 2, rows), np.float32),
+        "part_acc": ((n_parts, rows, head_dim), np.float32),
+    }
+    nbytes = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in shapes.values())
+    return {"n_splits": n_splits, "n_qblk": n_qblk, "shapes": shapes, "scratch_bytes": nbytes}
+
+
+def _workspace(plan: dict) -> dict:
+    """The scratch arrays of one call. Kept in one place so that tests can observe every byte the kernel gets."""
+    return {name: np.empty(shape, dtype) for name, (shape, dtype) in plan["shapes"].items()}
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, scale: float,
+              out: np.ndarray) -> np.ndarray:
+    """Causal attention of q (T, H, Dh) at positions pos0..pos0+T-1 over one layer's cache, into out (T, H, Dh).
+
+    k_cache, v_cache: (Hkv, n_ctx, row) in one of the KV formats (float32, uint16 f16 bits, uint8 q8_0 blocks);
+    positions < pos0 + T must hold keys and values. Checked here, before the kernel reads anything."""
+    if q.dtype != np.float32 or q.ndim != 3 or not q.flags.c_contiguous:
+        raise ValueError(f"attention: q must be C-contiguous float32 (T, H, Dh), got {q.dtype} {q.shape}")
+    n_tok, n_heads, dh = q.shape
+    if out.shape != q.shape or out.dtype != np.float32:
+        raise ValueError(f"attention: out must be float32 {q.shape}, got {out.dtype} {out.shape}")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.ndim != 3:
+        raise ValueError(f"attention: K and V caches differ or are not 3-D: {k_cache.dtype} {k_cache.shape}, "
+                         f"{v_cache.dtype} {v_cache.shape}")
+    n_kv, n_ctx, row = k_cache.shape
+    want_row = {np.dtype(np.float32): dh, np.dtype(np.uint16): dh,
+                np.dtype(np.uint8): dh // Q8_0_BLOCK * Q8_0_BLOCK_BYTES}.get(k_cache.dtype)
+    if want_row is None or row != want_row or (k_cache.dtype == np.uint8 and dh % Q8_0_BLOCK):
+        raise ValueError(f"attention: cache rows of {row} {k_cache.dtype} do not hold head_dim {dh}")
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"attention: {n_heads} query heads are not a multiple of {n_kv} KV heads")
+    if n_tok == 0 or pos0 < 0 or pos0 + n_tok > n_ctx:
+        raise ValueError(f"attention: positions {pos0}..{pos0 + n_tok - 1} outside the cache of {n_ctx}")
+    if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+        raise ValueError("attention: caches must be C-contiguous")
+    plan = attention_plan(n_tok, n_heads, n_kv, dh, pos0, numba.get_num_threads())
+    ws = _workspace(plan)
+    return _attention_kernel(q, k_cache, v_cache, pos0, np.float32(scale), plan["n_splits"], out,
+                             ws["ws_q"], ws["ws_k"], ws["ws_v"], ws["ws_s"], ws["ws_acc"], ws["ws_ml"],
+                             ws["ws_vis"], ws["part_ml"], ws["part_acc"])
 
 
 def set_threads(n: int) -> None:
