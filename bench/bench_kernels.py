@@ -164,8 +164,10 @@ def main() -> None:
                 t_gat = median_time(lambda: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
                                              for e in range(N_EXPERTS)], args.repeats) / N_EXPERTS
                 t_pre = median_time(lambda: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
+                packed = w is not src
                 fr[key][label] = {
-                    "pack_s": round(t_pack, 3), "pack_GBps": round(w.nbytes / t_pack / 1e9, 2),
+                    "pack_s": round(t_pack, 3) if packed else None,
+                    "pack_GBps": round(w.nbytes / t_pack / 1e9, 2) if packed else None,
                     "decode_ms": round(t_dec * 1e3, 3), "decode_GBps": round(mat_bytes / t_dec / 1e9, 2),
                     "gather2_ms": round(t_gat * 1e3, 3), "gather2_GBps": round(2 * mat_bytes / t_gat / 1e9, 2),
                     f"prefill{PREFILL_ROWS}_int_GMACps": round(macs / t_pre / 1e9, 1),

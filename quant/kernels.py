@@ -1,22 +1,31 @@
 """Matrix products on weights held in ggml block formats: the public entry of the numba kernels.
 
 The API the engine uses:
-  prepare(w)                   -> the runtime form of a weight (called once at load; may repack, see below)
+  prepare(w, alloc=np.empty, *, vnni=None) -> the runtime form of a weight (called once at load; may repack)
   linear(w, x, out=None)       -> x @ W.T for a 2-D weight, x float32 (T, K), result float32 (T, N)
   expert_linear(w, x, experts) -> row r of x times expert experts[r] of a stacked (E, N, K) weight
+  quantizes_activations(w, n)  -> whether that call rounds x to int8 per 32-block (llama.cpp's Q8_0) first
 
-Every format reads straight from the file layout through the generic kernels (kernels_generic.py): decode (few rows
-of x) fuses block decoding with the dot products; prefill decodes tiles of rows and hands them to BLAS. Nothing ever
-holds a whole matrix in float.
+Three paths, chosen per weight at prepare():
+  * VNNI (kernels_vnni.py): Q4_0, Q8_0, Q4_K, Q6_K on CPUs with AVX-512 VNNI. Rows repacked 64 to a group into
+    registers of 16 rows x 4 code bytes; vpdpbusd sums whole blocks in int32 against int8 activations. Same size as
+    the file's bytes (Q4_K: 148 per 256 instead of 144).
+  * portable packed (kernels_packed.py): Q4_0, Q8_0, Q4_K elsewhere. 64 interleaved rows, int8 activations, int16
+    block sums; LLVM picks the vector instructions.
+  * file layout (kernels_generic.py): every other format (and all formats where no packed layout applies). Decode
+    fuses block decoding with the dot products; more than 16 activation rows decode tiles of rows for BLAS, run at
+    numba's per-call thread count (kernels_blas.py).
+Packed weights serve decode and prefill alike: one call takes all rows of all experts, grouped into runs that share
+an expert, so each weight byte is read once per call. Nothing ever holds a whole matrix in float.
 
 Shapes, dtypes and expert ids are all checked here, in Python, before any kernel touches memory: a kernel that reads
 past a buffer kills the user's process.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import kernels_blas
 from . import kernels_generic as gen
@@ -60,6 +69,19 @@ class PackedWeight:
     shape: tuple[int, ...]
     arrays: tuple[np.ndarray, ...]
     vnni: bool = False  # quads-of-bytes layout for the AVX-512 VNNI kernels (kernels_vnni.py)
+
+    def __post_init__(self):
+        # a PackedWeight may be rebuilt from a cache file, so its arrays are checked like any other input
+        if len(self.shape) not in (2, 3) or min(self.shape) <= 0:
+            raise KernelInputError(f"packed weight must be (rows, cols) or (experts, rows, cols), got {self.shape}")
+        if self.vnni and not _HOST_VNNI:
+            raise KernelInputError("this packed weight is laid out for AVX-512 VNNI, which this CPU lacks")
+        n_exp, n, k = (1,) + tuple(self.shape) if len(self.shape) == 2 else tuple(self.shape)
+        want = packed_shapes(self.qtype, n_exp, n, k, self.vnni)
+        got = [(tuple(a.shape), a.dtype) for a in self.arrays]
+        if len(got) != len(want) or any(g != w for g, w in zip(got, want)) \
+                or not all(a.flags.c_contiguous for a in self.arrays):
+            raise KernelInputError(f"packed {self.qtype.name} {self.shape} needs C-contiguous arrays {want}, got {got}")
 
     @property
     def nbytes(self) -> int:
@@ -105,11 +127,12 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, vnni: bool = False) 
 def prepare(w, alloc=np.empty, *, vnni: bool | None = None):
     """Return the form of w that linear/expert_linear run fastest on. It still has .qtype and .shape.
 
-    Q4_0, Q8_0 and Q4_K are repacked into interleaved row groups (one pass, about 1 s per GB on one core); the
+    Q4_0, Q8_0, Q4_K (and Q6_K with VNNI) are repacked into interleaved row groups (one pass, 0.5-2 GB/s per
+    thread; the pack kernels run on numba's threads); the
     result is one new copy of the weight's bytes, so the file's pages can be dropped by the OS after load. alloc(shape,
     dtype) makes each packed array: pass one that returns views of a memory-mapped cache file to keep the packed form
-    on disk (then later loads can rebuild a PackedWeight from that file without packing again). Other formats are
-    returned as they are. vnni picks the layout for the AVX-512 VNNI kernels; None means "if this CPU has them".
+    on disk; later loads rebuild it as PackedWeight(qtype, shape, arrays, vnni) from that file (checked on
+    construction) without packing again. Other formats are returned as they are. vnni picks the layout for the AVX-512 VNNI kernels; None means "if this CPU has them".
     """
     _check_weight(w)
     if vnni is None:

@@ -170,6 +170,15 @@ def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
     assert_matches(y[:1], ref[1], x[:1], "mapped expert 1", kernels.quantizes_activations(p, 1))
     assert_matches(y[1:], ref[0], x[1:], "mapped expert 0", kernels.quantizes_activations(p, 1))
 
+    # a later load maps the same files again and rebuilds the weight without packing
+    for a in made:
+        a.flush()
+    arrays = tuple(np.load(tmp_path / f"a{i}.npy", mmap_mode="c") for i in range(len(made)))
+    again = kernels.PackedWeight(p.qtype, p.shape, arrays, p.vnni)
+    np.testing.assert_array_equal(kernels.expert_linear(again, x, np.array([1, 0])), y)
+    with pytest.raises(ValueError, match="needs C-contiguous arrays"):
+        kernels.PackedWeight(p.qtype, p.shape, arrays[:1] + arrays[:1] + arrays[2:], p.vnni)
+
 
 @pytest.mark.parametrize("qtype", sorted(kernels.PACKED_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
 def test_packed_tiles_for_blas_match_reference(qtype):
