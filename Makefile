@@ -33,6 +33,7 @@ test: dev
 
 bench: dev
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_mixtral_shape.py --types Q4_0 --rounds 5 --startup-runs 2
 
 lint: dev
 	$(PY) -m ruff check engine quant tokenizer tests bench tools

@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-__all__ = ["SliceShape", "MIXTRAL", "SLICE_TYPES", "write_slice", "tensor_plan", "random_blocks", "main"]
+__all__ = ["MIXTRAL", "SLICE_TYPES", "SliceShape", "main", "random_blocks", "tensor_plan", "write_slice"]
 
 
 @dataclass(frozen=True)
@@ -256,4 +254,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # the tokenizer package, when run from a checkout
     sys.exit(main())

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice  # noqa: E402
+from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
 
 # Same structure as Mixtral (GQA 4:1, 8 experts, 2 used), small enough for a test; widths are multiples of 256 so
 # every slice type applies.
@@ -57,9 +57,8 @@ def test_slice_reads_back_in_gguf_py(small_slices, qtype):
 
 def test_slice_tokenizer_is_mixtrals_first_pieces(small_slices):
     import sentencepiece
-    from gguf import GGUFReader
-
     from conftest import MIXTRAL_TOKENIZER
+    from gguf import GGUFReader
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(MIXTRAL_TOKENIZER))
     tokens = GGUFReader(small_slices["Q4_0"]).fields["tokenizer.ggml.tokens"].contents()

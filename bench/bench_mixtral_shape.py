@@ -1,0 +1,647 @@
+"""mixlocal against llama.cpp at Mixtral-8x7B's real tensor shapes: prefill, decode, load, memory and start-up.
+
+    .venv/bin/python bench/bench_mixtral_shape.py [--types Q4_0] [--blocks 4] [--rounds 5] [--threads 2]
+        [--prompt 512] [--decode 128] [--engines mixlocal,llama,llama_norepack] [--no-startup]
+
+The model is a GGUF slice written by bench/make_mixtral_slice.py (Mixtral's exact shapes, random sane blocks, N
+blocks; kept in --data-dir and written once). Every engine runs in its own subprocess, one at a time, so peak RSS
+is its own and two engines never compete for the cores or the memory. Rounds alternate the engines (the order
+rotates each round), and medians over rounds are reported because other people share this machine: the load
+average is recorded with every run.
+
+Engines:
+  mixlocal        engine.load(...) then llm.eval(prompt, logits="last") and eval([tok], logits="last") per token
+  llama           llama-cpp-python with its defaults: Q4_0 (and other types with a CPU repack) are repacked at
+                  load into an anonymous copy, which speeds prefill but costs load time and twice the memory
+  llama_norepack  the same with llama_model_params.use_extra_bufts = False (llama.cpp's --no-repack): weights
+                  are used from the memory map as they are
+
+Prefill is one 512-token eval that returns only the last position's logits, which is what generation does; both
+engines then compute the last block's attention output, experts and the output head for the final token only.
+Decode feeds 128 fixed token ids one at a time (the same ids to every engine, so every engine does the same work)
+and reads each step's logits.
+
+Also measured: the read-bandwidth roofline (the best of a few numba read kernels over 512 MiB, 2 threads), the
+bytes a decode step must read (attention, 2 of 8 experts per block, output head), and so the achieved GB/s; the
+start-up of mixlocal in a second process (import, load, first token, and where the time goes) and the first-ever
+JIT compile with an empty NUMBA_CACHE_DIR.
+
+Writes bench/results/mixtral_shape_<type>[_<N>blk]_<date>.json with the CPU model and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+# Workers import the source tree named by MIXLOCAL_SRC (see --src); everything else imports this checkout.
+sys.path.insert(0, os.environ.get("MIXLOCAL_SRC") or str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
+
+ENGINES = ("mixlocal", "llama", "llama_norepack")
+DEFAULT_DATA_DIR = Path(os.environ.get("MIXLOCAL_BENCH_DIR", Path.home() / ".cache" / "mixlocal" / "bench"))
+WORKER_TIMEOUT_S = 3 * 3600  # the 32-block model runs from disk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_info() -> dict:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            if key in ("MemTotal", "MemAvailable"):
+                out[key + "_GB"] = round(int(value.split()[0]) * 1024 / 1e9, 2)
+    except OSError:
+        pass
+    return out
+
+
+def proc_memory() -> dict:
+    """This process's peak and current resident memory (GB), split into anonymous and file-backed pages."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[{"VmHWM": "peak_rss_GB", "VmRSS": "rss_GB", "RssAnon": "rss_anon_GB",
+                     "RssFile": "rss_file_GB"}[key]] = round(int(value.split()[0]) * 1024 / 1e9, 3)
+    except OSError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the read roofline: the best of a few numba read kernels (a naive one reads well below the machine's bandwidth)
+# ---------------------------------------------------------------------------------------------------------------
+
+def measure_roofline(threads: int, mib: int = 512, repeats: int = 7) -> dict:
+    import numba
+    from numba import njit, prange
+
+    numba.set_num_threads(threads)
+
+    @njit(parallel=True, fastmath=True)
+    def xor_u64(words):
+        # 64 chunks, 8 independent 64-bit lanes each: nothing but loads on the critical path
+        n_chunks = 64
+        step = words.shape[0] // n_chunks // 8 * 8
+        parts = np.zeros(n_chunks, np.uint64)
+        for c in prange(n_chunks):
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.uint64(0)
+            base = c * step
+            for i in range(base, base + step, 8):
+                a0 ^= words[i]
+                a1 ^= words[i + 1]
+                a2 ^= words[i + 2]
+                a3 ^= words[i + 3]
+                a4 ^= words[i + 4]
+                a5 ^= words[i + 5]
+                a6 ^= words[i + 6]
+                a7 ^= words[i + 7]
+            parts[c] = a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7
+        r = np.uint64(0)
+        for c in range(n_chunks):
+            r ^= parts[c]
+        return r
+
+    @njit(parallel=True, fastmath=True)
+    def max_u8(b):
+        # byte max over 64-byte rows: vectorises to full-width loads with one cheap op each
+        rows = b.reshape(-1, 64)
+        n_chunks = 64
+        step = rows.shape[0] // n_chunks
+        parts = np.zeros((n_chunks, 64), np.uint8)
+        for c in prange(n_chunks):
+            acc = np.zeros(64, np.uint8)
+            for i in range(c * step, (c + 1) * step):
+                for j in range(64):
+                    acc[j] = max(acc[j], rows[i, j])
+            parts[c] = acc
+        return parts.max()
+
+    @njit(parallel=True, fastmath=True)
+    def sum_i32(w):
+        n_chunks = 64
+        step = w.shape[0] // n_chunks // 16 * 16
+        parts = np.zeros(n_chunks, np.int64)
+        for c in prange(n_chunks):
+            acc = np.zeros(16, np.int32)
+            for i in range(c * step, (c + 1) * step, 16):
+                for j in range(16):
+                    acc[j] += w[i + j]
+            parts[c] = acc.sum()
+        return parts.sum()
+
+    buf = np.frombuffer(bytearray(np.random.default_rng(1).bytes(mib << 20)), np.uint8)
+    kernels = {"xor_u64": lambda: xor_u64(buf.view(np.uint64)), "max_u8": lambda: max_u8(buf),
+               "sum_i32": lambda: sum_i32(buf.view(np.int32))}
+    result = {}
+    for name, fn in kernels.items():
+        fn()  # compile, fault in
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        result[name] = round(buf.nbytes / min(times) / 1e9, 2)  # best run: the roofline is a capability
+        result[name + "_median"] = round(buf.nbytes / statistics.median(times) / 1e9, 2)
+    best = max(result[k] for k in kernels)
+    return {"GBps": best, "buffer_MiB": mib, "threads": threads, "kernels_GBps_best_and_median": result}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# work per token, from the tensor plan
+# ---------------------------------------------------------------------------------------------------------------
+
+_BLOCK = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144)}
+
+
+def work_model(qtype: str, n_blocks: int, n_prompt: int) -> dict:
+    """Bytes one decode step reads and the weight multiply-adds of a last-logits prefill of n_prompt tokens."""
+    per, nbytes = _BLOCK[qtype]
+    s = MIXTRAL
+    frac = s.n_experts_used / s.n_experts
+    decode_bytes, file_bytes, prefill_macs = 0.0, 0, 0.0
+    for name, shape, kind in tensor_plan(s, n_blocks):
+        n = int(np.prod(shape))
+        b = n // per * nbytes if kind == "matrix" else 4 * n
+        file_bytes += b
+        last_block = name.startswith(f"blk.{n_blocks - 1}.")
+        if name == "token_embd.weight":
+            decode_bytes += b / shape[0]  # one row
+            continue
+        if "_exps" in name:
+            decode_bytes += b * frac
+            # each token's 2 experts; the last block's experts run for the final token only
+            prefill_macs += (1 if last_block else n_prompt) * n * frac
+        else:
+            decode_bytes += b
+            rows = 1 if (last_block and ("attn_q" in name or "attn_output" in name)) or name == "output.weight" \
+                else n_prompt
+            prefill_macs += rows * n if kind == "matrix" else 0
+    return {"file_GB": round(file_bytes / 1e9, 3), "decode_bytes_per_token_GB": round(decode_bytes / 1e9, 4),
+            "prefill_weight_GMAC": round(prefill_macs / 1e9, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers: each runs in its own process and prints one JSON line
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tokens(n_prompt: int, n_decode: int, vocab: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(3, vocab, n_prompt - 1).tolist()
+    return prompt, rng.integers(3, vocab, n_decode).tolist()
+
+
+def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
+    t0 = time.perf_counter()
+    import engine
+    t1 = time.perf_counter()
+    llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
+    t2 = time.perf_counter()
+    int(np.argmax(llm.eval([1], logits="last")[-1]))
+    t3 = time.perf_counter()
+    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2}
+
+    def prefill(ids):
+        llm.reset()
+        return int(np.argmax(llm.eval(ids, logits="last")[-1]))
+
+    def step(tok):
+        return int(np.argmax(llm.eval([tok], logits="last")[-1]))
+    return out | _measure(prefill, step, prompt, decode)
+
+
+def _run_llama(path: str, threads: int, prompt: list[int], decode: list[int], repack: bool) -> dict:
+    t0 = time.perf_counter()
+    import llama_cpp
+    import llama_cpp.llama_cpp as C
+    t1 = time.perf_counter()
+    if not repack:
+        # llama-cpp-python has no keyword for it; Llama.__init__ starts from these defaults (llama.cpp's
+        # --no-repack sets the same field)
+        default_params = C.llama_model_default_params
+
+        def no_repack_params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+        C.llama_model_default_params = no_repack_params
+    n_ctx = len(prompt) + len(decode) + 64
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False, seed=0)
+    t2 = time.perf_counter()
+    n_vocab = llm.n_vocab()
+
+    def last_logits_argmax():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+    llm.eval([1])
+    last_logits_argmax()
+    t3 = time.perf_counter()
+    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2}
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return last_logits_argmax()
+
+    def step(tok):
+        llm.eval([tok])
+        return last_logits_argmax()
+    return out | _measure(prefill, step, prompt, decode)
+
+
+def _measure(prefill, step, prompt, decode) -> dict:
+    # warm-up: every kernel path once (prefill and decode) and the weights' pages mapped
+    prefill(prompt[:16])
+    step(decode[0])
+    step(decode[1])
+    t0 = time.perf_counter()
+    prefill(prompt)
+    t1 = time.perf_counter()
+    for tok in decode:
+        step(tok)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "prefill_tps": len(prompt) / (t1 - t0),
+            "decode_s": t2 - t1, "decode_tps": len(decode) / (t2 - t1), **proc_memory()}  # model still alive
+
+
+def _run_startup(path: str, threads: int) -> dict:
+    """mixlocal's start-up, phase by phase: the loader's steps are wrapped with timers (no profiler overhead)."""
+    from numba.core import event as numba_event
+
+    compile_timer = numba_event.TimingListener()
+    numba_event.register("numba:compile", compile_timer)
+    timers: dict[str, float] = {}
+
+    def timed(owner, attr, label):
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[label] = timers.get(label, 0.0) + time.perf_counter() - t
+        setattr(owner, attr, wrapper)
+
+    t0 = time.perf_counter()
+    import engine
+    import engine.sources.gguf as gguf_source
+    from engine.backends import numba_cpu
+    from quant import kernels
+    from tokenizer import Tokenizer
+    t1 = time.perf_counter()
+    timed(gguf_source, "read_gguf", "parse_gguf (GGUFReader + metadata values)")
+    timed(gguf_source, "load_gguf", "load_gguf (parse + config + assemble)")
+    timed(Tokenizer, "from_gguf_fields", "tokenizer from GGUF fields")
+    timed(kernels, "prepare", "kernels.prepare (repack)")
+    timed(numba_cpu, "NumbaCPUBackend", "backend init (all prepares)")
+    llm = engine.load(path, n_ctx=512, n_threads=threads)
+    t2 = time.perf_counter()
+    llm.eval([1], logits="last")
+    t3 = time.perf_counter()
+    llm.eval(list(range(100, 116)), logits="last")  # the prefill kernels (several rows)
+    t4 = time.perf_counter()
+    llm.eval([200], logits="last")
+    t5 = time.perf_counter()
+    llm.eval([201], logits="last")
+    t6 = time.perf_counter()
+    return {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "first_prefill16_s": t4 - t3,
+            "second_token_s": t5 - t4, "steady_token_s": t6 - t5,
+            "load_plus_first_token_s": t3 - t1,
+            "numba_compile_s": compile_timer.duration if compile_timer.done else 0.0,
+            "phases_s": {k: round(v, 3) for k, v in timers.items()}, **proc_memory()}
+
+
+def install_repack_cache(model_path: str, cache_root: Path) -> dict:
+    """EXPERIMENT, not the engine's code: keep what kernels.prepare packs in files under cache_root (through its
+    alloc hook) and map those files on later loads instead of packing again. It shows what start-up and memory
+    become with a repack cache; the real one belongs in the backend (see the report). Returns live hit/miss counts.
+
+    One .npy per packed array (the header keeps shape and dtype) plus a JSON of PackedWeight's other fields, written
+    last so that a half-written entry is never used. Keyed by the model file's size and mtime and the order in which
+    the backend prepares its weights."""
+    import dataclasses
+    import itertools
+
+    from quant import kernels
+
+    st = os.stat(model_path)
+    cache_dir = Path(cache_root) / f"{Path(model_path).stem}-{st.st_size}-{st.st_mtime_ns}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    original = kernels.prepare
+    counter = itertools.count()
+    stats = {"hits": 0, "misses": 0, "dir": str(cache_dir)}
+
+    def cached_prepare(w, *a, **kw):
+        i = next(counter)
+        meta_path = cache_dir / f"{i:04d}.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta["qtype"] == int(w.qtype) and tuple(meta["shape"]) == tuple(w.shape):
+                arrays = tuple(np.load(cache_dir / f"{i:04d}_{j}.npy", mmap_mode="r") for j in range(meta["n"]))
+                fields = {k: v for k, v in meta["fields"].items()}
+                stats["hits"] += 1
+                return kernels.PackedWeight(qtype=w.qtype, shape=tuple(w.shape), arrays=arrays, **fields)
+        made = []
+
+        def alloc(shape, dtype):
+            arr = np.lib.format.open_memmap(cache_dir / f"{i:04d}_{len(made)}.npy", mode="w+", dtype=dtype,
+                                            shape=shape)
+            made.append(arr)
+            return arr
+        packed = original(w, *a, alloc=alloc, **kw)
+        if not isinstance(packed, kernels.PackedWeight):
+            return packed
+        for arr in made:
+            arr.flush()
+        others = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)
+                  if f.name not in ("qtype", "shape", "arrays")}
+        meta_path.write_text(json.dumps({"qtype": int(w.qtype), "shape": list(w.shape), "n": len(made),
+                                         "fields": others}))
+        stats["misses"] += 1
+        return packed
+    kernels.prepare = cached_prepare
+    return stats
+
+
+def worker_main(args) -> int:
+    prompt, decode = _tokens(args.prompt, args.decode, MIXTRAL.vocab)
+    cache_stats = install_repack_cache(args.file, args.repack_cache) if args.repack_cache else None
+    if args.worker == "mixlocal":
+        out = _run_mixlocal(args.file, args.threads, prompt, decode)
+    elif args.worker in ("llama", "llama_norepack"):
+        out = _run_llama(args.file, args.threads, prompt, decode, repack=args.worker == "llama")
+    elif args.worker == "startup":
+        out = _run_startup(args.file, args.threads)
+    else:
+        raise SystemExit(f"unknown worker {args.worker}")
+    if cache_stats is not None:
+        out["repack_cache"] = cache_stats
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice: int = 0,
+               repack_cache: Path | None = None) -> dict:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
+           **(env_extra or {})}
+    if args.src:  # benchmark another source tree (a clean `git archive` of a commit, say) instead of this one
+        env["MIXLOCAL_SRC"] = str(Path(args.src).resolve())
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--file", str(path),
+           "--threads", str(args.threads), "--prompt", str(args.prompt), "--decode", str(args.decode)]
+    if repack_cache:
+        cmd += ["--repack-cache", str(repack_cache)]
+    if nice:
+        cmd = ["nice", "-n", str(nice)] + cmd
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S, check=False)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        return {"error": f"exit {r.returncode}: {(r.stderr or r.stdout)[-1500:]}"}
+    out = json.loads(lines[-1][len("RESULT "):])
+    out.update(process_wall_s=wall, loadavg_1min=[load_before, os.getloadavg()[0]])
+    return out
+
+
+def ensure_slice(qtype: str, n_blocks: int, data_dir: Path) -> Path:
+    path = data_dir / f"mixtral_shape_{qtype.lower()}_{n_blocks}blk.gguf"
+    if not path.exists():
+        print(f"writing {path} ...", flush=True)
+        tmp = path.with_suffix(".partial")
+        write_slice(tmp, qtype, n_blocks, progress=True)
+        tmp.rename(path)
+    return path
+
+
+def llama_status() -> str | None:
+    """None if llama_cpp imports here, else why not (probed in a subprocess: the prebuilt wheel targets this CPU
+    and can die with an illegal instruction elsewhere)."""
+    try:
+        r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        return "importing llama_cpp timed out"
+    if r.returncode != 0:
+        return f"llama_cpp does not import (exit {r.returncode}): {r.stderr.strip()[-300:]}"
+    return None
+
+
+def _median(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if key in r]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def _startup_series(path: Path, args, env: dict, repack_cache: Path | None, n_first: int) -> dict:
+    """n_first runs that find something missing (numba cache or repack cache), then --startup-runs runs that find
+    everything in place; each a fresh process. Medians of the latter."""
+    out = {"first": [run_worker("startup", path, args, env, repack_cache=repack_cache) for _ in range(n_first)]}
+    cached = []
+    for i in range(args.startup_runs):
+        print(f"    cached start-up {i + 1}/{args.startup_runs} ...", flush=True)
+        cached.append(run_worker("startup", path, args, env, repack_cache=repack_cache))
+    out["cached_runs"] = cached
+    ok = [c for c in cached if "error" not in c]
+    if ok:
+        med = {k: _median(ok, k) for k in ("import_s", "load_s", "first_token_s", "load_plus_first_token_s",
+                                           "first_prefill16_s", "steady_token_s", "numba_compile_s",
+                                           "peak_rss_GB", "rss_anon_GB")}
+        phases: dict[str, list[float]] = {}
+        for c in ok:
+            for k, v in c["phases_s"].items():
+                phases.setdefault(k, []).append(v)
+        med["phases_s"] = {k: round(statistics.median(v), 3) for k, v in phases.items()}
+        out["cached_median"] = med
+    return out
+
+
+def _until_first_token_and_prefill(r: dict) -> float:
+    return r["load_s"] + r["first_token_s"] + r["first_prefill16_s"] + r["second_token_s"]
+
+
+def startup_runs(path: Path, args) -> dict:
+    """mixlocal's start-up in fresh processes: first ever (empty NUMBA_CACHE_DIR), then with the compiled kernels
+    cached; optionally (--repack-cache) again with the packed weights kept in mapped files."""
+    out: dict = {"target": "load + first token < 2 s in a second process, beyond the memory map itself"}
+    with tempfile.TemporaryDirectory(prefix="numba_cache_") as numba_dir:
+        env = {"NUMBA_CACHE_DIR": numba_dir}
+        print("start-up: first ever (empty NUMBA_CACHE_DIR), then cached ...", flush=True)
+        series = _startup_series(path, args, env, None, 1)
+        first = series["first"][0]
+        out.update(first_ever=first, cached_runs=series["cached_runs"], cached_median=series.get("cached_median"))
+        ok = [c for c in series["cached_runs"] if "error" not in c]
+        if ok and "error" not in first:
+            warm = statistics.median(_until_first_token_and_prefill(c) for c in ok)
+            out["jit_first_ever_extra_s"] = round(_until_first_token_and_prefill(first) - warm, 2)
+            out["jit_numba_compile_s"] = round(first["numba_compile_s"], 2)
+        if args.repack_cache:
+            Path(args.repack_cache).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="repack_startup_", dir=args.repack_cache) as repack_dir:
+                print("start-up with a mapped repack cache (experiment): first (packs into the cache), "
+                      "then cached ...", flush=True)
+                # the first run packs into the files; the second is the first to map them (numba compiles the
+                # read-only array signatures once there); the rest are what every later start-up costs
+                series = _startup_series(path, args, env, Path(repack_dir), 2)
+                out["with_repack_cache_experiment"] = series
+    return out
+
+
+def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict:
+    path = args.file or ensure_slice(qtype, args.blocks, args.data_dir)
+    engines = [e for e in args.engines.split(",") if e]
+    if llama_skip:
+        engines = [e for e in engines if not e.startswith("llama")]
+    work = work_model(qtype, args.blocks, args.prompt)
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), **mem_info()},
+        "threads": args.threads, "type": qtype, "blocks": args.blocks, "file": str(path),
+        "file_size_GB": round(path.stat().st_size / 1e9, 3),
+        "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,
+        "work": work, "roofline_read": roofline, "engines": engines,
+        "llama_cpp": llama_skip or _llama_version(),
+        "mixlocal_src": str(args.src or ROOT), "mixlocal_commit": _git_commit(),
+        "loadavg_start": os.getloadavg(),
+    }
+    if args.startup and "mixlocal" in engines:
+        result["startup"] = startup_runs(path, args)
+        print(json.dumps(result["startup"].get("cached_median"), indent=1), flush=True)
+
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(args.rounds):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        for e in order:
+            print(f"round {r + 1}/{args.rounds}: {e} ...", flush=True)
+            res = run_worker(e, path, args, nice=args.nice)
+            runs[e].append(res)
+            print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
+    result["loadavg_end"] = os.getloadavg()
+    result["runs"] = runs
+
+    summary = {}
+    for e, rows in runs.items():
+        ok = [x for x in rows if "error" not in x]
+        if not ok:
+            summary[e] = {"error": rows[0]["error"] if rows else "not run"}
+            continue
+        s = {k: _median(ok, k) for k in ("prefill_tps", "decode_tps", "load_s", "first_token_s", "peak_rss_GB",
+                                         "rss_anon_GB", "rss_file_GB")}
+        s["n_ok"] = len(ok)
+        s["decode_GBps"] = round(s["decode_tps"] * work["decode_bytes_per_token_GB"], 2)
+        s["decode_fraction_of_roofline"] = round(s["decode_GBps"] / roofline["GBps"], 2) if roofline else None
+        s["prefill_weight_GMACps"] = round(s["prefill_tps"] / args.prompt * work["prefill_weight_GMAC"], 1)
+        summary[e] = s
+    result["median"] = summary
+    ratios = {}
+    mine = summary.get("mixlocal", {})
+    for peer in ("llama", "llama_norepack"):
+        theirs = summary.get(peer, {})
+        if "prefill_tps" in mine and "prefill_tps" in theirs:
+            ratios[f"vs_{peer}"] = {"prefill": round(mine["prefill_tps"] / theirs["prefill_tps"], 3),
+                                    "decode": round(mine["decode_tps"] / theirs["decode_tps"], 3)}
+    result["ratio_mixlocal_over"] = ratios
+    result["bar"] = "decode >= 0.9x and prefill >= 0.8x llama.cpp (medians of >= 5 alternating rounds)"
+    return result
+
+
+def _git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                       check=False)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return r.stdout.strip() + (" (working tree has uncommitted changes)" if dirty else "")
+
+
+def _llama_version() -> str:
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    return "llama-cpp-python " + r.stdout.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default="Q4_0", help="comma-separated: " + ",".join(SLICE_TYPES))
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where slice files are kept")
+    ap.add_argument("--file", type=Path, default=None, help="use this GGUF instead of a generated slice")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-startup", dest="startup", action="store_false", help="skip the start-up/JIT runs")
+    ap.add_argument("--startup-runs", type=int, default=3, help="cached start-up runs (median)")
+    ap.add_argument("--nice", type=int, default=0, help="run workers under nice -n N")
+    ap.add_argument("--src", type=Path, default=None,
+                    help="mixlocal source tree the workers import (default: this checkout); e.g. a `git archive` "
+                         "of one commit, so that edits in a shared working tree do not change a run midway")
+    ap.add_argument("--repack-cache", type=Path, default=None,
+                    help="EXPERIMENT: mixlocal keeps its repacked weights in files here and maps them on later "
+                         "loads (through kernels.prepare's alloc hook); start-up is then also measured with it")
+    ap.add_argument("--repack-cache-rounds", action="store_true",
+                    help="use --repack-cache in the timed mixlocal rounds too (the 32-block model needs it: "
+                         "repacking into anonymous memory would need 26 GB more)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args)
+
+    llama_skip = None
+    if any(e.startswith("llama") for e in args.engines.split(",")):
+        llama_skip = llama_status()
+        if llama_skip:
+            print("llama.cpp skipped:", llama_skip, flush=True)
+    print("measuring the read roofline ...", flush=True)
+    roofline = measure_roofline(args.threads)
+    print(f"read roofline: {roofline['GBps']} GB/s", flush=True)
+    for qtype in args.types.split(","):
+        if qtype not in SLICE_TYPES:
+            raise SystemExit(f"unknown type {qtype}; choose from {', '.join(SLICE_TYPES)}")
+        result = bench_type(qtype, args, roofline, llama_skip)
+        date = dt.date.today().isoformat()
+        suffix = "" if args.blocks == 4 else f"_{args.blocks}blk"
+        out = args.out or ROOT / "bench" / "results" / f"mixtral_shape_{qtype.lower()}{suffix}_{date}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({"median": result["median"], "ratio": result["ratio_mixlocal_over"]}, indent=1))
+        print("wrote", out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
