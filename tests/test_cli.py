@@ -108,30 +108,39 @@ def test_info_counts_what_the_files_hold(hf_model_dir):
 # errors: one clear line, no traceback
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_bad_flags_are_one_line(hf_model_dir):
-    line = one_error_line(run_cli("generate", "-m", hf_model_dir, "-p", "hi", "--bogus"), 2)
-    assert "unrecognized arguments: --bogus" in line
-    line = one_error_line(run_cli("generate", "-m", hf_model_dir, "-p", "hi", "-n", "many"), 2)
+def main_error_line(capsys, argv: list, status: int) -> str:
+    """engine.cli.main in this process: the same code path as the console script, without a process start."""
+    from engine.cli import main
+
+    assert main([str(a) for a in argv]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_flags_are_one_line(hf_model_dir, capsys):
+    line = one_error_line(run_cli("generate", "-m", hf_model_dir, "-p", "hi", "--bogus"), 2)  # the real script
+    assert line == "mixlocal: unrecognized arguments: --bogus (see mixlocal --help)"
+    line = main_error_line(capsys, ["generate", "-m", hf_model_dir, "-p", "hi", "-n", "many"], 2)
     assert "invalid int value: 'many'" in line
-    line = one_error_line(run_cli("bench", "-m", hf_model_dir, "--quants", "q8_0", "-p", "0"), 1)
+    line = main_error_line(capsys, ["bench", "-m", hf_model_dir, "--quants", "q8_0", "-p", "0"], 1)
     assert "-p must be at least 8" in line
-    one_error_line(run_cli("frobnicate"), 2)
-
-
-def test_unknown_level_is_one_line(hf_model_dir):
-    line = one_error_line(run_cli("bench", "-m", hf_model_dir, "--quants", "q8_0,q9_9"), 1)
+    assert "invalid choice: 'frobnicate'" in main_error_line(capsys, ["frobnicate"], 2)
+    line = main_error_line(capsys, ["bench", "-m", hf_model_dir, "--quants", "q8_0,q9_9"], 1)
     assert "unknown quantization level 'q9_9'" in line and "q4_k_m" in line
 
 
-def test_unreadable_model_is_one_line(tmp_path):
+def test_unreadable_model_is_one_line(tmp_path, capsys):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not a gguf file" * 10)
     line = one_error_line(run_cli("generate", "-m", junk, "-p", "hi"), 1)
     assert line.startswith("mixlocal: error:") and "junk.gguf" in line
     (tmp_path / "empty").mkdir()
-    line = one_error_line(run_cli("info", tmp_path / "empty"), 1)
+    line = main_error_line(capsys, ["info", tmp_path / "empty"], 1)
     assert "empty" in line
-    line = one_error_line(run_cli("bench", "-m", junk, "--quants", "q8_0"), 1)
+    line = main_error_line(capsys, ["bench", "-m", junk, "--quants", "q8_0"], 1)
     assert "junk.gguf" in line
 
 
