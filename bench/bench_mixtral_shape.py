@@ -519,6 +519,25 @@ def startup_runs(path: Path, args) -> dict:
     return out
 
 
+def _memory_guard(engines: list[str], path: Path, args) -> dict[str, str]:
+    """Engines whose load would copy the weights into anonymous memory that this machine does not have (the 32-block
+    model: 26 GB on a 24 GiB machine). Running them anyway would bring in the OOM killer, maybe on someone else's
+    process. The mapped file itself is not counted: its pages are reclaimable."""
+    avail = mem_info().get("MemAvailable_GB")
+    if avail is None:
+        return {}
+    copy_gb = path.stat().st_size / 1e9  # both repacks copy about every matrix once
+    needs = {"mixlocal": 0.0 if args.repack_cache_rounds else copy_gb, "llama": copy_gb}
+    skipped = {}
+    for e in engines:
+        if needs.get(e, 0.0) > 0.85 * avail:
+            skipped[e] = (f"its load would copy about {needs[e]:.1f} GB of weights into anonymous memory and only "
+                          f"{avail:.1f} GB is available" + (" (use --repack-cache DIR --repack-cache-rounds)"
+                                                            if e == "mixlocal" else ""))
+            print(f"skipping {e}: {skipped[e]}", flush=True)
+    return skipped
+
+
 def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict:
     path = args.file or ensure_slice(qtype, args.blocks, args.data_dir)
     engines = [e for e in args.engines.split(",") if e]
@@ -537,7 +556,14 @@ def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict
         "mixlocal_src": str(args.src or ROOT), "mixlocal_commit": _git_commit(),
         "loadavg_start": os.getloadavg(),
     }
-    if args.startup and "mixlocal" in engines:
+    skipped = _memory_guard(engines, path, args)
+    if skipped:
+        result["skipped"] = skipped
+        engines = [e for e in engines if e not in skipped]
+    avail = mem_info().get("MemAvailable_GB", 1e9)
+    if args.startup and "mixlocal" in engines and path.stat().st_size / 1e9 > 0.85 * avail:
+        result["startup"] = {"skipped": "the start-up runs repack into anonymous memory, which would not fit"}
+    elif args.startup and "mixlocal" in engines:
         result["startup"] = startup_runs(path, args)
         print(json.dumps(result["startup"].get("cached_median"), indent=1), flush=True)
 
@@ -546,7 +572,8 @@ def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for e in order:
             print(f"round {r + 1}/{args.rounds}: {e} ...", flush=True)
-            res = run_worker(e, path, args, nice=args.nice)
+            cache = args.repack_cache if e == "mixlocal" and args.repack_cache_rounds else None
+            res = run_worker(e, path, args, nice=args.nice, repack_cache=cache)
             runs[e].append(res)
             print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
     result["loadavg_end"] = os.getloadavg()
