@@ -241,7 +241,7 @@ def test_bench_levels_json_csv_plot_and_saved_reference(hf_model_dir, hf_referen
 # quantize and serve
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_quantize_writes_a_gguf_that_gguf_py_reads(hf_model_dir, tmp_path):
+def test_quantize_writes_a_gguf_that_gguf_py_reads(hf_model_dir, tmp_path, capsys):
     import torch
     from gguf import GGMLQuantizationType, GGUFReader, quants
     from safetensors import safe_open
@@ -263,9 +263,8 @@ def test_quantize_writes_a_gguf_that_gguf_py_reads(hf_model_dir, tmp_path):
     assert down.shape[1:] == w2.shape
     assert np.abs(down[3] - w2).max() <= np.abs(w2).max() / 127  # Q8_0: half a step of a 127-level block scale
 
-    line = one_error_line(run_cli("quantize", hf_model_dir, out, "--type", "q8_0"), 2)
-    assert "--force" in line
-    line = one_error_line(run_cli("quantize", hf_model_dir, tmp_path / "x.gguf", "--type", "q7"), 2)
+    assert "--force" in main_error_line(capsys, ["quantize", hf_model_dir, out, "--type", "q8_0"], 2)
+    line = main_error_line(capsys, ["quantize", hf_model_dir, tmp_path / "x.gguf", "--type", "q7"], 2)
     assert "unknown level 'q7'" in line
 
 
