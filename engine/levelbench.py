@@ -142,12 +142,39 @@ def weight_stats(weights) -> dict:
             "expert_bytes": expert_bytes, "bytes_per_decoded_token": per_token}
 
 
-def _weights_of(llm):
-    """The ModelWeights an LLM runs on, after any quantization at load."""
-    w = getattr(llm, "weights", None) or getattr(llm.backend, "w", None) or getattr(llm.backend, "weights", None)
-    if w is None:
-        raise BenchError(f"backend {type(llm.backend).__name__} does not expose its weights; cannot size the level")
-    return w
+def _load_and_size(spec: dict):
+    """engine.load at the spec's level, and weight_stats of the weights the backend was built from.
+
+    The numba backend keeps its ModelWeights; the MLX backend turns them into its own arrays and lets them go. So
+    the sizes are taken as the loader's quantization step returns them (a look at shapes and formats, no copy), or,
+    with no quantization, from the source as mapped.
+    """
+    import engine
+
+    from . import quantize as quantize_module
+    from .weights import ModelWeights
+
+    seen: dict = {}
+    original = quantize_module.quantize_weights
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["stats"] = weight_stats(out)
+        return out
+
+    quantize_module.quantize_weights = recording
+    try:
+        llm = engine.load(spec["source"], quant=spec["quant"], backend=spec["backend"], n_threads=spec["threads"],
+                          n_ctx=spec["n_ctx"])
+    finally:
+        quantize_module.quantize_weights = original
+    kept = getattr(llm.backend, "w", None)
+    if isinstance(kept, ModelWeights):
+        return llm, weight_stats(kept)
+    if "stats" in seen:
+        return llm, seen["stats"]
+    from .loader import open_source
+    return llm, weight_stats(open_source(spec["source"])[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,15 +243,13 @@ def _emit(**event) -> None:
 
 
 def _worker(spec: dict) -> dict:
-    import engine
-
     level, ppl_ctx = spec["quant"], spec["ppl_ctx"]
     n_prompt, n_gen = spec["n_prompt"], spec["n_gen"]
+    import engine  # noqa: F401 - imported before the clock starts: load_s is the load, not Python's imports
+
     t0 = time.perf_counter()
-    llm = engine.load(spec["source"], quant=level, backend=spec["backend"], n_threads=spec["threads"],
-                      n_ctx=max(ppl_ctx, n_prompt + n_gen + 1))
+    llm, stats = _load_and_size(dict(spec, n_ctx=max(ppl_ctx, n_prompt + n_gen + 1)))
     load_s = time.perf_counter() - t0
-    stats = weight_stats(_weights_of(llm))
     tokens = np.asarray(llm.tokenizer.encode(Path(spec["ppl_file"]).read_text(encoding="utf-8"), add_bos=False),
                         dtype=np.int32)
     chunks = _chunk_indices(tokens.size, ppl_ctx, spec.get("ppl_chunks"))
