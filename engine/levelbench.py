@@ -243,10 +243,10 @@ def _emit(**event) -> None:
 
 
 def _worker(spec: dict) -> dict:
-    level, ppl_ctx = spec["quant"], spec["ppl_ctx"]
-    n_prompt, n_gen = spec["n_prompt"], spec["n_gen"]
     import engine  # noqa: F401 - imported before the clock starts: load_s is the load, not Python's imports
 
+    level, ppl_ctx = spec["quant"], spec["ppl_ctx"]
+    n_prompt, n_gen = spec["n_prompt"], spec["n_gen"]
     t0 = time.perf_counter()
     llm, stats = _load_and_size(dict(spec, n_ctx=max(ppl_ctx, n_prompt + n_gen + 1)))
     load_s = time.perf_counter() - t0
