@@ -172,7 +172,8 @@ def measure_roofline(threads: int, mib: int = 512, repeats: int = 7) -> dict:
         result[name] = round(buf.nbytes / min(times) / 1e9, 2)  # best run: the roofline is a capability
         result[name + "_median"] = round(buf.nbytes / statistics.median(times) / 1e9, 2)
     best = max(result[k] for k in kernels)
-    return {"GBps": best, "buffer_MiB": mib, "threads": threads, "kernels_GBps_best_and_median": result}
+    return {"GBps": best, "buffer_MiB": mib, "threads": threads, "kernels_GBps_best_and_median": result,
+            "loadavg_1min": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +293,76 @@ def _measure(prefill, step, prompt, decode) -> dict:
             "decode_s": t2 - t1, "decode_tps": len(decode) / (t2 - t1), **proc_memory()}  # model still alive
 
 
+class _Timers:
+    """Wall time per wrapped function (module or class attribute), for a profile without profiler overhead."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, owner, attr: str, label: str | None = None) -> None:
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
+        label = label or attr
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+                self.calls[label] = self.calls.get(label, 0) + 1
+        setattr(owner, attr, wrapper)
+
+    def take(self) -> dict:
+        out = {k: {"s": round(v, 4), "calls": self.calls[k]} for k, v in sorted(self.seconds.items(),
+                                                                                 key=lambda kv: -kv[1])}
+        self.seconds, self.calls = {}, {}
+        return out
+
+
+def _run_profile(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
+    """Where mixlocal's prefill and decode time goes: each op of the forward pass timed (the kernels are entered
+    from Python once per op, so wrapping them costs about a microsecond per call)."""
+    import engine
+    from engine.backends import numba_cpu
+    from engine.backends import numba_ops as ops
+    from engine.cache import KVCache
+    from quant import kernels
+
+    llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
+    llm.eval(prompt[:16], logits="last")  # warm-up
+    llm.eval([decode[0]], logits="last")
+    timers = _Timers()
+    for attr in ("linear", "expert_linear"):
+        timers.wrap(kernels, attr, "kernels." + attr)
+    for attr in ("rmsnorm", "rope", "attention", "silu_mul"):
+        timers.wrap(ops, attr, "ops." + attr)
+    timers.wrap(numba_cpu, "route", "route (router softmax/top-k, numpy)")
+    timers.wrap(KVCache, "store", "cache.store")
+    timers.wrap(numba_cpu.NumbaCPUBackend, "embed", "embed")
+    timers.wrap(numba_cpu.NumbaCPUBackend, "moe", "moe (all of it)")
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt, logits="last")
+    t1 = time.perf_counter()
+    prefill = {"total_s": round(t1 - t0, 3), "ops": timers.take()}
+    t0 = time.perf_counter()
+    for tok in decode:
+        llm.eval([tok], logits="last")
+    t1 = time.perf_counter()
+    dec = {"total_s": round(t1 - t0, 3), "per_token_ms": round((t1 - t0) / len(decode) * 1e3, 2),
+           "ops": timers.take()}
+    top = ("embed", "kernels.linear", "ops.rmsnorm", "ops.rope", "ops.attention", "cache.store", "moe (all of it)")
+    in_moe = ("kernels.expert_linear", "ops.silu_mul", "route (router softmax/top-k, numpy)")
+    for part in (prefill, dec):
+        ops_s = {k: v["s"] for k, v in part["ops"].items()}
+        part["not_in_any_op_s"] = round(part["total_s"] - sum(ops_s.get(k, 0.0) for k in top), 4)
+        part["moe_glue_s"] = round(ops_s.get("moe (all of it)", 0.0) - sum(ops_s.get(k, 0.0) for k in in_moe), 4)
+    return {"prefill": prefill, "decode": dec}
+
+
 def _run_startup(path: str, threads: int) -> dict:
     """mixlocal's start-up, phase by phase: the loader's steps are wrapped with timers (no profiler overhead)."""
     from numba.core import event as numba_event
@@ -401,6 +472,8 @@ def worker_main(args) -> int:
         out = _run_llama(args.file, args.threads, prompt, decode, repack=args.worker == "llama")
     elif args.worker == "startup":
         out = _run_startup(args.file, args.threads)
+    elif args.worker == "profile":
+        out = _run_profile(args.file, args.threads, prompt, decode)
     else:
         raise SystemExit(f"unknown worker {args.worker}")
     if cache_stats is not None:
@@ -578,6 +651,14 @@ def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict
             print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
     result["loadavg_end"] = os.getloadavg()
     result["runs"] = runs
+    if args.profile and "mixlocal" in engines:
+        print("profile: where mixlocal's time goes ...", flush=True)
+        cache = args.repack_cache if args.repack_cache_rounds else None
+        result["mixlocal_profile"] = run_worker("profile", path, args, nice=args.nice, repack_cache=cache)
+    # other people's jobs come and go: the roofline is the better of a measurement before and one after the runs
+    again = measure_roofline(args.threads)
+    roofline = {"GBps": max(roofline["GBps"], again["GBps"]), "before": roofline, "after": again}
+    result["roofline_read"] = roofline
 
     summary = {}
     for e, rows in runs.items():
@@ -633,6 +714,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-startup", dest="startup", action="store_false", help="skip the start-up/JIT runs")
     ap.add_argument("--startup-runs", type=int, default=3, help="cached start-up runs (median)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the per-op profile of mixlocal's prefill and decode")
     ap.add_argument("--nice", type=int, default=0, help="run workers under nice -n N")
     ap.add_argument("--src", type=Path, default=None,
                     help="mixlocal source tree the workers import (default: this checkout); e.g. a `git archive` "
