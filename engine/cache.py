@@ -1,8 +1,10 @@
 """KV cache: room for n_ctx positions, memory committed only as positions fill.
 
 Keys and values live per layer as (n_kv_heads, n_ctx, row), head-major, so that attention reads one head's
-positions contiguously. The arrays come from np.zeros, which the allocator serves with untouched zero pages for
-large sizes: a 32K-position cache costs address space at load and memory only for the positions written.
+positions contiguously. The arrays sit on fresh anonymous memory maps, whose pages the OS commits on first write:
+a 32K-position cache costs address space at load and memory only for the positions written, and reset() gives it
+all back. (np.zeros does this only when malloc chooses mmap, which depends on its thresholds and on what was
+freed before: a recycled heap chunk gets zeroed, and so committed, whole.)
 
 Formats (`kv_type`), each a row layout that the attention kernel decodes by the array's dtype:
   f32   float32, head_dim values                        4 bytes per value
@@ -11,6 +13,8 @@ Formats (`kv_type`), each a row layout that the attention kernel decodes by the 
         llama.cpp's q8_0 cache type                     34/32 = 1.0625 bytes per value
 """
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -38,6 +42,13 @@ def kv_row_size(kv_type: str, head_dim: int) -> int:
     return head_dim
 
 
+def _zero_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero array on its own anonymous map: nothing committed until written, unmapped when the array goes."""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, n_ctx: int, kv_type: str = "f16"):
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
@@ -50,8 +61,8 @@ class KVCache:
 
     def _allocate(self) -> None:
         shape = (self.n_layers, self.n_kv_heads, self.n_ctx, self.row)
-        self.k = np.zeros(shape, dtype=KV_TYPES[self.kv_type])
-        self.v = np.zeros(shape, dtype=KV_TYPES[self.kv_type])
+        self.k = _zero_pages(shape, KV_TYPES[self.kv_type])
+        self.v = _zero_pages(shape, KV_TYPES[self.kv_type])
         self.n_past = 0
         self._written = 0  # one past the highest position ever stored: what reset has to give back
 
