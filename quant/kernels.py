@@ -228,17 +228,20 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
         raise KernelInputError(f"expert_linear needs a stacked (experts, rows, cols) weight, got shape {w.shape}")
     _check_weight(w)
     x = _check_x(w, x)
-    ids = _check_experts(experts, x.shape[0], w.shape[0])
+    packed = isinstance(w, PackedWeight)
+    ids = _check_experts(experts, x.shape[0], w.shape[0], check_range=not packed)
     n_exp, n = w.shape[0], w.shape[1]
     out = np.empty((x.shape[0], n), dtype=np.float32)
     if not len(ids):
         return out
-    if isinstance(w, PackedWeight):
+    if packed:
         # one kernel call for all experts: runs of rows that share an expert, in expert order
         order = np.empty(len(ids), np.int64)
         run_start = np.empty(n_exp + 1, np.int64)
         run_expert = np.empty(n_exp, np.int64)
-        n_runs = pk.expert_runs(ids, n_exp, order, run_start, run_expert)
+        n_runs = pk.expert_runs(ids, n_exp, order, run_start, run_expert)  # reads ids only, checks their range
+        if n_runs < 0:
+            raise KernelInputError(f"expert ids must be in [0, {n_exp}), got {ids.min()}..{ids.max()}")
         run_start, run_expert = run_start[:n_runs + 1], run_expert[:n_runs]
         if n_runs == 1 or n_runs == len(ids) and len(ids) <= 2 and ids[0] < ids[-1]:
             _packed_runs(w, x, run_start, run_expert, out)  # already in expert order: no gather or scatter
@@ -261,7 +264,7 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
     return out
 
 
-def _check_experts(experts, n_rows: int, n_exp: int) -> np.ndarray:
+def _check_experts(experts, n_rows: int, n_exp: int, check_range: bool = True) -> np.ndarray:
     ids = experts if isinstance(experts, np.ndarray) else np.asarray(experts)
     if ids.shape != (n_rows,):
         raise KernelInputError(f"need one expert id per activation row: got ids of shape {ids.shape} "
@@ -269,11 +272,15 @@ def _check_experts(experts, n_rows: int, n_exp: int) -> np.ndarray:
     if n_rows and ids.dtype.kind not in "iu":
         raise KernelInputError(f"expert ids must be integers, got {ids.dtype}")
     ids = ids.astype(np.int64, copy=False)
-    if n_rows:
+    if n_rows and check_range:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= n_exp:
             raise KernelInputError(f"expert ids must be in [0, {n_exp}), got {lo}..{hi}")
     return ids
+
+
+_VNNI_RUNS = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs, QType.Q6_K: vn.q6_k_runs}
+_PORTABLE_RUNS = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}
 
 
 def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expert: np.ndarray,
@@ -289,12 +296,9 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
         if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
             xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
-        kernel = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs,
-                  QType.Q6_K: vn.q6_k_runs}[w.qtype]
-        kernel(codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
+        _VNNI_RUNS[w.qtype](codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
-    kernel = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}[w.qtype]
-    kernel(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
+    _PORTABLE_RUNS[w.qtype](*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
 
 def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> None:
