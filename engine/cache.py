@@ -24,7 +24,7 @@ from quant.quantize import quantize_fast
 from .config import ModelConfig
 from .errors import ContextOverflowError
 
-__all__ = ["KVCache", "KV_TYPES", "kv_row_size"]
+__all__ = ["KV_TYPES", "KVCache", "kv_row_size"]
 
 KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.uint8}  # format -> storage dtype
 

@@ -12,8 +12,18 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["rmsnorm", "rope", "attention", "attention_plan", "rope_pairs", "silu_mul", "set_threads",
-           "f16_bits_to_f32", "Q8_0_BLOCK", "Q8_0_BLOCK_BYTES"]
+__all__ = [
+    "Q8_0_BLOCK",
+    "Q8_0_BLOCK_BYTES",
+    "attention",
+    "attention_plan",
+    "f16_bits_to_f32",
+    "rmsnorm",
+    "rope",
+    "rope_pairs",
+    "set_threads",
+    "silu_mul",
+]
 
 KEY_BLOCK = 128       # keys decoded and scored together; with QUERY_BLOCK it bounds scratch at any context length
 QUERY_BLOCK = 16      # queries of one job: they share each decoded key block, so K/V are read once per 16 queries
@@ -276,8 +286,7 @@ def _softmax_update(s, m, l, acc, n_rows, n_visible_of_row, g_per, n_keys_pad):
         mx = m[r]
         for j in range(lim):
             v = s[r, j]
-            if v > mx:
-                mx = v
+            mx = max(mx, v)
         tot = np.float32(0.0)
         for j in range(lim):
             e = _exp_nonpos(s[r, j] - mx)
@@ -383,8 +392,7 @@ def _attention_kernel(q, k_cache, v_cache, pos0, scale, n_splits, out,
             mx = part_ml[j0, 0, r]
             for sp in range(1, n_splits):
                 v = part_ml[j0 + sp, 0, r]
-                if v > mx:
-                    mx = v
+                mx = max(mx, v)
             tot = np.float32(0.0)
             for d in range(dh):
                 out[t, h, d] = np.float32(0.0)
