@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,12 +209,24 @@ def _chat(args) -> int:
 
 def _answer(llm, ids: list[int], args) -> tuple[list[int], object]:
     """Stream one answer to stdout. Returns its token ids and the GenerationResult, or None if Ctrl-C stopped it:
-    the ids shown so far are kept either way, as the model has already read them."""
-    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), continuation=False,
-                             **_sampling(args))
+    the ids shown so far are kept either way, as the model has already read them.
+
+    Ctrl-C sets a flag that is read between tokens. A KeyboardInterrupt raised while a numba kernel runs comes out
+    as a SystemError ("returned a result with an exception set") in the middle of a forward pass; a flag stops the
+    answer at a clean point. A second Ctrl-C interrupts at once, for a prefill that takes too long.
+    """
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), **_sampling(args))
     tokens, res = [], None
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        while True:
+        while not stop.is_set():
             try:
                 step = next(steps)
             except StopIteration as done:
@@ -222,7 +236,8 @@ def _answer(llm, ids: list[int], args) -> tuple[list[int], object]:
                 tokens.append(step.token)
             sys.stdout.write(step.text)
             sys.stdout.flush()
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, previous)
         steps.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -482,6 +497,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemError as e:  # Ctrl-C inside a numba kernel surfaces as this, with the interrupt as its context
+        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
     except (ValueError, OSError, RuntimeError, ImportError, MemoryError) as e:
         print(f"mixlocal: error: {_first_line(e)}", file=sys.stderr)
         return EXIT_FAIL
