@@ -25,14 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import numba
+import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quant import QTensor, QType  # noqa: E402
-from quant import kernels  # noqa: E402
-from quant.tensor import nbytes_for  # noqa: E402
+from quant import (
+    QTensor,
+    QType,
+    kernels,
+)
+from quant.tensor import nbytes_for
 
 N_EXPERTS = 8
 SHAPES = [(14336, 4096), (4096, 14336)]
@@ -76,7 +79,7 @@ def median_time(fn, repeats: int, inner: int = 1) -> float:
 def random_stack(qtype: QType, n: int, k: int, rng) -> QTensor:
     shape = (N_EXPERTS, n, k)
     raw = rng.integers(0, 256, nbytes_for(qtype, shape), dtype=np.uint8)
-    bs, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210)}[qtype]
+    _, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210)}[qtype]
     blocks = raw.reshape(-1, ts)
     for off, mag in _SCALE_FIELDS[qtype]:
         blocks[:, off:off + 2] = (rng.random((blocks.shape[0], 1)) * mag + mag / 2).astype(np.float16).view(np.uint8)
@@ -85,9 +88,10 @@ def random_stack(qtype: QType, n: int, k: int, rng) -> QTensor:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -129,7 +133,7 @@ def main() -> None:
     }
 
     bufs = [rng.integers(0, 1 << 62, (32 << 20) // 8, dtype=np.uint64) for _ in range(8)]
-    t = median_time(lambda: [read_sum(b) for b in bufs], args.repeats)
+    t = median_time(lambda bufs=bufs: [read_sum(b) for b in bufs], args.repeats)
     result["roofline_read_GBps"] = round(sum(b.nbytes for b in bufs) / t / 1e9, 2)
     # the roofline is the best read rate seen: the decode kernels below may read faster than this plain loop
     print(f"read roofline: {result['roofline_read_GBps']} GB/s", flush=True)
@@ -159,11 +163,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 w = kernels.prepare(src, vnni=bool(vnni))
                 t_pack = time.perf_counter() - t0
-                t_dec = median_time(lambda: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
+                t_dec = median_time(lambda w=w, x1=x1: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
                                     args.repeats) / N_EXPERTS
-                t_gat = median_time(lambda: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
+                t_gat = median_time(lambda w=w, x2=x2: [kernels.expert_linear(w, x2, np.array([e, (e + 3) % N_EXPERTS]))
                                              for e in range(N_EXPERTS)], args.repeats) / N_EXPERTS
-                t_pre = median_time(lambda: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
+                t_pre = median_time(lambda w=w, xp=xp, ids=ids: kernels.expert_linear(w, xp, ids), max(3, args.repeats // 2))
                 packed = w is not src
                 fr[key][label] = {
                     "pack_s": round(t_pack, 3) if packed else None,
@@ -174,12 +178,13 @@ def main() -> None:
                 }
                 if vnni is False:
                     out = np.empty((PREFILL_ROWS, n), np.float32)
-                    t_tile = median_time(lambda: kernels._packed_tiles(w, 0, xp, out), max(3, args.repeats // 2))
+                    t_tile = median_time(lambda w=w, xp=xp, out=out: kernels._packed_tiles(w, 0, xp, out),
+                                         max(3, args.repeats // 2))
                     fr[key][label][f"prefill{PREFILL_ROWS}_tiles_blas_GMACps"] = round(macs / t_tile / 1e9, 1)
                 del w
             del src
             wf = rng.standard_normal((n, k)).astype(np.float32)
-            t_blas = median_time(lambda: xp @ wf.T, max(3, args.repeats // 2))
+            t_blas = median_time(lambda xp=xp, wf=wf: xp @ wf.T, max(3, args.repeats // 2))
             del wf
             fr[key][f"sgemm_f32_{PREFILL_ROWS}_GMACps"] = round(macs / t_blas / 1e9, 1)
             print(name, key, fr[key], flush=True)

@@ -33,8 +33,19 @@ from . import kernels_packed as pk
 from . import kernels_vnni as vn
 from .tensor import QStack, QTensor, QType, nbytes_for
 
-__all__ = ["prepare", "linear", "expert_linear", "quantizes_activations", "packed_shapes", "PackedWeight",
-           "SUPPORTED_TYPES", "PACKED_TYPES", "VNNI_TYPES", "KernelInputError", "host_has_vnni"]
+__all__ = [
+    "PACKED_TYPES",
+    "SUPPORTED_TYPES",
+    "VNNI_TYPES",
+    "KernelInputError",
+    "PackedWeight",
+    "expert_linear",
+    "host_has_vnni",
+    "linear",
+    "packed_shapes",
+    "prepare",
+    "quantizes_activations",
+]
 
 SUPPORTED_TYPES = frozenset(gen.FORMAT_CODE)
 
@@ -98,7 +109,7 @@ def host_has_vnni() -> bool:
         from llvmlite import binding
         feats = binding.get_host_cpu_features()
         return all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
-    except Exception:  # no feature list (an unusual LLVM build): stay portable
+    except Exception:  # noqa: BLE001 - any failure to read the features means: stay portable
         return False
 
 

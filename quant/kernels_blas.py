@@ -14,7 +14,7 @@ import os
 import numba
 import numpy as np
 
-__all__ = ["match_numba_threads", "blas_threads"]
+__all__ = ["blas_threads", "match_numba_threads"]
 
 _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
             "openblas_get_num_threads")

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .tensor import QType
 
-__all__ = ["FORMAT_CODE", "F16_TABLE", "dequantize_rows", "matmul_rows"]
+__all__ = ["F16_TABLE", "FORMAT_CODE", "dequantize_rows", "matmul_rows"]
 
 # One integer per format so that a single compiled kernel serves all formats (the branch is per row, so it is free).
 FORMAT_CODE = {

@@ -22,9 +22,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["ROWS", "quantize_activations", "pack_q4_0", "pack_q8_0", "pack_q4_k",
-           "q4_0_runs", "q8_0_runs", "q4_k_runs",
-           "unpack_q4_0", "unpack_q8_0", "unpack_q4_k"]
+__all__ = [
+    "ROWS",
+    "pack_q4_0",
+    "pack_q4_k",
+    "pack_q8_0",
+    "q4_0_runs",
+    "q4_k_runs",
+    "q8_0_runs",
+    "quantize_activations",
+    "unpack_q4_0",
+    "unpack_q4_k",
+    "unpack_q8_0",
+]
 
 # Rows per interleaved group: 4 vectors of 16 int16 lanes; the last group of a matrix is padded with zero rows.
 ROWS = 64

@@ -30,8 +30,16 @@ from numba.extending import intrinsic
 
 from .kernels_packed import ROWS, _halves_to_float
 
-__all__ = ["pack_q4_0", "pack_q8_0", "pack_q4_k", "pack_q6_k", "q4_0_runs", "q8_0_runs", "q4_k_runs",
-           "q6_k_runs"]
+__all__ = [
+    "pack_q4_0",
+    "pack_q4_k",
+    "pack_q6_k",
+    "pack_q8_0",
+    "q4_0_runs",
+    "q4_k_runs",
+    "q6_k_runs",
+    "q8_0_runs",
+]
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 
-from quant import QStack, QTensor, QType
-from quant import kernels
+from quant import QStack, QTensor, QType, kernels
 
 ALL_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
              QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -221,6 +220,7 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
 def test_blas_path_follows_numba_thread_count():
     """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count."""
     import numba
+
     from quant import kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
