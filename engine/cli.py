@@ -86,22 +86,15 @@ def _generate(args) -> int:
     llm = _load(args)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    # The text is a continuation of the prompt, so it decodes as one with it: a detokenizer that has seen the
-    # prompt keeps the space before the first new word, which a fresh one drops (sentencepiece's leading-space rule).
-    detok = llm.tokenizer.detokenizer()
-    for token in llm.tokenizer.encode(prompt, add_bos=True):
-        detok.feed(token)
-    steps = llm.stream_steps(prompt, max_tokens=args.max_tokens, **_sampling(args))
+    pieces = llm.stream(prompt, max_tokens=args.max_tokens, **_sampling(args))  # continues the prompt's text
     while True:
         try:
-            step = next(steps)
+            sys.stdout.write(next(pieces))
+            sys.stdout.flush()
         except StopIteration as done:
             res = done.value
             break
-        if step.token is not None:
-            sys.stdout.write(detok.feed(step.token))
-            sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     t = res.timings
     print(f"prefill {t['prefill_tokens']} tokens at {t['prefill_tps']:.1f} tok/s, "
@@ -222,7 +215,8 @@ def _answer(llm, ids: list[int], args) -> tuple[list[int], object]:
             raise KeyboardInterrupt
         stop.set()
 
-    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), **_sampling(args))
+    steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), continuation=False,
+                             **_sampling(args))
     tokens, res = [], None
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
