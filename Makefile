@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # llama.cpp (prebuilt for this CPU) is a test and bench peer; absent elsewhere, its tests skip with the reason.
 LLAMA_WHEEL := $(firstword $(wildcard ../shared/wheels/llama_cpp_python-*.whl))
-PROMPT ?= Once upon a time
+# The three prompts the README shows, the same the training script samples
+PROMPTS := "The meaning of life is" "Python is a programming language that" "Once upon a time,"
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 .PHONY: install dev run test bench lint clean
@@ -25,8 +26,11 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 run: install
-	$(VENV)/bin/mixlocal generate -p "$(PROMPT)" -n 64 --temp 0
-	$(VENV)/bin/mixlocal generate -p "$(PROMPT)" -n 64 --seed 1
+	@for p in $(PROMPTS); do \
+	  echo "== greedy"; $(VENV)/bin/mixlocal generate -p "$$p" -n 40 --temp 0 || exit 1; \
+	  echo "== sampled (temperature 0.7, top_p 0.95, min_p 0.05, seed 1)"; \
+	  $(VENV)/bin/mixlocal generate -p "$$p" -n 40 --seed 1 || exit 1; \
+	done
 
 test: dev
 	$(PY) -m pytest -q
