@@ -69,10 +69,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+    from conftest import TINY, make_hf_checkpoint
     from transformers import MixtralForCausalLM
 
     import engine
-    from conftest import TINY, make_hf_checkpoint
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

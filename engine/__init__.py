@@ -9,4 +9,4 @@ from __future__ import annotations
 from .errors import ContextOverflowError, ModelFormatError
 from .loader import DEFAULT_MODEL, DEFAULT_MODEL_DIR, load
 
-__all__ = ["load", "ModelFormatError", "ContextOverflowError", "DEFAULT_MODEL", "DEFAULT_MODEL_DIR"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "ContextOverflowError", "ModelFormatError", "load"]

@@ -59,7 +59,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_hf(cls, path: str | Path) -> "ModelConfig":
+    def from_hf(cls, path: str | Path) -> ModelConfig:
         """Read an HF config.json: the published Mixtral shape (top-level rope_theta, no head_dim) or the newer one
         transformers 5 writes (rope_parameters.rope_theta, head_dim)."""
         path = Path(path)

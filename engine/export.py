@@ -14,7 +14,7 @@ from quant import QStack, QTensor, QType
 from .quantize import LEVELS, quantize_weights
 from .weights import ModelWeights
 
-__all__ = ["write_gguf", "neighbor_row_order"]
+__all__ = ["neighbor_row_order", "write_gguf"]
 
 
 def neighbor_row_order(n_heads: int, head_dim: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
 
-__all__ = ["load", "DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "physical_cores", "open_source"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source", "physical_cores"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR / "model.gguf"  # trained here by tools/train_default_model.py, q8_0 by our quantizer
@@ -45,12 +45,13 @@ def open_source(source, backend: str = "numba"):
         source = DEFAULT_MODEL
         if not source.exists():
             raise ModelFormatError(f"{source}: the embedded default model is not installed")
-    from .sources.hub import looks_like_hub_id, resolve as resolve_hub_id
+    from .sources.hub import looks_like_hub_id
+    from .sources.hub import resolve as resolve_hub_id
     if looks_like_hub_id(source):  # owner/name[:TAG] that is not a local path: the cached hub snapshot
         source = resolve_hub_id(source)
     path = Path(source)
     if path.is_dir():
-        from .sources.hf import is_hf_dir, load_hf
+        from .sources.hf import load_hf
         from .sources.mlx import is_mlx_dir, load_mlx
         if is_mlx_dir(path):
             config, weights, tok_path = load_mlx(path, layout="mlx" if backend == "mlx" else "ggml")

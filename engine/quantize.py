@@ -15,7 +15,7 @@ from quant.recipes import LEVELS, choose_type
 
 from .weights import ModelWeights, assemble
 
-__all__ = ["quantize_weights", "LEVELS"]
+__all__ = ["LEVELS", "quantize_weights"]
 
 _ROWS_PER_CHUNK = 4096  # bounds the float copy made while requantizing one matrix
 _LAYER = re.compile(r"blk\.(\d+)\.")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["SamplingParams", "Sampler"]
+__all__ = ["Sampler", "SamplingParams"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
-    def with_(self, **kw) -> "SamplingParams":
+    def with_(self, **kw) -> SamplingParams:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 

@@ -4,4 +4,4 @@ Knows nothing of models or of the engine.
 """
 from .tensor import QStack, QTensor, QType, block_size, nbytes_for, type_size
 
-__all__ = ["QTensor", "QStack", "QType", "block_size", "type_size", "nbytes_for"]
+__all__ = ["QStack", "QTensor", "QType", "block_size", "nbytes_for", "type_size"]

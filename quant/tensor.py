@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
 
-__all__ = ["QType", "QTensor", "QStack", "block_size", "type_size", "nbytes_for"]
+__all__ = ["QStack", "QTensor", "QType", "block_size", "nbytes_for", "type_size"]
 
 
 def block_size(qtype: QType) -> int:
@@ -82,7 +83,7 @@ class QTensor:
         """The bytes as (n_rows, row_bytes), all leading axes flattened into rows."""
         return self.data.reshape(-1, self.row_bytes)
 
-    def expert(self, e: int) -> "QTensor":
+    def expert(self, e: int) -> QTensor:
         """The e-th matrix of a stacked (E, rows, cols) tensor, without a copy."""
         if len(self.shape) != 3:
             raise ValueError(f"expert() needs a 3-D stacked tensor, got shape {self.shape}")
@@ -92,7 +93,7 @@ class QTensor:
         return QTensor(self.qtype, tuple(self.shape[1:]), self.data[e * per:(e + 1) * per])
 
     @classmethod
-    def from_float(cls, array: np.ndarray, qtype: QType = QType.F32) -> "QTensor":
+    def from_float(cls, array: np.ndarray, qtype: QType = QType.F32) -> QTensor:
         """Wrap a float array as F32/F16 without quantizing (tests and small tensors)."""
         dtype = {QType.F32: np.float32, QType.F16: np.float16}[qtype]
         a = np.ascontiguousarray(array, dtype=dtype)

@@ -6,17 +6,16 @@ import os
 import shutil
 from pathlib import Path
 
+import mistral_common
 import numpy as np
 import pytest
-
-import mistral_common
 
 MIXTRAL_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 # A few hundred wide, GQA, 8 experts: small enough for CI, shaped so every K format applies (multiples of 256).
-TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-            rms_norm_eps=1e-5, max_position_embeddings=32768)
+TINY = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 32768}
 # Default init gives router logits with a spread near 0.3, so the two chosen experts get almost equal weights.
 # Scaled up, router logits spread about 3 (like a trained Mixtral's): tokens really prefer their experts.
 ROUTER_GAIN = 3.0

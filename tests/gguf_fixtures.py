@@ -32,6 +32,7 @@ def write_gguf_with_gguf_py(hf_dir: Path, out: Path, qtype, *, per_expert: bool 
     quantize(qtype, float32 2-D) -> uint8 blocks; defaults to gguf.quants.quantize (Q8_0, Q4_0, ...)."""
     import gguf
     from gguf.quants import quantize as gguf_quantize
+
     from tokenizer import Tokenizer
 
     quantize = quantize or (lambda t, a: gguf_quantize(a, t))
@@ -95,7 +96,7 @@ def llama_cpp_status() -> str | None:
     wheel targets this CPU and can die with an illegal instruction elsewhere."""
     try:
         r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
     except subprocess.TimeoutExpired:
         return "importing llama_cpp timed out"
     if r.returncode != 0:
@@ -132,7 +133,7 @@ def run_llama_cpp(path: Path, prompts: list[list[int]], mode: str = "greedy", n:
     """Greedy tokens or all-position logits from llama.cpp on a GGUF file, in a subprocess."""
     r = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(path), mode],
                        input=json.dumps({"prompts": prompts, "n": n}), capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp failed on {path}: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -148,7 +149,7 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> Path:
         "sys.exit(rc)\n"
     )
     r = subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(ftype)], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"llama_model_quantize failed: {r.stderr[-2000:]}")
     return dst

@@ -23,7 +23,7 @@ def load_reference(path):
 
 def forward(path, ids) -> np.ndarray:
     meta, arch, W = load_reference(path)
-    g = lambda k: meta[f"{arch}.{k}"]  # noqa: E731
+    g = lambda k: meta[f"{arch}.{k}"]
     n_layers, n_heads = g("block_count"), g("attention.head_count")
     n_kv, eps, theta = g("attention.head_count_kv"), g("attention.layer_norm_rms_epsilon"), g("rope.freq_base")
     n_used = g("expert_used_count")

@@ -7,14 +7,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-import engine
 from conftest import mean_kl
-from engine.export import write_gguf
-from engine.loader import open_source
-from engine.quantize import quantize_weights, requantize
 from gguf_fixtures import llama_cpp_quantize, llama_cpp_status, run_llama_cpp
 from numpy_reference import forward as numpy_forward
+
+import engine
+from engine.export import write_gguf
+from engine.loader import open_source
+from engine.quantize import requantize
 from quant import QType
 
 pytestmark = pytest.mark.skipif(not engine.DEFAULT_MODEL.exists(),
@@ -27,7 +27,7 @@ PROMPTS = ["Once upon a time", "The meaning of life is", "In the beginning"]
 
 @pytest.fixture(scope="module")
 def default():
-    config, weights, tok, name = open_source(None)
+    config, weights, tok, _ = open_source(None)
     return config, weights, tok
 
 
@@ -76,8 +76,7 @@ def test_every_format_matches_float64_reference(default, ids, tmp_path, qtype):
 
 
 @pytest.fixture(scope="module")
-def level_kls(default, f16_file, ids):
-    _, weights, _ = default
+def level_kls(f16_file, ids):
     ref = engine.load(f16_file, n_ctx=128, kv_type="f32").eval(ids)
     kls = {}
     for level in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_moe", "q4_0", "q3_k_m", "q2_k"):

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import mean_kl, reference_logits, rel_err
 
 import engine
-from conftest import mean_kl, reference_logits, rel_err
 
 PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000, 2000, 3000, 31999, 5]
 

@@ -6,13 +6,13 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import mean_kl, reference_logits, rel_err
 from gguf import GGMLQuantizationType as Q
+from gguf_fixtures import llama_cpp_status, run_llama_cpp, write_gguf_with_gguf_py
+from numpy_reference import forward as numpy_forward
 
 import engine
 from engine.sources.gguf import load_gguf
-from conftest import mean_kl, reference_logits, rel_err
-from gguf_fixtures import llama_cpp_status, run_llama_cpp, write_gguf_with_gguf_py
-from numpy_reference import forward as numpy_forward
 
 IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000]
 
@@ -117,7 +117,7 @@ def _patch_tensor_info(src, dst, name, *, type_id=None, offset_delta=None, dim0=
     from gguf import GGUFReader
     r = GGUFReader(src)
     t = next(t for t in r.tensors if t.name == name)
-    _name_len, _name, n_dims, dims, raw_type, offset = t.field.parts
+    _name_len, _name, _n_dims, dims, raw_type, offset = t.field.parts
     raw = bytearray(src.read_bytes())
     # part arrays are views into the file's memory map: their positions are byte offsets in the file
     base = np.asarray(r.data).ctypes.data

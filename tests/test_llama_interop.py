@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import engine
 from conftest import TINY, make_hf_checkpoint, mean_kl
-from engine.export import write_gguf
-from engine.sources.hf import load_hf
 from gguf_fixtures import llama_cpp_quantize, llama_cpp_status, run_llama_cpp
 from numpy_reference import forward as numpy_forward
 from test_gguf_source import ACTIVATION_ROUNDING_KL
+
+import engine
+from engine.export import write_gguf
+from engine.sources.hf import load_hf
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(llama_cpp_status() is not None, reason=str(llama_cpp_status()))

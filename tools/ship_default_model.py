@@ -21,10 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
-from engine.export import write_gguf  # noqa: E402
-from engine.sources.hf import load_hf  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import engine
+from engine.export import write_gguf
+from engine.sources.hf import load_hf
+from tokenizer import Tokenizer
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from quant import QTensor, QType
 
 from ..errors import ModelFormatError
 
-__all__ = ["read_safetensors", "DTYPES"]
+__all__ = ["DTYPES", "read_safetensors"]
 
 DTYPES = {"BF16": (QType.BF16, 2), "F16": (QType.F16, 2), "F32": (QType.F32, 4)}
 _MAX_HEADER = 100 * 1024 * 1024
