@@ -336,8 +336,8 @@ def test_default_model_q4_0_gguf_same_logits_on_mlx_and_numba(tmp_path):
     from engine.export import write_gguf
     from engine.loader import open_source
     from engine.quantize import requantize
-    if not engine.DEFAULT_MODEL_DIR.exists():
-        pytest.skip(f"the embedded default model is not installed yet ({engine.DEFAULT_MODEL_DIR})")
+    if not engine.DEFAULT_MODEL.exists():
+        pytest.skip(f"the embedded default model is not installed yet ({engine.DEFAULT_MODEL})")
     _, w, tok, _ = open_source(None)
 
     def q4(t):
