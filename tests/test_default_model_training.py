@@ -159,3 +159,16 @@ def test_shipped_model_is_the_measured_one():
         out = model.generate(ids, max_new_tokens=sample["sampling"]["max_new_tokens"], do_sample=False,
                              pad_token_id=sp.eos_id())
     assert sp.decode(out[0, ids.shape[1]:].tolist()) == sample["greedy"]
+
+
+def test_balance_loss_sees_an_imbalance_that_pooling_over_layers_hides():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    # layer 0 always routes to experts 0 and 1, layer 1 always to experts 2 and 3: pooled, all 4 look even
+    first = torch.tensor([[9.0, 8.0, 0.0, 0.0]]).repeat(32, 1)
+    second = torch.tensor([[0.0, 0.0, 9.0, 8.0]]).repeat(32, 1)
+    balanced = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 0.01
+    pooled = load_balancing_loss_func((first, second), 4, 2)
+    per_layer = trainer.per_layer_balance_loss((first, second), 4, 2)
+    assert per_layer.item() > pooled.item() + 1.0
+    assert trainer.per_layer_balance_loss((balanced, balanced), 4, 2).item() == pytest.approx(2.0, rel=0.05)

@@ -65,6 +65,19 @@ ARCH = dict(
 ROUTER_AUX_LOSS_COEF = 0.02  # Mixtral's published value
 
 
+def per_layer_balance_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
+    """transformers' Switch-style load-balancing loss, taken per layer and averaged.
+
+    transformers pools the routing of all layers before it multiplies token shares by router
+    probabilities, so an expert dead in one layer and overused in another looks balanced: a first run
+    trained that way ended with an expert that no held-out token chose, and one that every token chose.
+    Balanced routing gives top_k (2.0 here), the value it is pushed towards."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    losses = [load_balancing_loss_func((layer,), num_experts, top_k) for layer in router_logits]
+    return torch.stack(losses).mean()
+
+
 def tokenizer_path() -> Path:
     import mistral_common
 
@@ -139,7 +152,8 @@ def build_model(seed: int):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(**ARCH, output_router_logits=True, router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
+    # router_aux_loss_coef 0 here: the trainer adds its per-layer balancing loss itself (see above).
+    config = MixtralConfig(**ARCH, output_router_logits=True, router_aux_loss_coef=0.0,
                            sliding_window=None, attention_dropout=0.0)
     config._attn_implementation = "sdpa"
     return MixtralForCausalLM(config)
@@ -317,11 +331,11 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=480)
+    parser.add_argument("--steps", type=int, default=620)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=60)
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows used during training")
     parser.add_argument("--threads", type=int, default=2)
@@ -365,19 +379,20 @@ def main() -> None:
             group["lr"] = lr
         batch = torch.from_numpy(train_windows[order[step * args.batch:(step + 1) * args.batch]])
         # Mixed precision: float32 master weights and optimizer, bf16 matmuls (AVX512-BF16 doubles their rate).
-        # loss = cross-entropy (computed in float32 by transformers) + coef * load-balancing loss.
+        # loss = cross-entropy (computed in float32 by transformers) + coef * per-layer load-balancing loss.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        balance = per_layer_balance_loss(out.router_logits, ARCH["num_local_experts"], ARCH["num_experts_per_tok"])
+        (out.loss + ROUTER_AUX_LOSS_COEF * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lm_loss = out.loss.item() - ROUTER_AUX_LOSS_COEF * out.aux_loss.item()
+        lm_loss = out.loss.item()
         curves["train_loss"].append((step, lm_loss))
-        curves["aux_loss"].append((step, out.aux_loss.item()))
+        curves["aux_loss"].append((step, balance.item()))
         if step % 10 == 0:
             rate = (step + 1) * args.batch * args.seq / (time.time() - train_started)
-            print(f"step {step:4d} lr {lr:.2e} loss {lm_loss:.3f} aux {out.aux_loss.item():.3f} {rate:.0f} tok/s",
+            print(f"step {step:4d} lr {lr:.2e} loss {lm_loss:.3f} balance {balance.item():.3f} {rate:.0f} tok/s",
                   flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ppl, _ = evaluate(model, eval_subset, args.batch, ARCH["num_local_experts"], bf16=True)
@@ -432,7 +447,9 @@ def main() -> None:
             "held_out_curve": f"bf16 autocast over {len(eval_subset)} held-out windows along the way; "
                               "the last point is float32 over the whole held-out set",
             "schedule": f"linear warmup {args.warmup} steps to {args.lr}, cosine to {args.lr * 0.1}",
-            "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF, "threads": args.threads,
+            "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF,
+            "router_aux_loss": "transformers' load_balancing_loss_func per layer, averaged over layers",
+            "threads": args.threads,
             "train_wall_seconds": round(train_seconds, 1),
             "total_wall_seconds": round(time.time() - started, 1),
             "final_train_loss_mean_last_20": float(np.mean([l for _, l in curves["train_loss"][-20:]])),
