@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -91,7 +92,9 @@ def main() -> int:
     def med(rows, i):
         return statistics.median(r[i] for r in rows)
     result = {
-        "machine": {"cpu": cpu_model(), "threads": args.threads, "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "threads": args.threads, "platform": platform.platform(),
+                    "load_average_at_end": os.getloadavg(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
         "model": {"kind": "tiny random Mixtral (tests/conftest.py TINY)", **TINY},
         "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,
         "mixlocal": {"prefill_tps": med(ours, 0), "decode_tps": med(ours, 1)},
