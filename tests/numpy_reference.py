@@ -6,8 +6,8 @@ configuration from the raw metadata, and RoPE is llama.cpp's neighbour-pair form
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
 
 
 def load_reference(path):
@@ -21,7 +21,16 @@ def load_reference(path):
     return meta, arch, tensors
 
 
-def forward(path, ids) -> np.ndarray:
+def q8_round(x: np.ndarray) -> np.ndarray:
+    """x rounded through gguf-py's Q8_0 (8 bits per 32-block): what llama.cpp-style integer kernels multiply."""
+    q8 = GGMLQuantizationType.Q8_0
+    flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    return dequantize(quantize(flat, q8), q8).reshape(x.shape).astype(np.float64)
+
+
+def forward(path, ids, q8_activations: bool = False) -> np.ndarray:
+    """Logits of ids. q8_activations rounds the input of every weight product (not the router) to Q8_0 first."""
+    act = q8_round if q8_activations else (lambda v: v)
     meta, arch, W = load_reference(path)
     g = lambda k: meta[f"{arch}.{k}"]
     n_layers, n_heads = g("block_count"), g("attention.head_count")
@@ -48,16 +57,17 @@ def forward(path, ids) -> np.ndarray:
     for i in range(n_layers):
         p = f"blk.{i}."
         h = norm(x, W[p + "attn_norm.weight"])
-        q = rope((h @ W[p + "attn_q.weight"].T).reshape(T, n_heads, hd))
-        k = rope((h @ W[p + "attn_k.weight"].T).reshape(T, n_kv, hd))
-        v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
+        hq = act(h)
+        q = rope((hq @ W[p + "attn_q.weight"].T).reshape(T, n_heads, hd))
+        k = rope((hq @ W[p + "attn_k.weight"].T).reshape(T, n_kv, hd))
+        v = (hq @ W[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
         rep = n_heads // n_kv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         att = np.einsum("hts,shd->thd", s, v).reshape(T, D)
-        x = x + att @ W[p + "attn_output.weight"].T
+        x = x + act(att) @ W[p + "attn_output.weight"].T
         h = norm(x, W[p + "ffn_norm.weight"])
         logits = h @ W[p + "ffn_gate_inp.weight"].T
         probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -66,12 +76,13 @@ def forward(path, ids) -> np.ndarray:
         for t in range(T):
             top = np.argsort(-probs[t])[:n_used]
             wts = probs[t, top] / probs[t, top].sum()
+            ht = act(h[t])
             for e, wt in zip(top, wts):
-                gate = W[p + "ffn_gate_exps.weight"][e] @ h[t]
-                up = W[p + "ffn_up_exps.weight"][e] @ h[t]
-                act = gate / (1 + np.exp(-gate)) * up
-                moe[t] += wt * (W[p + "ffn_down_exps.weight"][e] @ act)
+                gate = W[p + "ffn_gate_exps.weight"][e] @ ht
+                up = W[p + "ffn_up_exps.weight"][e] @ ht
+                mid = gate / (1 + np.exp(-gate)) * up
+                moe[t] += wt * (W[p + "ffn_down_exps.weight"][e] @ act(mid))
         x = x + moe
     x = norm(x, W["output_norm.weight"])
     out = W.get("output.weight", W["token_embd.weight"])
-    return x @ out.T
+    return act(x) @ out.T
