@@ -22,6 +22,12 @@ holds an n_ctx x n_ubatch score matrix per head, 2 GiB at 32K) and its default Q
 RSS after warm-up, the KV bytes in use and the attention time, so that peak = weights + KV + scratch can be checked.
 
 Writes bench/results/long_context_<type>_<N>blk_<kv>_<date>.json with the CPU model, the command and every run.
+
+    .venv/bin/python bench/bench_long_context.py --kernel [--rounds 5]
+
+times the attention kernel alone at Mixtral's head shape (32 query and 8 KV heads of 128) for every KV format:
+one query over 1K, 8K and 32K cached positions (decode) with 1 and 2 threads, and a 512-query chunk after 7.5K
+positions (prefill). Writes bench/results/long_context_kernel_<date>.json.
 """
 from __future__ import annotations
 
@@ -182,6 +188,86 @@ def worker_main(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the kernel alone
+# ---------------------------------------------------------------------------------------------------------------
+
+def parallel_control(rounds: int) -> dict:
+    """An embarrassingly parallel loop on 1 and 2 threads: if 2 are not faster here, the machine is not giving this
+    process two cores at once, and no kernel's 2-thread time can show scaling."""
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def spin(n):
+        out = np.zeros(2)
+        for w in prange(2):
+            x = 0.0
+            for _ in range(n):
+                x = x * 0.9999999 + 1.0
+            out[w] = x
+        return out
+
+    times = {}
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        spin(10)
+        runs = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            spin(20_000_000)
+            runs.append(time.perf_counter() - t)
+        times[f"t{threads}_ms_best"] = round(min(runs) * 1e3, 1)
+    return times
+
+
+def kernel_bench(rounds: int) -> dict:
+    import numba
+
+    from engine.backends import numba_ops as ops
+    from engine.cache import KVCache
+    from engine.config import ModelConfig
+
+    n_heads, n_kv, dh, n_ctx = MIXTRAL.n_heads, MIXTRAL.n_kv_heads, MIXTRAL.head_dim, 32768
+    cfg = ModelConfig(vocab_size=MIXTRAL.vocab, dim=MIXTRAL.dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv,
+                      head_dim=dh, ffn_dim=MIXTRAL.ffn, n_experts=MIXTRAL.n_experts,
+                      n_experts_used=MIXTRAL.n_experts_used)
+    rng = np.random.default_rng(0)
+    scale = 1 / np.sqrt(dh)
+    out = {}
+    for kv_type in ("f16", "q8_0", "f32"):
+        cache = KVCache(cfg, n_ctx, kv_type)
+        for p0 in range(0, n_ctx, 4096):  # keys and values of a real spread, written in chunks
+            x = rng.standard_normal((4096, n_kv, dh), dtype=np.float32)
+            cache.store(0, p0, x * 2, x)
+        k, v = cache.k[0], cache.v[0]
+        rows = {}
+        for label, n_tok, pos0 in [("decode_1k", 1, 1023), ("decode_8k", 1, 8191), ("decode_32k", 1, n_ctx - 1),
+                                   ("prefill_512_at_7680", 512, 7680)]:
+            q = rng.standard_normal((n_tok, n_heads, dh), dtype=np.float32)
+            res = np.empty_like(q)
+            for threads in ((1, 2) if n_tok == 1 else (2,)):
+                numba.set_num_threads(threads)
+                ops.attention(q, k, v, pos0, scale, res)  # compile, warm
+                wall, cpu = [], []
+                for _ in range(rounds):
+                    w, c = time.perf_counter(), time.process_time()
+                    ops.attention(q, k, v, pos0, scale, res)
+                    wall.append(time.perf_counter() - w)
+                    cpu.append(time.process_time() - c)
+                pairs = n_heads * (n_tok * pos0 + n_tok * (n_tok + 1) / 2)  # (query head, visible key) pairs
+                read = 2 * n_kv * (pos0 + n_tok) * k.shape[2] * k.itemsize
+                rows[f"{label}_t{threads}"] = {
+                    "ms_median": round(statistics.median(wall) * 1e3, 3), "ms_best": round(min(wall) * 1e3, 3),
+                    "cpu_ms_best": round(min(cpu) * 1e3, 3),
+                    "cache_GBps_best": round(read / min(wall) / 1e9, 2),
+                    "GMAC_per_s_best": round(pairs * 2 * dh / min(wall) / 1e9, 2)}
+                print(kv_type, label, threads, rows[f"{label}_t{threads}"], flush=True)
+        out[kv_type] = rows
+        del cache, k, v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -275,6 +361,7 @@ def main() -> int:
     ap.add_argument("--engines", default="mixlocal,llama")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--kernel", action="store_true", help="time the attention kernel alone (see above)")
     # worker mode
     ap.add_argument("--worker", choices=ENGINES)
     ap.add_argument("--file")
@@ -282,6 +369,17 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         return worker_main(args)
+    if args.kernel:
+        result = {"what": "attention kernel alone, Mixtral head shape, one layer's cache of 32768 positions",
+                  "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
+                  "cores": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0], "rounds": args.rounds,
+                  "parallel_control": parallel_control(args.rounds), "results": kernel_bench(args.rounds),
+                  "loadavg_1min_after": os.getloadavg()[0]}
+        out = args.out or ROOT / "bench" / "results" / f"long_context_kernel_{dt.date.today().isoformat()}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
 
     engines = [e for e in args.engines.split(",") if e]
     unknown = set(engines) - set(ENGINES)
