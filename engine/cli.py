@@ -428,7 +428,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     i.add_argument("model", metavar="SRC", nargs="?", default=None, help=MODEL_HELP)
     i.add_argument("--quant", default=None, metavar="LEVEL", help="show the sizes after quantizing to LEVEL")
     i.add_argument("--n-ctx", type=int, default=32768, metavar="N", help="context for the KV total (default 32768)")
-    i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default) or f32")
+    i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default), f32 or q8_0")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=_info)
 

@@ -302,7 +302,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="answer limit for requests that set none (default: until EOS or the context is full)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
-    parser.add_argument("--kv-type", default="f16", choices=["f16", "f32"], help="KV cache element type")
+    parser.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache element type")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--quant", default=None)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
