@@ -35,6 +35,7 @@ from .tensor import QStack, QTensor, QType, nbytes_for
 
 __all__ = [
     "PACKED_TYPES",
+    "PACK_LAYOUT_VERSION",
     "SUPPORTED_TYPES",
     "VNNI_TYPES",
     "KernelInputError",
@@ -64,6 +65,10 @@ class KernelInputError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------------------------
+
+# Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
+# (engine/packed_cache.py) record it and are rebuilt when it differs.
+PACK_LAYOUT_VERSION = 1
 
 # Formats with an interleaved runtime layout and integer kernels (kernels_packed.py); the rest read the file layout.
 PACKED_TYPES = frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})

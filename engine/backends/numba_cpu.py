@@ -13,10 +13,15 @@ from quant import formats, kernels
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..packed_cache import prepare_weights
 from ..weights import ModelWeights
 from . import numba_ops as ops
 
 __all__ = ["NumbaCPUBackend", "RouterTrace"]
+
+# the matrices the kernels multiply by (GGUF name part -> layer attribute); the embedding is only gathered from
+_PREPARED = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate_exps": "w1",
+             "ffn_up_exps": "w3", "ffn_down_exps": "w2", "output": "output"}
 
 
 @dataclass
@@ -42,14 +47,19 @@ def route(h: np.ndarray, router: np.ndarray, n_used: int) -> RouterTrace:
 class NumbaCPUBackend:
     name = "numba"
 
-    def __init__(self, weights: ModelWeights, n_threads: int):
+    def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None):
+        """packed_cache: keep repacked weights in a mapped cache file (see engine/packed_cache.py); None decides
+        by size."""
         self.config: ModelConfig = weights.config
         self.n_threads = n_threads
         self.w = weights
         c = self.config
-        self.mats = [{k: kernels.prepare(getattr(lw, k)) for k in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")}
-                     for lw in weights.layers]
-        self.output = kernels.prepare(weights.output)
+        ops.set_threads(n_threads)  # the repack kernels run on numba's threads too
+        named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
+        prepared = prepare_weights(named, weights.origin, use_cache=packed_cache)
+        self.mats = [{attr: prepared[f"blk.{i}.{name}.weight"] for name, attr in _PREPARED.items()
+                      if name != "output"} for i in range(c.n_layers)]
+        self.output = prepared["output.weight"]
         self.inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         self.pairs = ops.rope_pairs(c.head_dim, c.rope_pairing)
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
