@@ -6,6 +6,7 @@ mistral-common's tokenizer file, and plain counting written out here for the n-g
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -21,8 +22,8 @@ sys.path.insert(0, str(REPO / "tools"))
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import default_model_corpus as corpus  # noqa: E402
-import train_default_model as trainer  # noqa: E402
+import default_model_corpus as corpus
+import train_default_model as trainer
 
 # The trainer exports here; tools/ship_default_model.py then quantizes it to the packaged GGUF and moves the
 # bf16 export to tools/.cache/default_hf, so the measured weights are looked for in both places.
@@ -65,8 +66,9 @@ def test_exported_tensor_names_follow_the_published_layout(tmp_path):
 
     trainer.export(_tiny_model(), tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        names = f.keys()  # safe_open is not iterable
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+        dtypes = {f.get_slice(k).get_dtype() for k in names}
     assert dtypes == {"BF16"}
     prefix = "model.layers.1.block_sparse_moe"
     assert shapes[f"{prefix}.gate.weight"] == (4, 64)
@@ -130,8 +132,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     rates = [trainer.learning_rate(s, 100, 1e-3, 10, 1e-4) for s in range(101)]
     assert rates[9] == pytest.approx(1e-3)
     assert rates[100] == pytest.approx(1e-4)
-    assert all(a <= b for a, b in zip(rates[:10], rates[1:10]))
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert all(a <= b for a, b in itertools.pairwise(rates[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="default model not built")

@@ -95,7 +95,7 @@ def fortune_documents(root: Path, package: str, seen: set[str]) -> list[Document
         if path.is_symlink() or path.suffix == ".dat" or path.is_dir() or path.name in SKIPPED_FORTUNE_FILES:
             continue
         raw = path.read_text(encoding="utf-8", errors="replace")
-        for entry in re.split(r"^%\s*$", raw, flags=re.M):
+        for entry in re.split(r"^%\s*$", raw, flags=re.MULTILINE):
             lines = [line.strip() for line in entry.replace("\t", " ").splitlines()]
             text = "\n".join(re.sub(r" {2,}", " ", line) for line in lines).strip()
             if len(text.split()) < 3 or text in seen:  # the same cookie appears in several files

@@ -34,18 +34,18 @@ from pathlib import Path
 # The machine is shared: idle OpenMP threads that spin while a core is taken by someone else waste it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import sentencepiece as spm
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_model_corpus import load_corpus  # noqa: E402
+from default_model_corpus import load_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 20240611
 
 # The architecture. Width and expert FFN are multiples of 256 so that every K-quant block format applies.
-ARCH = dict(
+ARCH = dict(  # noqa: C408 - keyword form, as transformers configs are written
     vocab_size=32000,
     hidden_size=256,
     intermediate_size=256,  # per expert
@@ -433,8 +433,8 @@ def main() -> None:
         },
         "corpus": {
             "packages": corpus,
-            "train_tokens": int(len(train_stream)),
-            "held_out_tokens": int(len(held_stream)),
+            "train_tokens": len(train_stream),
+            "held_out_tokens": len(held_stream),
             "held_out_tokens_scored": int(held_windows[:, 1:].size),
             "tokenizer": "mistral-common tokenizer.model.v1 (Mixtral), sentencepiece; each document BOS text EOS",
         },
