@@ -23,8 +23,10 @@ and reads each step's logits.
 
 Also measured: the read-bandwidth roofline (the best of a few numba read kernels over 512 MiB, 2 threads), the
 bytes a decode step must read (attention, 2 of 8 experts per block, output head), and so the achieved GB/s; the
-start-up of mixlocal in a second process (import, load, first token, and where the time goes) and the first-ever
-JIT compile with an empty NUMBA_CACHE_DIR.
+start-up of mixlocal in fresh processes: first ever (empty NUMBA_CACHE_DIR and packed-weight cache: every kernel
+compiles and every matrix is repacked into the cache file), then later start-ups (import, load, first token, and
+where the time goes). The timed rounds run after one untimed mixlocal load, so that they map the packed-weight
+cache (engine/packed_cache.py, kept under --data-dir) the way every load after a model's first does.
 
 Writes bench/results/mixtral_shape_<type>[_<N>blk]_<date>.json with the CPU model and the command.
 """
@@ -225,15 +227,26 @@ def _tokens(n_prompt: int, n_decode: int, vocab: int) -> tuple[list[int], list[i
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+REPACK_PHASE = "repack into the packed-weight cache file (first load only)"
+
+
+def _packed_files() -> dict[str, int]:
+    folder = Path(os.environ["MIXLOCAL_CACHE_DIR"]) / "packed"
+    return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.mixpack")} if folder.is_dir() else {}
+
+
 def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
     t0 = time.perf_counter()
     import engine
     t1 = time.perf_counter()
+    before = _packed_files()
     llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
     t2 = time.perf_counter()
+    after = _packed_files()
     int(np.argmax(llm.eval([1], logits="last")[-1]))
     t3 = time.perf_counter()
-    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2}
+    cache = "mapped" if after and after == before else ("written" if after else "none (packed in memory)")
+    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "packed_weights": cache}
 
     def prefill(ids):
         llm.reset()
@@ -391,6 +404,7 @@ def _run_startup(path: str, threads: int) -> dict:
     t0 = time.perf_counter()
     import engine
     import engine.sources.gguf as gguf_source
+    from engine import packed_cache
     from engine.backends import numba_cpu
     from quant import kernels
     from tokenizer import Tokenizer
@@ -398,7 +412,9 @@ def _run_startup(path: str, threads: int) -> dict:
     timed(gguf_source, "read_gguf", "parse_gguf (GGUFReader + metadata values)")
     timed(gguf_source, "load_gguf", "load_gguf (parse + config + assemble)")
     timed(Tokenizer, "from_gguf_fields", "tokenizer from GGUF fields")
-    timed(kernels, "prepare", "kernels.prepare (repack)")
+    timed(packed_cache, "_build", REPACK_PHASE)
+    timed(packed_cache, "_open", "map the packed-weight cache file")
+    timed(kernels, "prepare", "kernels.prepare (repack, and the pass-through of other formats)")
     timed(numba_cpu, "NumbaCPUBackend", "backend init (all prepares)")
     llm = engine.load(path, n_ctx=512, n_threads=threads)
     t2 = time.perf_counter()
@@ -417,61 +433,8 @@ def _run_startup(path: str, threads: int) -> dict:
             "phases_s": {k: round(v, 3) for k, v in timers.items()}, **proc_memory()}
 
 
-def install_repack_cache(model_path: str, cache_root: Path) -> dict:
-    """EXPERIMENT, not the engine's code: keep what kernels.prepare packs in files under cache_root (through its
-    alloc hook) and map those files on later loads instead of packing again. It shows what start-up and memory
-    become with a repack cache; the real one belongs in the backend (see the report). Returns live hit/miss counts.
-
-    One .npy per packed array (the header keeps shape and dtype) plus a JSON of PackedWeight's other fields, written
-    last so that a half-written entry is never used. Keyed by the model file's size and mtime and the order in which
-    the backend prepares its weights."""
-    import dataclasses
-    import itertools
-
-    from quant import kernels
-
-    st = os.stat(model_path)
-    cache_dir = Path(cache_root) / f"{Path(model_path).stem}-{st.st_size}-{st.st_mtime_ns}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    original = kernels.prepare
-    counter = itertools.count()
-    stats = {"hits": 0, "misses": 0, "dir": str(cache_dir)}
-
-    def cached_prepare(w, *a, **kw):
-        i = next(counter)
-        meta_path = cache_dir / f"{i:04d}.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta["qtype"] == int(w.qtype) and tuple(meta["shape"]) == tuple(w.shape):
-                arrays = tuple(np.load(cache_dir / f"{i:04d}_{j}.npy", mmap_mode="r") for j in range(meta["n"]))
-                fields = {k: v for k, v in meta["fields"].items()}
-                stats["hits"] += 1
-                return kernels.PackedWeight(qtype=w.qtype, shape=tuple(w.shape), arrays=arrays, **fields)
-        made = []
-
-        def alloc(shape, dtype):
-            arr = np.lib.format.open_memmap(cache_dir / f"{i:04d}_{len(made)}.npy", mode="w+", dtype=dtype,
-                                            shape=shape)
-            made.append(arr)
-            return arr
-        packed = original(w, *a, alloc=alloc, **kw)
-        if not isinstance(packed, kernels.PackedWeight):
-            return packed
-        for arr in made:
-            arr.flush()
-        others = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)
-                  if f.name not in ("qtype", "shape", "arrays")}
-        meta_path.write_text(json.dumps({"qtype": int(w.qtype), "shape": list(w.shape), "n": len(made),
-                                         "fields": others}))
-        stats["misses"] += 1
-        return packed
-    kernels.prepare = cached_prepare
-    return stats
-
-
 def worker_main(args) -> int:
     prompt, decode = _tokens(args.prompt, args.decode, MIXTRAL.vocab)
-    cache_stats = install_repack_cache(args.file, args.repack_cache) if args.repack_cache else None
     if args.worker == "mixlocal":
         out = _run_mixlocal(args.file, args.threads, prompt, decode)
     elif args.worker in ("llama", "llama_norepack"):
@@ -482,8 +445,6 @@ def worker_main(args) -> int:
         out = _run_profile(args.file, args.threads, prompt, decode)
     else:
         raise SystemExit(f"unknown worker {args.worker}")
-    if cache_stats is not None:
-        out["repack_cache"] = cache_stats
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -492,16 +453,14 @@ def worker_main(args) -> int:
 # the driver
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice: int = 0,
-               repack_cache: Path | None = None) -> dict:
+def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice: int = 0) -> dict:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
-           "BENCH_CLOCK": args.clock, **(env_extra or {})}
+           "BENCH_CLOCK": args.clock, "MIXLOCAL_CACHE_DIR": str(args.data_dir / "mixlocal_cache"),
+           **(env_extra or {})}
     if args.src:  # benchmark another source tree (a clean `git archive` of a commit, say) instead of this one
         env["MIXLOCAL_SRC"] = str(Path(args.src).resolve())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--file", str(path),
            "--threads", str(args.threads), "--prompt", str(args.prompt), "--decode", str(args.decode)]
-    if repack_cache:
-        cmd += ["--repack-cache", str(repack_cache)]
     if nice:
         cmd = ["nice", "-n", str(nice)] + cmd
     load_before = os.getloadavg()[0]
@@ -544,14 +503,13 @@ def _median(rows: list[dict], key: str):
     return round(statistics.median(vals), 3) if vals else None
 
 
-def _startup_series(path: Path, args, env: dict, repack_cache: Path | None, n_first: int) -> dict:
-    """n_first runs that find something missing (numba cache or repack cache), then --startup-runs runs that find
-    everything in place; each a fresh process. Medians of the latter."""
-    out = {"first": [run_worker("startup", path, args, env, repack_cache=repack_cache) for _ in range(n_first)]}
+def _startup_series(path: Path, args, env: dict) -> dict:
+    """One run that finds both caches empty, then --startup-runs that find them filled; each a fresh process."""
+    out = {"first_ever": run_worker("startup", path, args, env)}
     cached = []
     for i in range(args.startup_runs):
         print(f"    cached start-up {i + 1}/{args.startup_runs} ...", flush=True)
-        cached.append(run_worker("startup", path, args, env, repack_cache=repack_cache))
+        cached.append(run_worker("startup", path, args, env))
     out["cached_runs"] = cached
     ok = [c for c in cached if "error" not in c]
     if ok:
@@ -572,29 +530,21 @@ def _until_first_token_and_prefill(r: dict) -> float:
 
 
 def startup_runs(path: Path, args) -> dict:
-    """mixlocal's start-up in fresh processes: first ever (empty NUMBA_CACHE_DIR), then with the compiled kernels
-    cached; optionally (--repack-cache) again with the packed weights kept in mapped files."""
+    """mixlocal's start-up in fresh processes: first ever (empty NUMBA_CACHE_DIR: every kernel compiles; empty
+    packed-weight cache: every matrix is repacked into it), then later start-ups that find both in place."""
     out: dict = {"target": "load + first token < 2 s in a second process, beyond the memory map itself"}
-    with tempfile.TemporaryDirectory(prefix="numba_cache_") as numba_dir:
-        env = {"NUMBA_CACHE_DIR": numba_dir}
-        print("start-up: first ever (empty NUMBA_CACHE_DIR), then cached ...", flush=True)
-        series = _startup_series(path, args, env, None, 1)
-        first = series["first"][0]
-        out.update(first_ever=first, cached_runs=series["cached_runs"], cached_median=series.get("cached_median"))
-        ok = [c for c in series["cached_runs"] if "error" not in c]
+    with tempfile.TemporaryDirectory(prefix="numba_cache_") as numba_dir, \
+            tempfile.TemporaryDirectory(prefix="packed_cache_", dir=args.data_dir) as packed_dir:
+        env = {"NUMBA_CACHE_DIR": numba_dir, "MIXLOCAL_CACHE_DIR": packed_dir}
+        print("start-up: first ever (empty numba and packed-weight caches), then cached ...", flush=True)
+        series = _startup_series(path, args, env)
+        out.update(series)
+        first, ok = series["first_ever"], [c for c in series["cached_runs"] if "error" not in c]
         if ok and "error" not in first:
             warm = statistics.median(_until_first_token_and_prefill(c) for c in ok)
-            out["jit_first_ever_extra_s"] = round(_until_first_token_and_prefill(first) - warm, 2)
-            out["jit_numba_compile_s"] = round(first["numba_compile_s"], 2)
-        if args.repack_cache:
-            Path(args.repack_cache).mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="repack_startup_", dir=args.repack_cache) as repack_dir:
-                print("start-up with a mapped repack cache (experiment): first (packs into the cache), "
-                      "then cached ...", flush=True)
-                # the first run packs into the files; the second is the first to map them (numba compiles the
-                # read-only array signatures once there); the rest are what every later start-up costs
-                series = _startup_series(path, args, env, Path(repack_dir), 2)
-                out["with_repack_cache_experiment"] = series
+            out["first_ever_extra_s"] = round(_until_first_token_and_prefill(first) - warm, 2)
+            out["first_ever_numba_compile_s"] = round(first["numba_compile_s"], 2)
+            out["first_ever_repack_s"] = first["phases_s"].get(REPACK_PHASE)
     return out
 
 
@@ -605,14 +555,13 @@ def _memory_guard(engines: list[str], path: Path, args) -> dict[str, str]:
     avail = mem_info().get("MemAvailable_GB")
     if avail is None:
         return {}
-    copy_gb = path.stat().st_size / 1e9  # both repacks copy about every matrix once
-    needs = {"mixlocal": 0.0 if args.repack_cache_rounds else copy_gb, "llama": copy_gb}
+    copy_gb = path.stat().st_size / 1e9  # llama.cpp's repack copies about every matrix once
+    needs = {"llama": copy_gb}  # mixlocal's packed copy is a mapped cache file (engine/packed_cache.py)
     skipped = {}
     for e in engines:
         if needs.get(e, 0.0) > 0.85 * avail:
             skipped[e] = (f"its load would copy about {needs[e]:.1f} GB of weights into anonymous memory and only "
-                          f"{avail:.1f} GB is available" + (" (use --repack-cache DIR --repack-cache-rounds)"
-                                                            if e == "mixlocal" else ""))
+                          f"{avail:.1f} GB is available")
             print(f"skipping {e}: {skipped[e]}", flush=True)
     return skipped
 
@@ -639,28 +588,29 @@ def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict
     if skipped:
         result["skipped"] = skipped
         engines = [e for e in engines if e not in skipped]
-    avail = mem_info().get("MemAvailable_GB", 1e9)
-    if args.startup and "mixlocal" in engines and path.stat().st_size / 1e9 > 0.85 * avail:
-        result["startup"] = {"skipped": "the start-up runs repack into anonymous memory, which would not fit"}
-    elif args.startup and "mixlocal" in engines:
+    if args.startup and "mixlocal" in engines:
         result["startup"] = startup_runs(path, args)
         print(json.dumps(result["startup"].get("cached_median"), indent=1), flush=True)
 
+    if "mixlocal" in engines:
+        # the first load of a model writes its packed-weight cache file; do it outside the timed rounds, which
+        # then all start the way every later start-up does (timed separately above)
+        print("mixlocal: first load (fills the packed-weight cache if empty) ...", flush=True)
+        result["mixlocal_first_load"] = run_worker("mixlocal", path, args, nice=args.nice)
+        print("   ", result["mixlocal_first_load"], flush=True)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(args.rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for e in order:
             print(f"round {r + 1}/{args.rounds}: {e} ...", flush=True)
-            cache = args.repack_cache if e == "mixlocal" and args.repack_cache_rounds else None
-            res = run_worker(e, path, args, nice=args.nice, repack_cache=cache)
+            res = run_worker(e, path, args, nice=args.nice)
             runs[e].append(res)
             print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
     result["loadavg_end"] = os.getloadavg()
     result["runs"] = runs
     if args.profile and "mixlocal" in engines:
         print("profile: where mixlocal's time goes ...", flush=True)
-        cache = args.repack_cache if args.repack_cache_rounds else None
-        result["mixlocal_profile"] = run_worker("profile", path, args, nice=args.nice, repack_cache=cache)
+        result["mixlocal_profile"] = run_worker("profile", path, args, nice=args.nice)
     # other people's jobs come and go: the roofline is the better of a measurement before and one after the runs
     again = measure_roofline(args.threads)
     roofline = {"GBps": max(roofline["GBps"], again["GBps"]), "before": roofline, "after": again}
@@ -729,12 +679,6 @@ def main() -> int:
     ap.add_argument("--src", type=Path, default=None,
                     help="mixlocal source tree the workers import (default: this checkout); e.g. a `git archive` "
                          "of one commit, so that edits in a shared working tree do not change a run midway")
-    ap.add_argument("--repack-cache", type=Path, default=None,
-                    help="EXPERIMENT: mixlocal keeps its repacked weights in files here and maps them on later "
-                         "loads (through kernels.prepare's alloc hook); start-up is then also measured with it")
-    ap.add_argument("--repack-cache-rounds", action="store_true",
-                    help="use --repack-cache in the timed mixlocal rounds too (the 32-block model needs it: "
-                         "repacking into anonymous memory would need 26 GB more)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

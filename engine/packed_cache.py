@@ -54,6 +54,16 @@ def _note(msg: str) -> None:
     print(f"mixlocal: {msg}", file=sys.stderr, flush=True)
 
 
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _plan(named: dict, vnni: bool) -> list[dict]:
     """The arrays prepare() would make for each packable weight, with offsets in a cache file."""
     entries, offset = [], 0
@@ -97,7 +107,16 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
     entries = _plan(named, vnni)
     total = sum(-(-int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize // ALIGN) * ALIGN
                 for e in entries for a in e["arrays"])
-    in_memory = lambda: {name: kernels.prepare(w, vnni=vnni) for name, w in named.items()}
+
+    def in_memory():
+        avail = _mem_available()
+        if avail is not None and total > 0.8 * avail:
+            # a second copy of the weights would bring in the OOM killer: the file-layout kernels read the map as is
+            _note(f"the packed weights ({total / 1e9:.1f} GB) would not fit in the {avail / 1e9:.1f} GB of free "
+                  "memory; using the file layout unpacked (slower prefill)")
+            return dict(named)
+        return {name: kernels.prepare(w, vnni=vnni) for name, w in named.items()}
+
     if use_cache is False or not entries or (use_cache is None and total < MIN_CACHED_BYTES):
         return in_memory()
     sources = _sources(named, origin, entries)
