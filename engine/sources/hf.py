@@ -1,7 +1,6 @@
 """Hugging Face Mixtral checkpoints: config.json, safetensors (one file or shards), tokenizer.model."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from quant import QStack, QTensor
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..weights import ModelWeights, assemble
-from .safetensors import read_safetensors
+from .safetensors import read_safetensors, shard_files
 
 __all__ = ["is_hf_dir", "load_hf"]
 
@@ -37,24 +36,6 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _shard_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelFormatError(f"{index}: damaged shard index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ModelFormatError(f"{path}: shard index names missing files: {', '.join(missing)}")
-        return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"{path}: no *.safetensors files")
-    return files
-
-
 def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, Path]:
     """Map an HF Mixtral directory. Returns its config, weights and the tokenizer.model path."""
     path = Path(path)
@@ -64,7 +45,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, Path]:
     tensors: dict = {}
     origin: dict[str, str] = {}
     experts: dict[tuple[int, str], dict[int, QTensor]] = {}
-    for file in _shard_files(path):
+    for file in shard_files(path):
         for hf_name, t in read_safetensors(file).items():
             m = _LAYER_RE.fullmatch(hf_name)
             if hf_name in _SIMPLE:

@@ -33,6 +33,13 @@ from quant import QStack, QTensor, QType, formats
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..weights import ModelWeights, assemble
+from .safetensors import (
+    NUMPY_DTYPES,
+    RawTensor,
+    map_safetensors,
+    shard_files,
+    write_safetensors,
+)
 
 __all__ = [
     "BITS",
@@ -299,88 +306,6 @@ def ggml_from_affine(a: AffineTensor, name: str = "tensor") -> QTensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# safetensors with uint32 and bf16, read and written with numpy
-# ----------------------------------------------------------------------------------------------------------------------
-
-_ST_DTYPES = {"U32": np.uint32, "F16": np.float16, "BF16": np.uint16, "F32": np.float32}
-_ST_NAMES = {np.dtype(np.uint32): "U32", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
-
-
-@dataclass(frozen=True)
-class _Raw:
-    dtype: str            # safetensors dtype name
-    array: np.ndarray     # memory-mapped view in its shape (bf16 as uint16)
-    file: str
-
-
-def _read_safetensors(path: Path) -> dict[str, _Raw]:
-    """Map a .safetensors file with uint32 / float tensors. Every entry is checked against the file size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelFormatError(f"{path}: file too short for a safetensors header ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise ModelFormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot read ({e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: damaged safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
-    start = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name}: dtype {dtype} is not supported here "
-                                   f"({', '.join(_ST_DTYPES)} are)")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ModelFormatError(f"{path}: tensor {name}: bad shape {shape!r}")
-        np_dtype = np.dtype(_ST_DTYPES[dtype])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b) or b - a != count * np_dtype.itemsize:
-            raise ModelFormatError(f"{path}: tensor {name}: data offsets {[a, b]} do not fit {dtype}{shape}")
-        if start + b > size:
-            raise ModelFormatError(f"{path}: tensor {name} ends at byte {start + b}, the file has {size} (truncated?)")
-        view = mm[start + a:start + b]
-        out[name] = _Raw(dtype, view.view(np_dtype).reshape(shape) if count else np.zeros(shape, np_dtype), str(path))
-    return out
-
-
-def _write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], fill) -> None:
-    """Write a safetensors file of (name, dtype, shape) entries; fill(name, out_array) writes each tensor's data
-    straight into the file's memory map, so a large model is never held in memory whole."""
-    header, offset = {"__metadata__": {"format": "mlx"}}, 0
-    for name, dtype, shape in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        f.truncate(8 + len(text) + offset)
-    if offset == 0:
-        return
-    mm = np.memmap(path, dtype=np.uint8, mode="r+", offset=8 + len(text), shape=(offset,))
-    for name, dtype, shape in entries:
-        a, b = header[name]["data_offsets"]
-        fill(name, mm[a:b].view(_ST_DTYPES[dtype]).reshape(shape))
-    mm.flush()
-    del mm
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Reading a folder
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -402,23 +327,6 @@ _OLD_EXPERT = {"w1": "block_sparse_moe.switch_mlp.gate_proj", "w3": "block_spars
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OLD_EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
 _SMALL = ("attn_norm.weight", "ffn_norm.weight", "ffn_gate_inp.weight", "output_norm.weight")
-
-
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelFormatError(f"{index}: damaged shard index ({e})") from None
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ModelFormatError(f"{path}: shard index names missing files: {', '.join(missing)}")
-        return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"{path}: no *.safetensors files")
-    return files
 
 
 def _read_config(path: Path) -> dict:
@@ -466,7 +374,7 @@ def _quant_params(path: Path, config: dict) -> tuple[dict | None, dict]:
     return default, overrides
 
 
-def _affine_entry(path: Path, module: str, raw: dict[str, _Raw], default, overrides) -> AffineTensor:
+def _affine_entry(path: Path, module: str, raw: dict[str, RawTensor], default, overrides) -> AffineTensor:
     w, s, b = raw[module + ".weight"], raw.get(module + ".scales"), raw.get(module + ".biases")
     where = f"{w.file}: tensor {module}.weight"
     if b is None:
@@ -491,7 +399,7 @@ def _affine_entry(path: Path, module: str, raw: dict[str, _Raw], default, overri
         raise ModelFormatError(f"{where}: {e}") from None
 
 
-def _float_entry(r: _Raw) -> QTensor:
+def _float_entry(r: RawTensor) -> QTensor:
     qtype = {"F16": QType.F16, "BF16": QType.BF16, "F32": QType.F32}.get(r.dtype)
     if qtype is None:
         raise ModelFormatError(f"{r.file}: a {r.dtype} tensor that is not part of a quantized triplet")
@@ -522,9 +430,9 @@ def load_mlx(path: str | Path, layout: str = "ggml") -> tuple[ModelConfig, Model
     path = Path(path)
     config = ModelConfig.from_hf(path / "config.json")
     default, overrides = _quant_params(path, _read_config(path))
-    raw: dict[str, _Raw] = {}
-    for f in _weight_files(path):
-        raw.update(_read_safetensors(f))
+    raw: dict[str, RawTensor] = {}
+    for f in shard_files(path):
+        raw.update(map_safetensors(f))
 
     modules = sorted({n.rsplit(".", 1)[0] for n in raw if n.endswith(".weight")})
     tensors: dict = {}
@@ -662,7 +570,7 @@ def write_mlx_folder(weights: ModelWeights, tokenizer_path: str | Path | bytes, 
                  (base + ".biases", "F16", (*lead, cols // group_size), "biases", gname)]
 
     def nbytes(entry) -> int:
-        return int(np.prod(entry[2])) * np.dtype(_ST_DTYPES[entry[1]]).itemsize
+        return int(np.prod(entry[2])) * NUMPY_DTYPES[entry[1]].itemsize
 
     shards: list[list] = [[]]
     size = 0
@@ -693,7 +601,7 @@ def write_mlx_folder(weights: ModelWeights, tokenizer_path: str | Path | bytes, 
 
     for fname, shard in zip(names, shards):
         by_name = {e[0]: e for e in shard}
-        _write_safetensors(out / fname, [(n, d, s) for n, d, s, _, _ in shard], fill)
+        write_safetensors(out / fname, [(n, d, s) for n, d, s, _, _ in shard], fill, metadata={"format": "mlx"})
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(nbytes(e) for e in plan)},
                  "weight_map": {e[0]: names[k] for k, shard in enumerate(shards) for e in shard}}

@@ -1,13 +1,15 @@
-"""A memory-mapped safetensors reader that understands bf16.
+"""The safetensors file format, read and written with numpy over memory maps (bf16 included).
 
 safetensors' own numpy API refuses bf16, and its torch API would pull torch in at run time. The format is simple
-(8-byte little-endian header length, a JSON header, then raw data), so we parse it and map the data ourselves;
-every tensor becomes a zero-copy QTensor over one np.memmap of the file.
+(8-byte little-endian header length, a JSON header, then raw data), so we parse it and map the data ourselves:
+every tensor is a zero-copy view of one np.memmap of its file, checked against the file's size before it is made.
+HF checkpoints (sources/hf.py) and mlx-community folders (sources/mlx.py, which adds uint32) both read through here.
 """
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,25 @@ from quant import QTensor, QType
 
 from ..errors import ModelFormatError
 
-__all__ = ["DTYPES", "read_safetensors"]
+__all__ = ["DTYPES", "NUMPY_DTYPES", "RawTensor", "map_safetensors", "read_safetensors", "shard_files",
+           "write_safetensors"]
 
-DTYPES = {"BF16": (QType.BF16, 2), "F16": (QType.F16, 2), "F32": (QType.F32, 4)}
+DTYPES = {"BF16": QType.BF16, "F16": QType.F16, "F32": QType.F32}  # what a float checkpoint may hold
+NUMPY_DTYPES = {"U32": np.dtype(np.uint32), "F16": np.dtype(np.float16), "BF16": np.dtype(np.uint16),  # bf16 raw
+                "F32": np.dtype(np.float32)}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_safetensors(path: str | Path) -> dict[str, QTensor]:
-    """Map a .safetensors file. Every entry is checked against the file's size before any view is made."""
+@dataclass(frozen=True)
+class RawTensor:
+    dtype: str            # the safetensors dtype name
+    array: np.ndarray     # memory-mapped view in its shape (bf16 as uint16)
+    file: str
+
+
+def map_safetensors(path: str | Path, allowed: tuple[str, ...] = tuple(NUMPY_DTYPES)) -> dict[str, RawTensor]:
+    """Map a .safetensors file whose tensors have one of the `allowed` dtypes. Raises ModelFormatError naming the
+    file and tensor for anything damaged, truncated or not allowed."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -49,7 +62,7 @@ def read_safetensors(path: str | Path) -> dict[str, QTensor]:
     data_start = 8 + n
     data_len = size - data_start
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
-    tensors = {}
+    out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -57,18 +70,68 @@ def read_safetensors(path: str | Path) -> dict[str, QTensor]:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelFormatError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dtype not in DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name}: dtype {dtype} is not supported (BF16, F16, F32 are)")
+        if dtype not in allowed:
+            raise ModelFormatError(f"{path}: tensor {name}: dtype {dtype} is not supported "
+                                   f"({', '.join(allowed)} are)")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ModelFormatError(f"{path}: tensor {name}: bad shape {shape!r}")
         if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b):
             raise ModelFormatError(f"{path}: tensor {name}: bad data offsets {[a, b]}")
-        qtype, itemsize = DTYPES[dtype]
+        np_dtype = NUMPY_DTYPES[dtype]
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if b - a != count * itemsize:
+        if b - a != count * np_dtype.itemsize:
             raise ModelFormatError(f"{path}: tensor {name}: {b - a} bytes for shape {shape} of {dtype}")
         if b > data_len:
             raise ModelFormatError(
                 f"{path}: tensor {name} ends at byte {data_start + b} but the file has {size} bytes (truncated?)")
-        tensors[name] = QTensor(qtype, tuple(shape), mm[data_start + a:data_start + b])
-    return tensors
+        view = mm[data_start + a:data_start + b].view(np_dtype).reshape(shape) if count else np.zeros(shape, np_dtype)
+        out[name] = RawTensor(dtype, view, str(path))
+    return out
+
+
+def read_safetensors(path: str | Path) -> dict[str, QTensor]:
+    """A float checkpoint file (BF16/F16/F32) as zero-copy QTensors."""
+    return {name: QTensor(DTYPES[r.dtype], tuple(r.array.shape), r.array.reshape(-1).view(np.uint8))
+            for name, r in map_safetensors(path, tuple(DTYPES)).items()}
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The weight files of a folder: those its model.safetensors.index.json names, else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFormatError(f"{index}: damaged shard index ({e})") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ModelFormatError(f"{path}: shard index names missing files: {', '.join(missing)}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{path}: no *.safetensors files")
+    return files
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]]], fill,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file of (name, dtype, shape) entries; fill(name, out_array) writes each tensor's data
+    straight into the file's memory map, so a large model is never held in memory whole."""
+    header, offset = {"__metadata__": dict(metadata or {})}, 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+    if offset == 0:
+        return
+    mm = np.memmap(path, dtype=np.uint8, mode="r+", offset=8 + len(text), shape=(offset,))
+    for name, dtype, shape in entries:
+        a, b = header[name]["data_offsets"]
+        fill(name, mm[a:b].view(NUMPY_DTYPES[dtype]).reshape(shape))
+    mm.flush()
+    del mm
