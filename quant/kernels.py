@@ -23,8 +23,10 @@ past a buffer kills the user's process.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import kernels_blas
@@ -46,6 +48,7 @@ __all__ = [
     "packed_shapes",
     "prepare",
     "quantizes_activations",
+    "serial_below",
 ]
 
 SUPPORTED_TYPES = frozenset(gen.FORMAT_CODE)
@@ -56,6 +59,27 @@ _FUSED_MAX_ROWS = 16
 
 # Rows of decoded float32 per BLAS tile: ~1 MiB at K=4096, so that the tile is still in L2 when sgemm reads it.
 _TILE_FLOATS = 1 << 18
+
+
+# Below this many multiply-adds a call runs on the calling thread alone. Waking a second thread and joining it costs
+# more than it saves on small products (quiet machine: a 256x256 Q4_0 matvec takes 9 us on one thread, 11 on two;
+# 1024x1024 is 26 vs 21), and when other load deschedules the peer, every join waits a scheduler slice for it (8 ms
+# instead of 0.03; bench/bench_threads.py, bench/results/threads_2026-11-28.json).
+SERIAL_MAX_MACS = 1 << 19
+
+
+@contextmanager
+def serial_below(work: int):
+    """Run the enclosed kernels (and BLAS, which follows numba's count) on one thread if work < SERIAL_MAX_MACS."""
+    n = numba.get_num_threads()
+    if n == 1 or work >= SERIAL_MAX_MACS:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)
 
 
 class KernelInputError(ValueError):
@@ -228,10 +252,11 @@ def linear(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     out = _check_out(out, x.shape[0], w.shape[0])
     if not x.shape[0]:
         return out
-    if isinstance(w, PackedWeight):
-        _packed_runs(w, x, np.array([0, x.shape[0]], np.int64), np.zeros(1, np.int64), out)
-    else:
-        _matmul(w.qtype, w.rows_view(), x, out)
+    with serial_below(x.shape[0] * w.shape[0] * w.shape[1]):
+        if isinstance(w, PackedWeight):
+            _packed_runs(w, x, np.array([0, x.shape[0]], np.int64), np.zeros(1, np.int64), out)
+        else:
+            _matmul(w.qtype, w.rows_view(), x, out)
     return out
 
 
@@ -246,10 +271,18 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
     x = _check_x(w, x)
     packed = isinstance(w, PackedWeight)
     ids = _check_experts(experts, x.shape[0], w.shape[0], check_range=not packed)
-    n_exp, n = w.shape[0], w.shape[1]
+    n = w.shape[1]
     out = np.empty((x.shape[0], n), dtype=np.float32)
     if not len(ids):
         return out
+    with serial_below(len(ids) * n * w.shape[2]):
+        _expert_linear(w, x, ids, out)
+    return out
+
+
+def _expert_linear(w, x: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    n_exp, n = w.shape[0], w.shape[1]
+    packed = isinstance(w, PackedWeight)
     if packed:
         # one kernel call for all experts: runs of rows that share an expert, in expert order
         order = np.empty(len(ids), np.int64)
@@ -265,10 +298,10 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
             y = np.empty_like(out)
             _packed_runs(w, np.ascontiguousarray(x[order]), run_start, run_expert, y)
             out[order] = y
-        return out
+        return
     if len(ids) == 1:  # a lone row needs no gather or scatter
         _matmul(w.qtype, _expert_rows(w, int(ids[0])), x, out)
-        return out
+        return
     order = np.argsort(ids, kind="stable")
     bounds = np.searchsorted(ids[order], np.arange(n_exp + 1))
     for e in range(n_exp):
@@ -277,7 +310,6 @@ def expert_linear(w, x: np.ndarray, experts) -> np.ndarray:
             y = np.empty((idx.size, n), dtype=np.float32)
             _matmul(w.qtype, _expert_rows(w, e), np.ascontiguousarray(x[idx]), y)
             out[idx] = y
-    return out
 
 
 def _check_experts(experts, n_rows: int, n_exp: int, check_range: bool = True) -> np.ndarray:

@@ -218,19 +218,25 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
 
 
 def test_blas_path_follows_numba_thread_count():
-    """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count."""
+    """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count;
+    products below kernels.SERIAL_MAX_MACS run on one thread, BLAS included, and leave the caller's count as it was."""
     import numba
 
     from quant import kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
-    w, ref = make_weight(QType.Q5_K, (20, 256))
+    big, ref_big = make_weight(QType.Q5_K, (2048, 256))   # 40 rows: 21M multiply-adds
+    small, ref_small = make_weight(QType.Q5_K, (20, 256))  # 40 rows: 0.2M
+    assert 40 * 20 * 256 < kernels.SERIAL_MAX_MACS <= 40 * 2048 * 256
     before = numba.get_num_threads()
     try:
         for n in sorted({1, before}):
             numba.set_num_threads(n)
             x = np.random.default_rng(n).standard_normal((40, 256)).astype(np.float32)
-            assert_matches(kernels.linear(kernels.prepare(w), x), ref, x, f"Q5_K threads={n}")
+            assert_matches(kernels.linear(kernels.prepare(big), x), ref_big, x, f"Q5_K threads={n}")
             assert kernels_blas.blas_threads() == n
+            assert_matches(kernels.linear(kernels.prepare(small), x), ref_small, x, f"Q5_K small threads={n}")
+            assert kernels_blas.blas_threads() == 1
+            assert numba.get_num_threads() == n
     finally:
         numba.set_num_threads(before)

@@ -12,6 +12,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from quant.kernels import serial_below
+
 __all__ = [
     "Q8_0_BLOCK",
     "Q8_0_BLOCK_BYTES",
@@ -40,8 +42,14 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 # RMSNorm, RoPE, SiLU
 # ----------------------------------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True, fastmath=False)
 def rmsnorm(x, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w."""
+    with serial_below(x.size):
+        return _rmsnorm(x, w, eps, out)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, accumulated in float64 like a careful reference."""
     n, d = x.shape
     for t in prange(n):
@@ -63,9 +71,14 @@ def rope_pairs(head_dim: int, pairing: str) -> np.ndarray:
     return np.stack([2 * i, 2 * i + 1], axis=1).astype(np.int64)
 
 
-@njit(parallel=True, cache=True)
 def rope(x, positions, inv_freq, pairs):
     """Rotate x (T, H, Dh) in place by each token's position."""
+    with serial_below(x.size):
+        _rope(x, positions, inv_freq, pairs)
+
+
+@njit(parallel=True, cache=True)
+def _rope(x, positions, inv_freq, pairs):
     n, h, _ = x.shape
     npairs = pairs.shape[0]
     for t in prange(n):
@@ -83,9 +96,14 @@ def rope(x, positions, inv_freq, pairs):
                 x[t, j, b] = x1 * c + x0 * s
 
 
-@njit(parallel=True, cache=True)
 def silu_mul(g, u):
     """g <- silu(g) * u, in place."""
+    with serial_below(g.size):
+        return _silu_mul(g, u)
+
+
+@njit(parallel=True, cache=True)
+def _silu_mul(g, u):
     n, d = g.shape
     for t in prange(n):
         for i in range(d):
@@ -468,11 +486,12 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
         raise ValueError(f"attention: positions {pos0}..{pos0 + n_tok - 1} outside the cache of {n_ctx}")
     if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("attention: caches must be C-contiguous")
-    plan = attention_plan(n_tok, n_heads, n_kv, dh, pos0, numba.get_num_threads())
-    ws = _workspace(plan)
-    return _attention_kernel(q, k_cache, v_cache, pos0, np.float32(scale), plan["n_splits"], out,
-                             ws["ws_q"], ws["ws_k"], ws["ws_v"], ws["ws_s"], ws["ws_acc"], ws["ws_ml"],
-                             ws["ws_vis"], ws["part_ml"], ws["part_acc"])
+    with serial_below(n_tok * (pos0 + n_tok) * n_heads * dh * 2):
+        plan = attention_plan(n_tok, n_heads, n_kv, dh, pos0, numba.get_num_threads())
+        ws = _workspace(plan)
+        return _attention_kernel(q, k_cache, v_cache, pos0, np.float32(scale), plan["n_splits"], out,
+                                 ws["ws_q"], ws["ws_k"], ws["ws_v"], ws["ws_s"], ws["ws_acc"], ws["ws_ml"],
+                                 ws["ws_vis"], ws["part_ml"], ws["part_acc"])
 
 
 def set_threads(n: int) -> None:
