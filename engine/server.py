@@ -329,12 +329,9 @@ def run_serve(args) -> int:
               file=sys.stderr)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    # OpenMP's default lets a kernel's team threads spin after each parallel region. In the server the event loop
-    # thread needs the GIL once per token, and on a busy machine those spinning threads starve both it and the
-    # worker: measured on the 2-core dev box under load, decode ran at 2-13 tokens/s with spinning and 30-360 with
-    # passive waiting (tiny model). It is read when the OpenMP runtime loads, at the first parallel kernel, which
-    # comes after this line. An explicit setting in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The server's event loop needs the GIL once per token; spinning OpenMP threads starved it on a busy machine
+    # (decode 2-13 tokens/s spinning, 30-360 passive, tiny model). The numba backend now asks for passive waits
+    # itself (engine/backends/numba_cpu.py: prefer_passive_openmp_waits); an explicit setting still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
                       kv_type=args.kv_type)
     app = create_app(llm, api_key=args.api_key, aliases=args.alias, context_shift=args.context_shift,

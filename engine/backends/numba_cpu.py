@@ -5,6 +5,7 @@ A active experts per token, F expert hidden width, V vocabulary.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,22 @@ def route(h: np.ndarray, router: np.ndarray, n_used: int) -> RouterTrace:
     return RouterTrace(logits, ids, w.astype(np.float32))
 
 
+def prefer_passive_openmp_waits() -> None:
+    """Make numba's OpenMP threads sleep, not spin, between parallel regions (unless the user chose otherwise).
+
+    With spinning waits, a team thread keeps its core busy after each region, and every BLAS call (whose own
+    threads then share those cores) and every other process waits for it. On this 2-core machine, quiet, the tiny
+    model's 128-token prefill (bf16: BLAS between numba kernels) took 197 ms with libgomp's default spinning and 11 ms
+    with passive waits; on the Mixtral-shape Q4_0 slice prefill was 81.4 vs 82.3 tok/s and decode 28.4 vs 27.3
+    (medians of 3, within run-to-run noise; bench/bench_omp_wait.py). libgomp reads the variable when it loads, at
+    numba's first parallel launch, so this must run before that; once loaded it is too late and this does nothing."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    from numba.np.ufunc import parallel
+    if not getattr(parallel, "_is_initialized", False):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 class NumbaCPUBackend:
     name = "numba"
 
@@ -54,6 +71,7 @@ class NumbaCPUBackend:
         self.n_threads = n_threads
         self.w = weights
         c = self.config
+        prefer_passive_openmp_waits()
         ops.set_threads(n_threads)  # the repack kernels run on numba's threads too
         named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
         prepared = prepare_weights(named, weights.origin, use_cache=packed_cache)
