@@ -1,8 +1,10 @@
 """Prefill and decode tokens/s of mixlocal against transformers on the same tiny Mixtral, in the same run.
 
-    .venv/bin/python bench/bench_core.py [--rounds 5] [--prompt 128] [--decode 32] [--out bench/results/...]
+    .venv/bin/python bench/bench_core.py [--rounds 5] [--prompt 128] [--decode 32] [--threads 2] [--out FILE]
 
-Rounds alternate between the two engines; medians are reported (the machine is shared and noisy). transformers
+Each round runs each engine in a fresh process of its own, alternating, and medians over rounds are reported (the
+machine is shared and noisy). One process per engine matters here: torch's and numba's OpenMP runtimes each keep
+their own team threads, and in one process the idle team of one spins on the cores the other needs. transformers
 runs float32 on the same bf16 checkpoint; mixlocal reads the bf16 weights as they are stored.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,43 +24,65 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_model
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _prompt(n: int) -> list[int]:
+    return [1] + np.random.default_rng(0).integers(3, 32000, n - 1).tolist()
 
 
-def time_mixlocal(llm, prompt, n_decode):
-    llm.reset()
-    t0 = time.perf_counter()
-    logits = llm.eval(prompt, logits="last")
-    t1 = time.perf_counter()
-    tok = int(np.argmax(logits[-1]))
-    for _ in range(n_decode):
-        tok = int(np.argmax(llm.eval([tok], logits="last")[-1]))
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
+def run_mixlocal(hf_dir: Path, n_prompt: int, n_decode: int, threads: int) -> tuple[float, float]:
+    import engine
+    llm = engine.load(hf_dir, n_ctx=n_prompt + n_decode + 8, n_threads=threads, kv_type="f32")
+    prompt = _prompt(n_prompt)
 
-
-def time_transformers(model, prompt, n_decode):
-    import torch
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
+    def once(p, n):
+        llm.reset()
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1)
+        tok = int(np.argmax(llm.eval(p, logits="last")[-1]))
         t1 = time.perf_counter()
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(n_decode):
-            out = model(tok, past_key_values=past, use_cache=True)
+        for _ in range(n):
+            tok = int(np.argmax(llm.eval([tok], logits="last")[-1]))
+        return len(p) / (t1 - t0), n / (time.perf_counter() - t1)
+    once(prompt[:16], 2)  # JIT and first-touch warm-up, not timed
+    return once(prompt, n_decode)
+
+
+def run_transformers(hf_dir: Path, n_prompt: int, n_decode: int, threads: int) -> tuple[float, float]:
+    import torch
+    from transformers import MixtralForCausalLM
+    torch.set_num_threads(threads)
+    model = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = _prompt(n_prompt)
+
+    def once(p, n):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
+            for _ in range(n):
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return len(p) / (t1 - t0), n / (time.perf_counter() - t1)
+    once(prompt[:16], 2)
+    return once(prompt, n_decode)
+
+
+WORKERS = {"mixlocal": run_mixlocal, "transformers_f32": run_transformers}
+
+
+def run_worker(engine_name: str, hf_dir: Path, args) -> tuple[float, float]:
+    cmd = [sys.executable, __file__, "--worker", engine_name, "--hf-dir", str(hf_dir), "--prompt", str(args.prompt),
+           "--decode", str(args.decode), "--threads", str(args.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode or not lines:
+        raise SystemExit(f"{engine_name} worker failed ({r.returncode}): {r.stderr[-2000:]}")
+    return tuple(json.loads(lines[-1][7:]))
 
 
 def main() -> int:
@@ -67,46 +92,43 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "core_tiny_vs_transformers.json")
+    ap.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(WORKERS[args.worker](args.hf_dir, args.prompt, args.decode, args.threads)))
+        return 0
 
-    import torch
     from conftest import TINY, make_hf_checkpoint
-    from transformers import MixtralForCausalLM
-
-    import engine
-
-    torch.set_num_threads(args.threads)
+    runs: dict[str, list] = {name: [] for name in WORKERS}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_hf_checkpoint(Path(tmp) / "tiny")
-        llm = engine.load(hf_dir, n_ctx=args.prompt + args.decode + 8, n_threads=args.threads, kv_type="f32")
-        ref = MixtralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        rng = np.random.default_rng(0)
-        prompt = [1] + rng.integers(3, 32000, args.prompt - 1).tolist()
-        time_mixlocal(llm, prompt[:16], 2)      # JIT warm-up, not timed
-        time_transformers(ref, prompt[:16], 2)
-        ours, theirs = [], []
-        for _ in range(args.rounds):
-            ours.append(time_mixlocal(llm, prompt, args.decode))
-            theirs.append(time_transformers(ref, prompt, args.decode))
+        for r in range(args.rounds):
+            names = list(WORKERS) if r % 2 == 0 else list(WORKERS)[::-1]
+            for name in names:
+                runs[name].append(run_worker(name, hf_dir, args))
+                print(f"round {r + 1}: {name} prefill/decode tok/s {runs[name][-1]}", flush=True)
 
-    def med(rows, i):
-        return statistics.median(r[i] for r in rows)
+    def med(name, i):
+        return statistics.median(row[i] for row in runs[name])
+    ours, theirs = "mixlocal", "transformers_f32"
     result = {
         "machine": {"cpu": cpu_model(), "threads": args.threads, "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
         "model": {"kind": "tiny random Mixtral (tests/conftest.py TINY)", **TINY},
         "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,
-        "mixlocal": {"prefill_tps": med(ours, 0), "decode_tps": med(ours, 1)},
-        "transformers_f32": {"prefill_tps": med(theirs, 0), "decode_tps": med(theirs, 1)},
+        "process_per_engine_and_round": True,
+        ours: {"prefill_tps": med(ours, 0), "decode_tps": med(ours, 1)},
+        theirs: {"prefill_tps": med(theirs, 0), "decode_tps": med(theirs, 1)},
         "ratio": {"prefill": med(ours, 0) / med(theirs, 0), "decode": med(ours, 1) / med(theirs, 1)},
-        "raw": {"mixlocal": ours, "transformers_f32": theirs},
+        "raw": runs,
         "command": "python bench/bench_core.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("mixlocal", "transformers_f32", "ratio")}, indent=2))
+    print(json.dumps({k: result[k] for k in (ours, theirs, "ratio")}, indent=2))
     return 0
 
 

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package: make_mixtral_slice is found through sys.path
 
+from machine import cpu_model
 from make_mixtral_slice import MIXTRAL, write_slice
 
 ENGINES = ("mixlocal", "llama", "llama_nofa", "llama_norepack")
@@ -60,14 +61,6 @@ WORKER_TIMEOUT_S = 4 * 3600
 # machine and process
 # ---------------------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def status_bytes(*keys: str) -> dict:

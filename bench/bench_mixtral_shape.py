@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("MIXLOCAL_SRC") or str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import cpu_model, mem_info, proc_memory
 from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
 
 ENGINES = ("mixlocal", "llama", "llama_norepack")
@@ -62,40 +63,10 @@ WORKER_TIMEOUT_S = 3 * 3600  # the 32-block model runs from disk
 # machine
 # ---------------------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def mem_info() -> dict:
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, value = line.split(":", 1)
-            if key in ("MemTotal", "MemAvailable"):
-                out[key + "_GB"] = round(int(value.split()[0]) * 1024 / 1e9, 2)
-    except OSError:
-        pass
-    return out
 
 
-def proc_memory() -> dict:
-    """This process's peak and current resident memory (GB), split into anonymous and file-backed pages."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[{"VmHWM": "peak_rss_GB", "VmRSS": "rss_GB", "RssAnon": "rss_anon_GB",
-                     "RssFile": "rss_file_GB"}[key]] = round(int(value.split()[0]) * 1024 / 1e9, 3)
-    except OSError:
-        pass
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_common
 import mlx.core as mx
+from machine import cpu_model
 
 from engine.config import ModelConfig
 from engine.sources.mlx import write_mlx_folder
@@ -124,7 +125,7 @@ def main() -> int:
         "device": "cpu (mlx[cpu] on Linux x86_64) - not Apple Silicon / Metal",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg()},
         "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__},
         "model": {"layers": c.n_layers, "dim": c.dim, "ffn_dim": c.ffn_dim, "experts": "8 (2 active)",
@@ -149,14 +150,6 @@ def main() -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
