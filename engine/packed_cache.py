@@ -210,7 +210,11 @@ def _build(path: Path, descriptor: dict, named: dict, total: int) -> dict | None
     _note(f"repacking {total / 1e9:.2f} GB of weights once into {path}")
     try:
         with open(tmp, "w+b") as f:
-            f.truncate(size)
+            if hasattr(os, "posix_fallocate"):
+                # reserve the blocks now: a disk that fills up under a shared mapping signals SIGBUS mid-write
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:
+                f.truncate(size)
             f.write(header)
             f.flush()
             buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE)
@@ -222,6 +226,10 @@ def _build(path: Path, descriptor: dict, named: dict, total: int) -> dict | None
             buf.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _note(f"cannot write the packed-weight cache {path} ({e}); packing in memory")
+        return None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -135,3 +135,12 @@ def test_weights_that_would_not_fit_twice_stay_in_the_file_layout(q4_model, cach
     # llama.cpp does), so the two agree to that rounding (KL ~2e-3 on this deliberately chaotic fixture)
     kl = mean_kl(in_memory[1], llm.eval(PROMPT, logits="all"))
     assert kl < 1e-2, kl
+
+
+def test_unwritable_cache_dir_packs_in_memory(q4_model, tmp_path, in_memory, monkeypatch, capsys):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("MIXLOCAL_CACHE_DIR", str(blocker / "cache"))
+    llm = _load(q4_model, packed_cache=True)
+    assert "packing in memory" in capsys.readouterr().err
+    np.testing.assert_array_equal(llm.eval(PROMPT, logits="all"), in_memory[1])
