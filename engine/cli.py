@@ -55,6 +55,8 @@ def _add_model_args(p, *, sampling: bool, n_default: int):
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--n-ctx", type=int, default=32768, metavar="N",
                    help="context length (default 32768; KV memory is committed only as the context fills)")
+    p.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
+                   help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
     if sampling:
         p.add_argument("-n", "--max-tokens", type=int, default=n_default, metavar="N",
                        help=f"most tokens to generate (default {n_default})")
@@ -69,7 +71,7 @@ def _add_model_args(p, *, sampling: bool, n_default: int):
 def _load(args):
     import engine
     return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
-                       n_ctx=args.n_ctx)
+                       n_ctx=args.n_ctx, packed_cache=args.packed_cache)
 
 
 def _sampling(args) -> dict:

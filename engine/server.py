@@ -303,6 +303,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answer limit for requests that set none (default: until EOS or the context is full)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     parser.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache element type")
+    parser.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
+                        help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--quant", default=None)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -333,7 +335,7 @@ def run_serve(args) -> int:
     # (decode 2-13 tokens/s spinning, 30-360 passive, tiny model). The numba backend now asks for passive waits
     # itself (engine/backends/numba_cpu.py: prefer_passive_openmp_waits); an explicit setting still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
-                      kv_type=args.kv_type)
+                      kv_type=args.kv_type, packed_cache=args.packed_cache)
     app = create_app(llm, api_key=args.api_key, aliases=args.alias, context_shift=args.context_shift,
                      seed_alias=not args.no_seed_alias, default_max_tokens=args.max_tokens)
     ids = ", ".join(app.state.service.model_ids)

@@ -144,3 +144,17 @@ def test_unwritable_cache_dir_packs_in_memory(q4_model, tmp_path, in_memory, mon
     llm = _load(q4_model, packed_cache=True)
     assert "packing in memory" in capsys.readouterr().err
     np.testing.assert_array_equal(llm.eval(PROMPT, logits="all"), in_memory[1])
+
+
+@pytest.mark.parametrize("flag, want", [([], None), (["--no-packed-cache"], False)])
+def test_cli_passes_the_packed_cache_choice_to_load(monkeypatch, flag, want):
+    from engine import cli
+    seen = {}
+    real_load = engine.load
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real_load(*a, **kw)
+    monkeypatch.setattr(engine, "load", spy)
+    cli.main(["generate", "-p", "Once upon a time", "-n", "2", "--temp", "0", *flag])
+    assert seen["packed_cache"] is want
