@@ -121,6 +121,44 @@ def _nibble_dot16_split(typingctx, w, w_off, x, x_off, out_lo, out_hi, out_off):
 
 
 @intrinsic
+def _nibble_dot16_split_x4(typingctx, w, w_off, x, x_off, x_stride, out_lo, out_hi, out_off):
+    """_nibble_dot16_split for 4 activation rows at once (x_off, x_off + x_stride, ...): each weight register is
+    loaded and unpacked once for all 4 (prefill). Row j's sums go to out_lo/out_hi[j * 64 + out_off ...]."""
+    sig = types.void(w, w_off, x, x_off, x_stride, out_lo, out_hi, out_off)
+
+    def codegen(context, builder, signature, args):
+        wa, wo, xa, xo, xst, la, ha, oo = args
+        wp = _data_ptr(context, builder, signature.args[0], wa, wo, _V16)
+        dp = _dpbusd(builder)
+        low = _splat(builder, ir.Constant(_I32, 0x0F0F0F0F))
+        four = _splat(builder, ir.Constant(_I32, 4))
+        xps, lps, hps = [], [], []
+        for j in range(4):
+            off = builder.add(xo, builder.mul(xst, ir.Constant(xst.type, j)))
+            xps.append(_data_ptr(context, builder, signature.args[2], xa, off, _I32))
+            o = builder.add(oo, ir.Constant(oo.type, 64 * j))
+            lps.append(_data_ptr(context, builder, signature.args[5], la, o, _V16))
+            hps.append(_data_ptr(context, builder, signature.args[6], ha, o, _V16))
+        acc_lo = [ir.Constant(_V16, None)] * 4
+        acc_hi = [ir.Constant(_V16, None)] * 4
+        for jq in range(8):
+            v = builder.load(builder.gep(wp, [ir.Constant(_I64, jq)]), align=1)
+            v_lo = builder.and_(v, low)
+            v_hi = builder.and_(builder.lshr(v, four), low)
+            for j in range(4):
+                x_lo = builder.load(builder.gep(xps[j], [ir.Constant(_I64, jq)]), align=1)
+                x_hi = builder.load(builder.gep(xps[j], [ir.Constant(_I64, 8 + jq)]), align=1)
+                acc_lo[j] = builder.call(dp, [acc_lo[j], v_lo, _splat(builder, x_lo)])
+                acc_hi[j] = builder.call(dp, [acc_hi[j], v_hi, _splat(builder, x_hi)])
+        for j in range(4):
+            builder.store(acc_lo[j], lps[j], align=4)
+            builder.store(acc_hi[j], hps[j], align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _q6_dot16_split(typingctx, w, w_off, x, x_off, out_lo, out_hi, out_off):
     """Q6_K chunk of 32 codes, 16 rows: 4 nibble quads and 2 quads of 2-bit highs rebuilt into 6-bit codes (0..63);
     elements 0-15 (low nibbles) go to out_lo, 16-31 (high nibbles) to out_hi, each summed against x."""
@@ -387,6 +425,14 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                 out[m, g * ROWS + r] = accf[m - m0, r]
 
 
+@njit(inline="always")
+def _q4_k_rows_out(a, isum_lo, isum_hi, o, fsc, fmn, c, s_lo, s_hi, x_lo, x_hi):
+    """One activation row's chunk c: scale the integer sums (isum_*[o:o+ROWS]) into its accumulators a."""
+    for r in range(ROWS):
+        a[r] += s_lo * (fsc[2 * c, r] * np.float32(isum_lo[o + r]) - fmn[2 * c, r] * x_lo)
+        a[r] += s_hi * (fsc[2 * c + 1, r] * np.float32(isum_hi[o + r]) - fmn[2 * c + 1, r] * x_hi)
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_groups, nsb = dd.shape[1], dd.shape[2]
@@ -402,30 +448,61 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         dsup = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
-        isum_lo = np.empty(ROWS, np.int32)
-        isum_hi = np.empty(ROWS, np.int32)
+        fsc = np.empty((8, ROWS), np.float32)  # prefill: d * scale and dmin * min of each sub-block, once
+        fmn = np.empty((8, ROWS), np.float32)
+        isum_lo = np.empty(4 * ROWS, np.int32)
+        isum_hi = np.empty(4 * ROWS, np.int32)
         for b in range(nsb):
             _halves_to_float(dd[e, g, b, 0], dsup)
             _halves_to_float(dd[e, g, b, 1], dmin)
             sm = scm[e, g, b]
             base = ((e * n_groups + g) * nsb + b) * block
-            for m in range(m0, m1):
-                a = accf[m - m0]
+            if m1 - m0 < 4:  # decode: each scale is used once, so it is applied where it is read
+                for m in range(m0, m1):
+                    a = accf[m - m0]
+                    for c in range(4):
+                        k0 = b * 256 + c * 64
+                        for rq in range(4):
+                            _nibble_dot16_split(qs, base + c * 2048 + rq * 512, xq, m * k + k0,
+                                                isum_lo, isum_hi, rq * _QUARTER)
+                        blk = k0 // 32
+                        s_lo, s_hi = xd[m, blk], xd[m, blk + 1]
+                        x_lo, x_hi = np.float32(xs[m, blk]), np.float32(xs[m, blk + 1])
+                        for r in range(ROWS):
+                            ds = dsup[r]
+                            dm = dmin[r]
+                            a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * np.float32(isum_lo[r])
+                                            - dm * np.float32(sm[8 + 2 * c, r]) * x_lo)
+                            a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(isum_hi[r])
+                                            - dm * np.float32(sm[9 + 2 * c, r]) * x_hi)
+                continue
+            for s in range(8):
+                for r in range(ROWS):
+                    fsc[s, r] = dsup[r] * np.float32(sm[s, r])
+                    fmn[s, r] = dmin[r] * np.float32(sm[8 + s, r])
+            m = m0
+            while m + 4 <= m1:  # prefill: four activation rows share each unpacked weight register
+                for c in range(4):
+                    k0 = b * 256 + c * 64
+                    for rq in range(4):
+                        _nibble_dot16_split_x4(qs, base + c * 2048 + rq * 512, xq, m * k + k0, k,
+                                               isum_lo, isum_hi, rq * _QUARTER)
+                    blk = k0 // 32
+                    for j in range(4):
+                        _q4_k_rows_out(accf[m + j - m0], isum_lo, isum_hi, j * ROWS, fsc, fmn, c,
+                                       xd[m + j, blk], xd[m + j, blk + 1],
+                                       np.float32(xs[m + j, blk]), np.float32(xs[m + j, blk + 1]))
+                m += 4
+            while m < m1:
                 for c in range(4):
                     k0 = b * 256 + c * 64
                     for rq in range(4):
                         _nibble_dot16_split(qs, base + c * 2048 + rq * 512, xq, m * k + k0,
                                             isum_lo, isum_hi, rq * _QUARTER)
                     blk = k0 // 32
-                    s_lo, s_hi = xd[m, blk], xd[m, blk + 1]
-                    x_lo, x_hi = np.float32(xs[m, blk]), np.float32(xs[m, blk + 1])
-                    for r in range(ROWS):
-                        ds = dsup[r]
-                        dm = dmin[r]
-                        a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * np.float32(isum_lo[r])
-                                        - dm * np.float32(sm[8 + 2 * c, r]) * x_lo)
-                        a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(isum_hi[r])
-                                        - dm * np.float32(sm[9 + 2 * c, r]) * x_hi)
+                    _q4_k_rows_out(accf[m - m0], isum_lo, isum_hi, 0, fsc, fmn, c, xd[m, blk], xd[m, blk + 1],
+                                   np.float32(xs[m, blk]), np.float32(xs[m, blk + 1]))
+                m += 1
         r_end = min(ROWS, n_rows - g * ROWS)
         for m in range(m0, m1):
             for r in range(r_end):
