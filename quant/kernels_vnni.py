@@ -92,6 +92,39 @@ def _nibble_dot16(typingctx, w, w_off, x, x_off, out, out_off):
 
 
 @intrinsic
+def _nibble_dot16_x4(typingctx, w, w_off, x, x_off, x_stride, out, out_off):
+    """_nibble_dot16 for 4 activation rows at once (x_off, x_off + x_stride, ...): each weight register is loaded
+    and unpacked once for all 4 (prefill). Row j's sums go to out[j * 64 + out_off ...]."""
+    sig = types.void(w, w_off, x, x_off, x_stride, out, out_off)
+
+    def codegen(context, builder, signature, args):
+        wa, wo, xa, xo, xst, oa, oo = args
+        wp = _data_ptr(context, builder, signature.args[0], wa, wo, _V16)
+        dp = _dpbusd(builder)
+        low = _splat(builder, ir.Constant(_I32, 0x0F0F0F0F))
+        four = _splat(builder, ir.Constant(_I32, 4))
+        xps = [_data_ptr(context, builder, signature.args[2], xa,
+                         builder.add(xo, builder.mul(xst, ir.Constant(xst.type, j))), _I32) for j in range(4)]
+        acc = [ir.Constant(_V16, None)] * 4
+        for jq in range(4):
+            v = builder.load(builder.gep(wp, [ir.Constant(_I64, jq)]), align=1)
+            v_lo = builder.and_(v, low)
+            v_hi = builder.and_(builder.lshr(v, four), low)
+            for j in range(4):
+                x_lo = builder.load(builder.gep(xps[j], [ir.Constant(_I64, jq)]), align=1)
+                x_hi = builder.load(builder.gep(xps[j], [ir.Constant(_I64, 4 + jq)]), align=1)
+                acc[j] = builder.call(dp, [acc[j], v_lo, _splat(builder, x_lo)])
+                acc[j] = builder.call(dp, [acc[j], v_hi, _splat(builder, x_hi)])
+        for j in range(4):
+            op = _data_ptr(context, builder, signature.args[5], oa, builder.add(oo, ir.Constant(oo.type, 64 * j)),
+                           _V16)
+            builder.store(acc[j], op, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _nibble_dot16_split(typingctx, w, w_off, x, x_off, out_lo, out_hi, out_off):
     """Q4_K chunk, 16 rows: low nibbles of 8 quads against x[0:32], high nibbles against x[32:64], kept apart."""
     sig = types.void(w, w_off, x, x_off, out_lo, out_hi, out_off)
@@ -362,6 +395,13 @@ def pack_q6_k(rows, qs, sc, d):
 # qs arrives flattened to 1-D (a free view of the packed array) and xq flattened too, so the intrinsics get plain
 # element offsets.
 
+@njit(inline="always")
+def _q4_0_row_out(a, isum, o, ds, scale, offset):
+    """One activation row's block: scale the integer sums isum[o:o+ROWS] into its accumulators a."""
+    for r in range(ROWS):
+        a[r] += np.float32(isum[o + r] - offset) * (ds[r] * scale)
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_groups, nb = d.shape[1], d.shape[2]
@@ -376,18 +416,22 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         m1 = run_start[run + 1]
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
-        isum = np.empty(ROWS, np.int32)
+        isum = np.empty(4 * ROWS, np.int32)
         for b in range(nb):
             _halves_to_float(d[e, g, b], ds)
             base = ((e * n_groups + g) * nb + b) * block
-            for m in range(m0, m1):
+            m = m0
+            while m + 4 <= m1:  # prefill: four activation rows share each unpacked weight register
+                for rq in range(4):
+                    _nibble_dot16_x4(qs, base + rq * 256, xq, m * k + b * 32, k, isum, rq * _QUARTER)
+                for j in range(4):
+                    _q4_0_row_out(accf[m + j - m0], isum, j * ROWS, ds, xd[m + j, b], 8 * xs[m + j, b])
+                m += 4
+            while m < m1:
                 for rq in range(4):
                     _nibble_dot16(qs, base + rq * 256, xq, m * k + b * 32, isum, rq * _QUARTER)
-                scale = xd[m, b]
-                offset = 8 * xs[m, b]
-                a = accf[m - m0]
-                for r in range(ROWS):
-                    a[r] += np.float32(isum[r] - offset) * (ds[r] * scale)
+                _q4_0_row_out(accf[m - m0], isum, 0, ds, xd[m, b], 8 * xs[m, b])
+                m += 1
         r_end = min(ROWS, n_rows - g * ROWS)
         for m in range(m0, m1):
             for r in range(r_end):
