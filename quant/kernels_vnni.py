@@ -420,6 +420,16 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         for b in range(nb):
             _halves_to_float(d[e, g, b], ds)
             base = ((e * n_groups + g) * nb + b) * block
+            if m1 - m0 < 4:  # decode: kept as a plain loop, which LLVM compiles tighter than the shared helper
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _nibble_dot16(qs, base + rq * 256, xq, m * k + b * 32, isum, rq * _QUARTER)
+                    scale = xd[m, b]
+                    offset = 8 * xs[m, b]
+                    a = accf[m - m0]
+                    for r in range(ROWS):
+                        a[r] += np.float32(isum[r] - offset) * (ds[r] * scale)
+                continue
             m = m0
             while m + 4 <= m1:  # prefill: four activation rows share each unpacked weight register
                 for rq in range(4):
