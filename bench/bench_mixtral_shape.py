@@ -206,17 +206,19 @@ def _packed_files() -> dict[str, int]:
     return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.mixpack")} if folder.is_dir() else {}
 
 
-def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
+def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int], packed_cache: bool = True) -> dict:
     t0 = time.perf_counter()
     import engine
     t1 = time.perf_counter()
     before = _packed_files()
-    llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
+    llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads,
+                      packed_cache=None if packed_cache else False)
     t2 = time.perf_counter()
     after = _packed_files()
     int(np.argmax(llm.eval([1], logits="last")[-1]))
     t3 = time.perf_counter()
-    cache = "mapped" if after and after == before else ("written" if after else "none (packed in memory)")
+    cache = "in memory" if not packed_cache else (
+        "mapped" if after and after == before else ("written" if after else "none (packed in memory)"))
     out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "packed_weights": cache}
 
     def prefill(ids):
@@ -407,7 +409,7 @@ def _run_startup(path: str, threads: int) -> dict:
 def worker_main(args) -> int:
     prompt, decode = _tokens(args.prompt, args.decode, MIXTRAL.vocab)
     if args.worker == "mixlocal":
-        out = _run_mixlocal(args.file, args.threads, prompt, decode)
+        out = _run_mixlocal(args.file, args.threads, prompt, decode, args.packed_cache == "on")
     elif args.worker in ("llama", "llama_norepack"):
         out = _run_llama(args.file, args.threads, prompt, decode, repack=args.worker == "llama")
     elif args.worker == "startup":
@@ -431,7 +433,8 @@ def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice:
     if args.src:  # benchmark another source tree (a clean `git archive` of a commit, say) instead of this one
         env["MIXLOCAL_SRC"] = str(Path(args.src).resolve())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--file", str(path),
-           "--threads", str(args.threads), "--prompt", str(args.prompt), "--decode", str(args.decode)]
+           "--threads", str(args.threads), "--prompt", str(args.prompt), "--decode", str(args.decode),
+           "--packed-cache", args.packed_cache]
     if nice:
         cmd = ["nice", "-n", str(nice)] + cmd
     load_before = os.getloadavg()[0]
@@ -527,7 +530,9 @@ def _memory_guard(engines: list[str], path: Path, args) -> dict[str, str]:
     if avail is None:
         return {}
     copy_gb = path.stat().st_size / 1e9  # llama.cpp's repack copies about every matrix once
-    needs = {"llama": copy_gb}  # mixlocal's packed copy is a mapped cache file (engine/packed_cache.py)
+    needs = {"llama": copy_gb}  # mixlocal's packed copy is a mapped cache file (engine/packed_cache.py) ...
+    if args.packed_cache == "off":
+        needs["mixlocal"] = copy_gb  # ... unless it is told to repack in memory
     skipped = {}
     for e in engines:
         if needs.get(e, 0.0) > 0.85 * avail:
@@ -650,6 +655,9 @@ def main() -> int:
     ap.add_argument("--src", type=Path, default=None,
                     help="mixlocal source tree the workers import (default: this checkout); e.g. a `git archive` "
                          "of one commit, so that edits in a shared working tree do not change a run midway")
+    ap.add_argument("--packed-cache", choices=("on", "off"), default="on",
+                    help="off: mixlocal repacks into anonymous memory at every load (engine.load(packed_cache=False)) "
+                         "instead of mapping its packed-weight cache")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
