@@ -4,8 +4,8 @@
 
 Each policy runs in fresh processes (libgomp reads its environment once, when it loads):
   spin     GOMP_SPINCOUNT=300000, libgomp's own default: team threads spin ~0.1-1 ms after each parallel region
-  passive  OMP_WAIT_POLICY=PASSIVE, what the numba backend asks for unless the user set either variable
-  short    GOMP_SPINCOUNT=10000
+  passive  OMP_WAIT_POLICY=PASSIVE: team threads sleep at once
+  short    GOMP_SPINCOUNT=10000, what the numba backend sets unless the user set either variable
 Two workloads: the tiny test model (tests/conftest.py TINY, bf16, so prefill goes through BLAS between numba
 kernels): 128-token prefill and 20 decode steps, medians of --rounds; and mixlocal alone on the 4-block Q4_0
 Mixtral-shape slice through bench/bench_mixtral_shape.py (medians of --mixtral-rounds). Writes

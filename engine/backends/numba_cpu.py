@@ -45,20 +45,23 @@ def route(h: np.ndarray, router: np.ndarray, n_used: int) -> RouterTrace:
     return RouterTrace(logits, ids, w.astype(np.float32))
 
 
-def prefer_passive_openmp_waits() -> None:
-    """Make numba's OpenMP threads sleep, not spin, between parallel regions (unless the user chose otherwise).
+def limit_openmp_spinning() -> None:
+    """Let numba's OpenMP threads spin only briefly (GOMP_SPINCOUNT=10000, ~10-50 us) before they sleep between
+    parallel regions, unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT.
 
-    With spinning waits, a team thread keeps its core busy after each region, and every BLAS call (whose own
-    threads then share those cores) and every other process waits for it. On this 2-core machine, quiet, the tiny
-    model's 128-token prefill (bf16: BLAS between numba kernels) took 197 ms with libgomp's default spinning and 11 ms
-    with passive waits; on the Mixtral-shape Q4_0 slice prefill was 81.4 vs 82.3 tok/s and decode 28.4 vs 27.3
-    (medians of 3, within run-to-run noise; bench/bench_omp_wait.py). libgomp reads the variable when it loads, at
-    numba's first parallel launch, so this must run before that; once loaded it is too late and this does nothing."""
+    libgomp's default spins ~100x longer: a team thread keeps its core busy after each region, and every BLAS call
+    (whose own threads then share those cores) and every other process waits for it. Sleeping at once costs a wake-up
+    per region instead. Measured on this 2-core machine (bench/bench_omp_wait.py, two runs an hour apart,
+    bench/results/omp_wait_policy_2026-11-28*.json): the tiny model's 128-token prefill (bf16: BLAS between numba
+    kernels) took 197 ms spinning, 24 ms with short spins, 11 ms sleeping at once; on the Mixtral-shape Q4_0 slice
+    decode ran 28.4 / 28.3 / 27.3 tok/s in the first run and 26.1 / 25.7 / 23.5 in the second, prefill within noise.
+    libgomp reads the variable when it loads, at numba's first parallel launch, so this must run before that; once
+    loaded it is too late and this does nothing."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     from numba.np.ufunc import parallel
     if not getattr(parallel, "_is_initialized", False):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 class NumbaCPUBackend:
@@ -71,7 +74,7 @@ class NumbaCPUBackend:
         self.n_threads = n_threads
         self.w = weights
         c = self.config
-        prefer_passive_openmp_waits()
+        limit_openmp_spinning()
         ops.set_threads(n_threads)  # the repack kernels run on numba's threads too
         named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
         prepared = prepare_weights(named, weights.origin, use_cache=packed_cache)
