@@ -328,6 +328,8 @@ def _check_experts(experts, n_rows: int, n_exp: int, check_range: bool = True) -
 
 
 _VNNI_RUNS = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs, QType.Q6_K: vn.q6_k_runs}
+# prefill variants: four activation rows per unpacked weight register (decode keeps the kernels above)
+_VNNI_RUNS_MANY_ROWS = {QType.Q4_0: vn.q4_0_runs_x4, QType.Q4_K: vn.q4_k_runs_x4}
 _PORTABLE_RUNS = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}
 
 
@@ -344,7 +346,8 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
         if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
             xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
-        _VNNI_RUNS[w.qtype](codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
+        kernel = _VNNI_RUNS_MANY_ROWS.get(w.qtype) if m >= 4 else None
+        (kernel or _VNNI_RUNS[w.qtype])(codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
     _PORTABLE_RUNS[w.qtype](*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
