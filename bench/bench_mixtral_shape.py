@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("MIXLOCAL_SRC") or str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import cpu_model, mem_info, proc_memory
+from machine import describe_run, mem_info, proc_memory
 from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
 
 ENGINES = ("mixlocal", "llama", "llama_norepack")
@@ -202,7 +201,8 @@ REPACK_PHASE = "repack into the packed-weight cache file (first load only)"
 
 
 def _packed_files() -> dict[str, int]:
-    folder = Path(os.environ["MIXLOCAL_CACHE_DIR"]) / "packed"
+    from engine.packed_cache import cache_dir
+    folder = cache_dir()
     return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.mixpack")} if folder.is_dir() else {}
 
 
@@ -549,9 +549,7 @@ def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict
         engines = [e for e in engines if not e.startswith("llama")]
     work = work_model(qtype, args.blocks, args.prompt)
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), **mem_info()},
+        **describe_run(),
         "threads": args.threads, "clock": args.clock, "type": qtype, "blocks": args.blocks, "file": str(path),
         "file_size_GB": round(path.stat().st_size / 1e9, 3),
         "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_run
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
             "short": {"GOMP_SPINCOUNT": "10000"}}
@@ -92,8 +94,7 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(tiny_worker(args.threads, args.rounds)), flush=True)
         return 0
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
+    result = {**describe_run(), "threads": args.threads,
               "loadavg_start": os.getloadavg(), "policies": POLICIES, "tiny": {}, "mixtral_shape_q4_0_4blk": {}}
     for policy in POLICIES:
         print(f"{policy}: tiny model ...", flush=True)

@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe_run
+
 from quant import QTensor, QType, formats, kernels
 
 # (rows, cols, T): the tiny test model's matrices up to one Mixtral attention matrix and an expert
@@ -109,10 +110,7 @@ def main() -> int:
             p.join()
 
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "platform": platform.platform()},
+        **describe_run(),
         "numba_threading_layer": numba.threading_layer(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "threads": args.threads, "repeats": args.repeats,

@@ -1,10 +1,20 @@
 """What every bench records about where it ran: the CPU model, the machine's memory, a process's own memory."""
 from __future__ import annotations
 
+import datetime as dt
+import os
 import platform
+import sys
 from pathlib import Path
 
-__all__ = ["cpu_model", "mem_info", "proc_memory"]
+__all__ = ["cpu_model", "describe_run", "mem_info", "proc_memory"]
+
+
+def describe_run() -> dict:
+    """The fields that open a result file: when, the command line, and the machine."""
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), **mem_info()}}
 
 
 def cpu_model() -> str:

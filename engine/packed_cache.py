@@ -31,7 +31,7 @@ import numpy as np
 
 from quant import kernels
 
-__all__ = ["MIN_CACHED_BYTES", "cache_root", "prepare_weights"]
+__all__ = ["MIN_CACHED_BYTES", "cache_dir", "prepare_weights"]
 
 MAGIC = b"MIXLPACK"
 FILE_VERSION = 1
@@ -42,12 +42,13 @@ _MAX_HEADER = 64 << 20
 _DISK_MARGIN = 1 << 30  # leave this much free on the cache's disk
 
 
-def cache_root() -> Path:
-    env = os.environ.get("MIXLOCAL_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mixlocal"
+def cache_dir() -> Path:
+    """The folder that holds the .mixpack files."""
+    root = os.environ.get("MIXLOCAL_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg) if xdg else Path.home() / ".cache") / "mixlocal"
+    return Path(root) / "packed"
 
 
 def _note(msg: str) -> None:
@@ -64,8 +65,9 @@ def _mem_available() -> int | None:
     return None
 
 
-def _plan(named: dict, vnni: bool) -> list[dict]:
-    """The arrays prepare() would make for each packable weight, with offsets in a cache file."""
+def _plan(named: dict, vnni: bool) -> tuple[list[dict], int]:
+    """The arrays prepare() would make for each packable weight, at 4096-aligned offsets in a cache file's data
+    section, and that section's size."""
     entries, offset = [], 0
     for name, w in named.items():
         if w.qtype not in (kernels.VNNI_TYPES if vnni else kernels.PACKED_TYPES):
@@ -78,7 +80,7 @@ def _plan(named: dict, vnni: bool) -> list[dict]:
             arrays.append({"offset": offset, "shape": list(arr_shape), "dtype": dtype.str})
             offset += -(-nbytes // ALIGN) * ALIGN
         entries.append({"name": name, "qtype": int(w.qtype), "shape": list(shape), "arrays": arrays})
-    return entries
+    return entries, offset
 
 
 def _sources(named: dict, origin: dict[str, str], entries: list[dict]) -> list[list] | None:
@@ -104,9 +106,7 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
     use_cache: None decides by size (a cache only pays from MIN_CACHED_BYTES of packed weights), True always
     caches when the weights come from files, False packs in memory like kernels.prepare."""
     vnni = kernels.host_has_vnni() if vnni is None else vnni
-    entries = _plan(named, vnni)
-    total = sum(-(-int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize // ALIGN) * ALIGN
-                for e in entries for a in e["arrays"])
+    entries, total = _plan(named, vnni)
 
     def in_memory():
         avail = _mem_available()
@@ -124,9 +124,8 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
         return in_memory()
     descriptor = {"file_version": FILE_VERSION, "layout_version": kernels.PACK_LAYOUT_VERSION, "vnni": vnni,
                   "sources": sources, "entries": entries}
-    folder = cache_root() / "packed"
-    path = folder / _file_name(sources, descriptor)
-    packed = _open(path, descriptor, named)
+    path = cache_dir() / _file_name(sources, descriptor)
+    packed = _open(path, descriptor, named, total)
     if packed is None:
         packed = _build(path, descriptor, named, total)
     if packed is None:
@@ -157,7 +156,7 @@ def _arrays(buf, data_start: int, entry: dict) -> list[np.ndarray]:
     return out
 
 
-def _open(path: Path, descriptor: dict, named: dict) -> dict | None:
+def _open(path: Path, descriptor: dict, named: dict, total: int) -> dict | None:
     """The packed weights mapped from an existing cache file, or None if there is none or it does not fit."""
     try:
         with open(path, "rb") as f:
@@ -172,10 +171,8 @@ def _open(path: Path, descriptor: dict, named: dict) -> dict | None:
                 raise ValueError("made for other weights")
             data_start = 16 + n + (-(16 + n) % ALIGN)
             size = os.fstat(f.fileno()).st_size
-            last = max(a["offset"] + int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize
-                       for e in descriptor["entries"] for a in e["arrays"])
-            if data_start + last > size:
-                raise ValueError(f"truncated ({size} bytes, needs {data_start + last})")
+            if data_start + total > size:
+                raise ValueError(f"truncated ({size} bytes, needs {data_start + total})")
             # copy-on-write keeps the arrays writable (numba compiles one signature for mapped and packed-in-memory
             # weights); nothing writes to them, so every page stays a clean file page
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -346,8 +346,8 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
         if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
             xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
-        kernel = _VNNI_RUNS_MANY_ROWS.get(w.qtype) if m >= 4 else None
-        (kernel or _VNNI_RUNS[w.qtype])(codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
+        table = _VNNI_RUNS_MANY_ROWS if m >= 4 and w.qtype in _VNNI_RUNS_MANY_ROWS else _VNNI_RUNS
+        table[w.qtype](codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
     _PORTABLE_RUNS[w.qtype](*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
