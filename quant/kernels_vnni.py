@@ -43,6 +43,7 @@ __all__ = [
     "q8_0_runs",
 ]
 
+_I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V16 = ir.VectorType(_I32, 16)
@@ -63,6 +64,37 @@ def _splat(builder, scalar32):
 def _dpbusd(builder):
     fnty = ir.FunctionType(_V16, [_V16, _V16, _V16])
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+
+
+# Decode streams every weight byte once, and on the Xeon we measured, the hardware prefetchers alone left about a
+# third of the read bandwidth unused (their streams restart at every 4 KiB page of the mapped weights). Asking for
+# the lines one page ahead: 14336 x 4096 matrix, file-backed, 2 threads, Q4_0 14.7 -> 20.8 GB/s, Q4_K 17.4 -> 23.3;
+# the 4-block Mixtral-shape decode, medians of 6 alternating runs, Q4_0 16.6 -> 19.1 tok/s, Q4_K 11.1 -> 11.8.
+# Only the decode kernels prefetch; prefill reuses each line for four rows and is not waiting on memory.
+PREFETCH_AHEAD = 4096  # bytes
+
+
+@intrinsic
+def _prefetch(typingctx, a, off):
+    """A hint to bring the 64-byte line holding a.flat[off] into L1 (never faults, even past the array's end)."""
+    sig = types.void(a, off)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), _I8.as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])  # read, L1, data
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _prefetch_ahead(qs, start, n_bytes):
+    """Prefetch the n_bytes of codes that start PREFETCH_AHEAD bytes after qs[start] (qs is flat uint8)."""
+    for p in range(0, n_bytes, 64):
+        _prefetch(qs, start + PREFETCH_AHEAD + p)
 
 
 @intrinsic
@@ -422,6 +454,7 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         for b in range(nb):
             _halves_to_float(d[e, g, b], ds)
             base = ((e * n_groups + g) * nb + b) * block
+            _prefetch_ahead(qs, base, block)
             for m in range(m0, m1):
                 for rq in range(4):
                     _nibble_dot16(qs, base + rq * 256, xq, m * k + b * 32, isum, rq * _QUARTER)
@@ -493,6 +526,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         for b in range(nb):
             _halves_to_float(d[e, g, b], ds)
             base = ((e * n_groups + g) * nb + b) * block
+            _prefetch_ahead(qs, base, block)
             for m in range(m0, m1):
                 for rq in range(4):
                     _int8_dot16(qs, base + rq * 512, xq, m * k + b * 32, isum, rq * _QUARTER)
@@ -539,6 +573,8 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
             for m in range(m0, m1):
                 a = accf[m - m0]
                 for c in range(4):
+                    if m == m0:  # a chunk (2 KiB) at a time, as measured
+                        _prefetch_ahead(qs, base + c * 2048, 2048)
                     k0 = b * 256 + c * 64
                     for rq in range(4):
                         _nibble_dot16_split(qs, base + c * 2048 + rq * 512, xq, m * k + k0,
@@ -642,6 +678,8 @@ def q6_k_runs(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
             for m in range(m0, m1):
                 a = accf[m - m0]
                 for t in range(8):
+                    if m == m0:
+                        _prefetch_ahead(qs, base + t * 1536, 1536)
                     for rq in range(4):
                         _q6_dot16_split(qs, base + t * 1536 + rq * 384, xq, m * k + b * 256 + t * 32,
                                         isum_lo, isum_hi, rq * _QUARTER)
