@@ -28,6 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+# numba caches a kernel by its own file only: when a helper imported here changes, this file must change too (the
+# _halves_to_float rewrite of 2026-11-28 is one such change)
 from .kernels_packed import ROWS, _halves_to_float
 
 __all__ = [

@@ -217,6 +217,51 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
     assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} vnni={vnni} linear", act_q8=True)
 
 
+@pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
+@pytest.mark.parametrize("qtype", sorted(kernels.VNNI_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
+def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
+    """Block scales below float16's normal range (real Q4_K files have them) decode exactly in the packed kernels."""
+    if not vnni and qtype not in kernels.PACKED_TYPES:
+        pytest.skip(f"{qtype.name} has a packed layout only for VNNI")
+    n_exp, n, k = 2, 70, cols_for(qtype)
+    rng = np.random.default_rng(11)
+    raw = random_weight_bytes(qtype, (n_exp, n, k), rng)
+    ts = GGML_QUANT_SIZES[qtype][1]
+    blocks = raw.reshape(-1, ts)
+    scales = (rng.random((blocks.shape[0], 1)) * 5.5e-5 + 1e-6).astype(np.float16)   # f16 normals start at 6.1e-5
+    assert np.all(np.abs(scales) < np.float16(6.1e-5))
+    for off in {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_K: (0, 2), QType.Q6_K: (208,)}[qtype]:
+        blocks[:, off:off + 2] = scales.view(np.uint8)
+    ref = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(n_exp, n, k)
+    p = kernels.prepare(QTensor(qtype, (n_exp, n, k), np.ascontiguousarray(raw).reshape(-1)), vnni=vnni)
+    for t in (1, 9):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        ids = rng.integers(0, n_exp, t)
+        y = kernels.expert_linear(p, x, ids)
+        for e in np.unique(ids):
+            rows = ids == e
+            assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} vnni={vnni} T={t} subnormal scales", act_q8=True)
+
+
+def test_half_scale_conversion_matches_numpy_for_every_bit_pattern():
+    from numba import njit
+
+    from quant.kernels_packed import ROWS, _halves_to_float
+
+    @njit
+    def convert_all(h, out):
+        for i in range(h.shape[0] // ROWS):
+            _halves_to_float(h[i * ROWS:(i + 1) * ROWS], out[i * ROWS:(i + 1) * ROWS])
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(1 << 16, np.float32)
+    convert_all(bits, out)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))   # signed zeros and infinities too
+
+
 def test_blas_path_follows_numba_thread_count():
     """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count;
     products below kernels.SERIAL_MAX_MACS run on one thread, BLAS included, and leave the caller's count as it was."""
