@@ -119,8 +119,8 @@ def expert_runs(ids, n_exp, order, run_start, run_expert):
 def _halves_to_float(typingctx, h, dst):
     """ROWS float16 bit patterns (C-contiguous uint16) -> ROWS float32, exactly (LLVM's fpext: vcvtph2ps on x86).
 
-    Not the exponent-rebias trick: for f16 subnormals (|d| < 6.1e-5, common in Q4_K super-block scales, and in our
-    Mixtral-shape slice) it makes f32 denormals, and Intel cores take a ~100-cycle microcode assist per denormal
+    Not the exponent-rebias trick: for f16 subnormals (|d| < 6.1e-5, which Q4_K super-block scales can be, and are in
+    our Mixtral-shape slice) it makes f32 denormals, and Intel cores take a ~100-cycle microcode assist per denormal
     multiply: 408 ns instead of 13 per 64 scales on the Xeon we measured, which made Q4_K decode 40% slower than Q4_0.
     """
     for ty in (h, dst):
