@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_model
+from machine import describe_run
 
 
 def _prompt(n: int) -> list[int]:
@@ -113,9 +112,8 @@ def main() -> int:
         return statistics.median(row[i] for row in runs[name])
     ours, theirs = "mixlocal", "transformers_f32"
     result = {
-        "machine": {"cpu": cpu_model(), "threads": args.threads, "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
+        **describe_run(), "threads": args.threads, "load_average_at_end": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "model": {"kind": "tiny random Mixtral (tests/conftest.py TINY)", **TINY},
         "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,
         "process_per_engine_and_round": True,
@@ -123,8 +121,6 @@ def main() -> int:
         theirs: {"prefill_tps": med(theirs, 0), "decode_tps": med(theirs, 1)},
         "ratio": {"prefill": med(ours, 0) / med(theirs, 0), "decode": med(ours, 1) / med(theirs, 1)},
         "raw": runs,
-        "command": "python bench/bench_core.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

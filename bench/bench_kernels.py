@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import cpu_model
+from machine import describe_run
 
 from quant import (
     QTensor,
@@ -114,9 +114,7 @@ def main() -> None:
     numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats,
+        **describe_run(), "threads": args.threads, "repeats": args.repeats,
         "clock": "process CPU time" if args.cpu_time else "wall",
         "numba": numba.__version__, "numpy": np.__version__, "blas": blas_info(),
         "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")

@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is not a package: make_mixtral_slice is found through sys.path
 
-from machine import cpu_model
+from machine import describe_run
 from make_mixtral_slice import MIXTRAL, write_slice
 
 ENGINES = ("mixlocal", "llama", "llama_nofa", "llama_norepack")
@@ -364,9 +363,7 @@ def main() -> int:
         return worker_main(args)
     if args.kernel:
         result = {"what": "attention kernel alone, Mixtral head shape, one layer's cache of 32768 positions",
-                  "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                  "date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-                  "cores": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0], "rounds": args.rounds,
+                  **describe_run(), "loadavg_1min_before": os.getloadavg()[0], "rounds": args.rounds,
                   "parallel_control": parallel_control(args.rounds), "results": kernel_bench(args.rounds),
                   "loadavg_1min_after": os.getloadavg()[0]}
         out = args.out or ROOT / "bench" / "results" / f"long_context_kernel_{dt.date.today().isoformat()}.json"
@@ -400,9 +397,7 @@ def main() -> int:
     result = {
         "what": "prefill tok/s of an N-token prompt and decode tok/s at positions N.., peak RSS, mixlocal vs "
                 "llama.cpp on a Mixtral-shape GGUF slice (random Q4_0), same n_ctx",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+        **describe_run(), "threads": args.threads,
         "model": {"file": path.name, "file_GB": round(path.stat().st_size / 1e9, 3), "blocks": args.blocks,
                   "type": "Q4_0"},
         "kv_type": args.kv_type, "decode_tokens": args.decode, "rounds": args.rounds, "engines": engines,

@@ -17,10 +17,8 @@ ours / mlx-lm. Other people share this machine, so the load average goes in the 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_common
 import mlx.core as mx
-from machine import cpu_model
+from machine import describe_run
 
 from engine.config import ModelConfig
 from engine.sources.mlx import write_mlx_folder
@@ -123,10 +121,7 @@ def main() -> int:
     result = {
         "what": "our MLX backend vs mlx-lm, same 4-bit mlx-community folder, greedy generation, MLX CPU backend",
         "device": "cpu (mlx[cpu] on Linux x86_64) - not Apple Silicon / Metal",
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        **describe_run(), "load_average_at_end": os.getloadavg(),
         "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__},
         "model": {"layers": c.n_layers, "dim": c.dim, "ffn_dim": c.ffn_dim, "experts": "8 (2 active)",
                   "heads": f"{c.n_heads} q / {c.n_kv_heads} kv x {c.head_dim}", "vocab": c.vocab_size,

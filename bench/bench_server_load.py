@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests load this file by path
+from machine import describe_run
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["rivers", "bread", "comets", "violins", "glaciers", "tides", "owls", "maps", "lanterns", "bridges"]
 
@@ -226,8 +229,7 @@ def main(argv=None) -> int:
     for rec in load["records"]:
         rec.pop("text", None)
     result = {
-        "bench": "server_load", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "bench": "server_load", **describe_run(), "python": platform.python_version(),
         "model": tag, "n_ctx": args.n_ctx, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_end": os.getloadavg(), "server": load, "in_process_baseline": baseline,
         "server_vs_in_process_tokens_per_s": (load["tokens_per_s"] / baseline["tokens_per_s"]
