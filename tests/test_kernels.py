@@ -193,6 +193,18 @@ def test_packed_tiles_for_blas_match_reference(qtype):
 LAYOUTS = [False] + ([True] if kernels.host_has_vnni() else [])
 
 
+def assert_experts_match(p, ref: np.ndarray, token_counts, rng: np.random.Generator, label: str) -> None:
+    """expert_linear on random activations and expert ids against each expert's reference rows."""
+    k = ref.shape[-1]
+    for t in token_counts:
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        ids = rng.integers(0, ref.shape[0], t)
+        y = kernels.expert_linear(p, x, ids)
+        for e in np.unique(ids):
+            rows = ids == e
+            assert_matches(y[rows], ref[e], x[rows], f"{label} T={t} expert {e}", act_q8=True)
+
+
 @pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
 @pytest.mark.parametrize("qtype", sorted(kernels.VNNI_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
 def test_both_packed_layouts_match_reference(qtype, vnni):
@@ -204,13 +216,7 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
     p = kernels.prepare(w, vnni=vnni)
     assert p.vnni == vnni
     rng = np.random.default_rng(10)
-    for t in (1, 2, 40):
-        x = rng.standard_normal((t, k)).astype(np.float32)
-        ids = rng.integers(0, n_exp, t)
-        y = kernels.expert_linear(p, x, ids)
-        for e in np.unique(ids):
-            rows = ids == e
-            assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} vnni={vnni} T={t} expert {e}", act_q8=True)
+    assert_experts_match(p, ref, (1, 2, 40), rng, f"{qtype.name} vnni={vnni}")
     w2 = w.expert(2)
     p2 = kernels.prepare(w2, vnni=vnni)
     x = rng.standard_normal((7, k)).astype(np.float32)
@@ -220,7 +226,7 @@ def test_both_packed_layouts_match_reference(qtype, vnni):
 @pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
 @pytest.mark.parametrize("qtype", sorted(kernels.VNNI_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
 def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
-    """Block scales below float16's normal range (real Q4_K files have them) decode exactly in the packed kernels."""
+    """Block scales below float16's normal range (Q4_K files can have them) decode exactly in the packed kernels."""
     if not vnni and qtype not in kernels.PACKED_TYPES:
         pytest.skip(f"{qtype.name} has a packed layout only for VNNI")
     n_exp, n, k = 2, 70, cols_for(qtype)
@@ -228,19 +234,14 @@ def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
     raw = random_weight_bytes(qtype, (n_exp, n, k), rng)
     ts = GGML_QUANT_SIZES[qtype][1]
     blocks = raw.reshape(-1, ts)
+    assert np.shares_memory(blocks, raw)
     scales = (rng.random((blocks.shape[0], 1)) * 5.5e-5 + 1e-6).astype(np.float16)   # f16 normals start at 6.1e-5
     assert np.all(np.abs(scales) < np.float16(6.1e-5))
     for off in {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_K: (0, 2), QType.Q6_K: (208,)}[qtype]:
         blocks[:, off:off + 2] = scales.view(np.uint8)
     ref = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(n_exp, n, k)
     p = kernels.prepare(QTensor(qtype, (n_exp, n, k), np.ascontiguousarray(raw).reshape(-1)), vnni=vnni)
-    for t in (1, 9):
-        x = rng.standard_normal((t, k)).astype(np.float32)
-        ids = rng.integers(0, n_exp, t)
-        y = kernels.expert_linear(p, x, ids)
-        for e in np.unique(ids):
-            rows = ids == e
-            assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} vnni={vnni} T={t} subnormal scales", act_q8=True)
+    assert_experts_match(p, ref, (1, 9), rng, f"{qtype.name} vnni={vnni} subnormal scales")
 
 
 def test_half_scale_conversion_matches_numpy_for_every_bit_pattern():
