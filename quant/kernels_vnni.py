@@ -69,10 +69,10 @@ def _dpbusd(builder):
 
 
 # Decode streams every weight byte once, and on the Xeon we measured, the hardware prefetchers alone left about a
-# third of the read bandwidth unused (their streams restart at every 4 KiB page of the mapped weights). Asking for
-# the lines one page ahead: 14336 x 4096 matrix, file-backed, 2 threads, Q4_0 14.7 -> 20.8 GB/s, Q4_K 17.4 -> 23.3;
+# third of the read bandwidth unused (likely because their streams stop at 4 KiB page boundaries). Asking for the
+# lines one page ahead: 14336 x 4096 matrix, file-backed, 2 threads, Q4_0 14.7 -> 20.8 GB/s, Q4_K 17.4 -> 23.3;
 # the 4-block Mixtral-shape decode, medians of 6 alternating runs, Q4_0 16.6 -> 19.1 tok/s, Q4_K 11.1 -> 11.8.
-# Only the decode kernels prefetch; prefill reuses each line for four rows and is not waiting on memory.
+# Only the decode kernels prefetch: the prefill kernels (four activation rows per weight line) were not tried.
 PREFETCH_AHEAD = 4096  # bytes
 
 
