@@ -156,6 +156,9 @@ def _chat(args) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
+    # Ctrl-C is how a chat user discards a line or stops an answer. A shell that starts a command in the background
+    # passes SIGINT on ignored, and Python would keep ignoring it at the prompt (answers install their own handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     llm = _load(args)
     conv = _Conversation(llm.tokenizer, args.system)
     print(f"mixlocal chat with {llm.name}: {CHAT_HELP}", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ the chat format. Each turn's stats line reads `[prompt P tokens, C cached; N tok
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,10 +32,17 @@ def v1_length():
     return length
 
 
-def spawn_chat(model_dir, *args):
+def _sigint_ignored():
+    """What a shell does to a command it starts in the background (CI may start the suite so): SIGINT ignored,
+    and Python keeps it ignored unless the program takes it back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def spawn_chat(model_dir, *args, preexec_fn=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     child = pexpect.spawn(sys.executable, ["-m", "engine.cli", "chat", "-m", str(model_dir), "--threads", "1", *args],
-                          cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200),
+                          preexec_fn=preexec_fn)
     child.expect_exact(">>> ")
     return child
 
@@ -88,7 +96,7 @@ def test_chat_keeps_history_reuses_the_cache_and_resets(hf_model_dir, v1_length)
 
 def test_ctrl_c_stops_the_answer_not_the_program(hf_model_dir, v1_length):
     # Answers of up to 4000 tokens: only Ctrl-C can end them within the test's time.
-    child = spawn_chat(hf_model_dir, "-n", "4000", "--n-ctx", "8192", "--seed", "1")
+    child = spawn_chat(hf_model_dir, "-n", "4000", "--n-ctx", "8192", "--seed", "1", preexec_fn=_sigint_ignored)
     p1, c1, n1 = stopped_turn(child, "Write a very long story")
     assert (p1, c1) == (v1_length("Write a very long story"), 0) and n1 < 4000
     # Still alive, and the stopped answer is part of the history: the model has read it, so it stays cached.
