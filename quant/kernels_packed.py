@@ -114,6 +114,22 @@ def expert_runs(ids, n_exp, order, run_start, run_expert):
     return n_runs
 
 
+@njit(inline="always")
+def _run_task(task, n_groups, run_start, run_expert):
+    """A kernel's parallel task -> (row group g, expert e, activation rows m0..m1): tasks go run by run."""
+    run = task // n_groups
+    return task % n_groups, run_expert[run], run_start[run], run_start[run + 1]
+
+
+@njit(inline="always")
+def _store_group(out, accf, g, m0, m1, n_rows):
+    """Write row group g's accumulators for activation rows m0..m1 to out, dropping the last group's padding rows."""
+    r_end = min(ROWS, n_rows - g * ROWS)
+    for m in range(m0, m1):
+        for r in range(r_end):
+            out[m, g * ROWS + r] = accf[m - m0, r]
+
+
 @intrinsic
 def _halves_to_float(typingctx, h, dst):
     """ROWS float16 bit patterns (C-contiguous uint16) -> ROWS float32, exactly (LLVM's fpext: vcvtph2ps on x86).
@@ -230,11 +246,7 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_groups, nb = qs.shape[1], qs.shape[2]
     n_runs = run_expert.shape[0]
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
         xb = np.empty(32, np.int16)
@@ -253,10 +265,7 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                         v = np.int16(q[j, r])
                         acc = np.int16(acc + (v & 15) * xb[j] + (v >> 4) * xb[j + 16])
                     a[r] += np.float32(np.int16(acc - offset)) * (ds[r] * scale)
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -264,11 +273,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_groups, nb = qs.shape[1], qs.shape[2]
     n_runs = run_expert.shape[0]
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
         xb = np.empty(32, np.int32)
@@ -285,10 +290,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                     for j in range(32):
                         acc = np.int32(acc + np.int32(q[j, r]) * xb[j])
                     a[r] += np.float32(acc) * (ds[r] * scale)
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -296,11 +298,7 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_groups, nsb = qs.shape[1], qs.shape[2]
     n_runs = run_expert.shape[0]
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         dsup = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
@@ -343,10 +341,7 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
                                         - dm * np.float32(sm[8 + 2 * c, r]) * np.float32(x_lo))
                         a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * dot_hi
                                         - dm * np.float32(sm[9 + 2 * c, r]) * np.float32(x_hi))
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too (the
 # _halves_to_float rewrite of 2026-11-28 is one such change)
-from .kernels_packed import ROWS, _halves_to_float
+from .kernels_packed import ROWS, _halves_to_float, _run_task, _store_group
 
 __all__ = [
     "pack_q4_0",
@@ -445,11 +445,7 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 16
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
         isum = np.empty(ROWS, np.int32)
@@ -465,10 +461,7 @@ def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                 a = accf[m - m0]
                 for r in range(ROWS):
                     a[r] += np.float32(isum[r] - offset) * (ds[r] * scale)
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -481,11 +474,7 @@ def q4_0_runs_x4(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 16
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
         isum = np.empty(4 * ROWS, np.int32)
@@ -504,10 +493,7 @@ def q4_0_runs_x4(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                     _nibble_dot16(qs, base + rq * 256, xq, m * k + b * 32, isum, rq * _QUARTER)
                 _q4_0_row_out(accf[m - m0], isum, 0, ds, xd[m, b], 8 * xs[m, b])
                 m += 1
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -517,11 +503,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 32
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         ds = np.empty(ROWS, np.float32)
         isum = np.empty(ROWS, np.int32)
@@ -536,10 +518,7 @@ def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                 a = accf[m - m0]
                 for r in range(ROWS):
                     a[r] += np.float32(isum[r]) * (ds[r] * scale)
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(inline="always")
@@ -557,11 +536,7 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 128
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         dsup = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
@@ -591,10 +566,7 @@ def q4_k_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
                                         - dm * np.float32(sm[8 + 2 * c, r]) * x_lo)
                         a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(isum_hi[r])
                                         - dm * np.float32(sm[9 + 2 * c, r]) * x_hi)
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -606,11 +578,7 @@ def q4_k_runs_x4(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 128
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         dsup = np.empty(ROWS, np.float32)
         dmin = np.empty(ROWS, np.float32)
@@ -650,10 +618,7 @@ def q4_k_runs_x4(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
                     _q4_k_rows_out(accf[m - m0], isum_lo, isum_hi, 0, fsc, fmn, c, xd[m, blk], xd[m, blk + 1],
                                    np.float32(xs[m, blk]), np.float32(xs[m, blk + 1]))
                 m += 1
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -664,11 +629,7 @@ def q6_k_runs(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
     n_runs = run_expert.shape[0]
     block = ROWS * 192
     for task in prange(n_runs * n_groups):
-        run = task // n_groups
-        g = task % n_groups
-        e = run_expert[run]
-        m0 = run_start[run]
-        m1 = run_start[run + 1]
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
         accf = np.zeros((m1 - m0, ROWS), np.float32)
         dsup = np.empty(ROWS, np.float32)
         isum_lo = np.empty(ROWS, np.int32)
@@ -692,7 +653,4 @@ def q6_k_runs(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
                     for r in range(ROWS):
                         a[r] += s * dsup[r] * (np.float32(scb[2 * t, r]) * np.float32(isum_lo[r] - off_lo)
                                                + np.float32(scb[2 * t + 1, r]) * np.float32(isum_hi[r] - off_hi))
-        r_end = min(ROWS, n_rows - g * ROWS)
-        for m in range(m0, m1):
-            for r in range(r_end):
-                out[m, g * ROWS + r] = accf[m - m0, r]
+        _store_group(out, accf, g, m0, m1, n_rows)
