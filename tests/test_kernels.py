@@ -247,7 +247,7 @@ def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
 def test_half_scale_conversion_matches_numpy_for_every_bit_pattern():
     from numba import njit
 
-    from quant.kernels_packed import ROWS, _halves_to_float
+    from quant.kernels.portable import ROWS, _halves_to_float
 
     @njit
     def convert_all(h, out):
@@ -268,7 +268,7 @@ def test_blas_path_follows_numba_thread_count():
     products below kernels.SERIAL_MAX_MACS run on one thread, BLAS included, and leave the caller's count as it was."""
     import numba
 
-    from quant import kernels_blas
+    from quant.kernels import blas as kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
     big, ref_big = make_weight(QType.Q5_K, (2048, 256))   # 40 rows: 21M multiply-adds

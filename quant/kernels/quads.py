@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too (the
 # _halves_to_float rewrite of 2026-11-28 is one such change)
-from .kernels_packed import ROWS, _halves_to_float, _run_task, _store_group
+from .portable import ROWS, _halves_to_float, _run_task, _store_group
 
 __all__ = [
     "pack_q4_0",

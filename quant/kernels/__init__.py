@@ -14,7 +14,7 @@ Three paths, chosen per weight at prepare():
     block sums; LLVM picks the vector instructions.
   * file layout (kernels_generic.py): every other format (and all formats where no packed layout applies). Decode
     fuses block decoding with the dot products; more than 16 activation rows decode tiles of rows for BLAS, run at
-    numba's per-call thread count (kernels_blas.py).
+    numba's per-call thread count (blas.py).
 Packed weights serve decode and prefill alike: one call takes all rows of all experts, grouped into runs that share
 an expert, so each weight byte is read once per call. Nothing ever holds a whole matrix in float.
 
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import kernels_blas
-from . import kernels_generic as gen
-from . import kernels_packed as pk
-from . import kernels_vnni as vn
-from .tensor import QStack, QTensor, QType, nbytes_for
+from . import blas
+from . import generic as gen
+from . import portable as pk
+from . import quads as vn
+from ..tensor import QStack, QTensor, QType, nbytes_for
 
 __all__ = [
     "PACKED_TYPES",
@@ -361,7 +361,7 @@ def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> No
     n, k = w.shape[-2], w.shape[-1]
     arrays = [a[e] for a in w.arrays]
     unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]
-    kernels_blas.match_numba_threads()
+    blas.match_numba_threads()
     groups_per_tile = max(1, _TILE_FLOATS // (k * pk.ROWS))
     n_groups = arrays[0].shape[0]
     tile = np.empty((groups_per_tile * pk.ROWS, k), np.float32)
@@ -388,14 +388,14 @@ def _matmul(qtype: QType, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> N
     """out = x @ decode(rows).T; shapes already checked: rows (N, row_bytes), x (T, K), out (T, N)."""
     n, k = out.shape[1], x.shape[1]
     if qtype == QType.F32:
-        kernels_blas.match_numba_threads()
+        blas.match_numba_threads()
         np.matmul(x, rows.view(np.float32).reshape(n, k).T, out=out)
         return
     fmt = gen.FORMAT_CODE[qtype]
     if x.shape[0] <= _FUSED_MAX_ROWS:
         gen.matmul_rows(fmt, rows, x, out, gen.F16_TABLE, 16)
         return
-    kernels_blas.match_numba_threads()
+    blas.match_numba_threads()
     tile_rows = max(16, _TILE_FLOATS // k)
     tile = np.empty((min(tile_rows, n), k), dtype=np.float32)
     for r0 in range(0, n, tile_rows):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .tensor import QType
+from ..tensor import QType
 
 __all__ = ["F16_TABLE", "FORMAT_CODE", "dequantize_rows", "matmul_rows"]
 
