@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# llama.cpp (prebuilt for this CPU) is a test and bench peer; absent elsewhere, its tests skip with the reason.
-LLAMA_WHEEL := $(firstword $(wildcard ../shared/wheels/llama_cpp_python-*.whl))
+# llama.cpp is a test and bench peer, prebuilt (never compiled here): the wheel pick-llama-wheel names for this CPU, so
+# llama.cpp runs its own best kernels, else the portable root wheel; with neither, its tests skip with the reason.
+WHEELS := ../shared/wheels
+LLAMA_WHEEL := $(shell w=$$($(WHEELS)/pick-llama-wheel 2>/dev/null) && [ -f "$$w" ] && echo "$$w" || \
+	ls $(WHEELS)/llama_cpp_python-*.whl 2>/dev/null | head -n 1)
 # The three prompts the README shows, the same the training script samples
 PROMPTS := "The meaning of life is" "Python is a programming language that" "Once upon a time,"
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: install dev run test bench lint clean
+.PHONY: install dev llama-wheel run test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,12 +21,21 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.dev-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[dev,mlx]'
-	$(if $(LLAMA_WHEEL),$(PIP) install -q $(LLAMA_WHEEL))
 	touch $@
+
+# Both builds are llama-cpp-python 0.3.36 under the same file name, so pip counts either as already installed: the
+# stamp names the wheel in place, and a different choice (another CPU, a replaced wheel) is force-reinstalled.
+LLAMA_ID = $(if $(LLAMA_WHEEL),$(abspath $(LLAMA_WHEEL)) $(shell cksum < $(LLAMA_WHEEL)))
+llama-wheel: $(VENV)/.dev-installed
+	@if [ -n "$(LLAMA_ID)" ] && [ "$$(cat $(VENV)/.llama-wheel 2>/dev/null)" != "$(LLAMA_ID)" ]; then \
+	  echo "installing llama.cpp: $(LLAMA_WHEEL)"; \
+	  $(PIP) install -q $(LLAMA_WHEEL) && $(PIP) install -q --no-deps --force-reinstall $(LLAMA_WHEEL) && \
+	  echo "$(LLAMA_ID)" > $(VENV)/.llama-wheel; \
+	fi
 
 install: $(VENV)/.installed
 
-dev: $(VENV)/.dev-installed
+dev: $(VENV)/.dev-installed llama-wheel
 
 run: install
 	@for p in $(PROMPTS); do \

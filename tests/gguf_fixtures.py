@@ -90,17 +90,25 @@ def write_gguf_with_gguf_py(hf_dir: Path, out: Path, qtype, *, per_expert: bool 
     return out
 
 
+_PROBE = """
+import sys, llama_cpp
+llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False).eval([1, 415, 2936])
+"""
+
+
 @lru_cache(maxsize=1)
 def llama_cpp_status() -> str | None:
-    """None if llama-cpp-python imports here; otherwise why not. Probed in a subprocess because the prebuilt
-    wheel targets this CPU and can die with an illegal instruction elsewhere."""
+    """None if llama-cpp-python imports here and runs a model; otherwise why not. Probed in a subprocess because a
+    prebuilt wheel built for a richer CPU dies with an illegal instruction, at import or only once it computes."""
+    model = Path(__file__).resolve().parent.parent / "engine" / "data" / "default" / "model.gguf"
     try:
-        r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run([sys.executable, "-c", _PROBE, str(model)],
+                           capture_output=True, text=True, timeout=300, check=False)
     except subprocess.TimeoutExpired:
-        return "importing llama_cpp timed out"
+        return "importing llama_cpp and loading the default model timed out"
     if r.returncode != 0:
-        return f"llama_cpp does not import here (exit {r.returncode}): {r.stderr.strip()[-300:]}"
+        how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        return f"llama_cpp does not import and run a model here ({how}): {r.stderr.strip()[-300:]}"
     return None
 
 
