@@ -1,14 +1,24 @@
 """Write a GGUF with Mixtral-8x7B's exact tensor shapes but only a few blocks, filled with random quantized blocks.
 
-    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K] [--blocks 4] [--seed 0]
+    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K|Q4_K_M] [--blocks 4] [--seed 0]
 
 Speed at the real shape is what this file is for: the matrices are Mixtral's (embedding 4096, 8 experts of 14336,
 32 query and 8 KV heads of 128, vocabulary 32000), so kernels see the real strides, cache pressure and bytes per
 token. The weights are random but sane: quant codes are uniform and the block scales are chosen so every weight
 matrix has a standard deviation near 0.011 (a trained Mixtral's are 0.01-0.02), so activations neither vanish nor
-blow up through the blocks. Norm weights are about 1 and the router is float32 with logits spread about 3, so
-tokens really pick different experts. The tokenizer metadata is Mixtral's own (mistral-common ships it), so
+blow up through the blocks; the token embedding's is 1 (EMBED_STD says why). Norm weights are about 1 and the router
+is float32 with logits spread about 3, so tokens really pick different experts. The tokenizer metadata is Mixtral's own (mistral-common ships it), so
 llama.cpp and mixlocal both load the file as a Mixtral.
+
+Q4_0, Q8_0 and Q4_K make every matrix that format. Q4_K_M mixes formats per tensor as llama-quantize does for a
+Q4_K_M Mixtral (quant/recipes.py, level q4_k_m, 8 experts): Q4_K for the embedding, attn_q and the experts' gate and
+up; Q8_0 attn_k and attn_v; Q5_K attn_output; Q6_K the output head; ffn_down Q6_K in the recipe's "more bits" blocks,
+else Q4_K. Only ffn_down depends on the block, and the slice's blocks stand for blocks spread evenly over the 32 of
+Mixtral-8x7B (slice block j takes the types of block j * 32 // N): with N = 4, blocks 0, 8, 16 and 24, whose ffn_down
+are Q6_K, Q4_K, Q4_K, Q6_K, which is the real model's half-and-half mix (16 of its 32 ffn_down are Q6_K). Taking the
+model's first N blocks instead would make every ffn_down Q6_K (blocks 0-3 are all in the first eighth, which always
+gets more bits), and the slice would measure a heavier file than the one people download. With N = 32 both choices
+give the real model's layout.
 
 The file is written with gguf-py's GGUFWriter as raw quantized blocks, one tensor at a time, so writing a 26 GB
 32-block file needs no more memory than the largest tensor (264 MB for Q4_0 experts).
@@ -28,7 +38,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["MIXTRAL", "SLICE_TYPES", "SliceShape", "main", "random_blocks", "tensor_plan", "write_slice"]
+__all__ = ["EMBED_STD", "MIXTRAL", "MIXTRAL_BLOCKS", "SLICE_TYPES", "SLICE_VERSION", "WEIGHT_STD", "SliceShape",
+           "main", "random_blocks", "tensor_plan", "tensor_types", "write_slice"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,22 @@ class SliceShape:
 
 MIXTRAL = SliceShape()
 
-# Quantized formats the slice can be made of, with llama.cpp's file_type code for a file that is all of that type.
-SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14}
+# What the slice can be made of, with llama.cpp's file_type code: a single format, or a level that mixes them.
+SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15}
+# Slice types that are a quant/recipes.py level rather than one format
+_MIXES = {"Q4_K_M": "q4_k_m"}
+# Mixtral-8x7B's block count, which the mixes' per-block choices are made for
+MIXTRAL_BLOCKS = 32
 
 # Target standard deviation of every weight matrix; block scales are derived from it per format.
 WEIGHT_STD = 0.0115
+# The token embedding's: with WEIGHT_STD there too, each block's attention output (near-uniform attention over random
+# keys: the running mean of the values, the same for every later token) outweighs the token's own embedding, every
+# token's hidden state points the same way, and the router sends a 128-token prompt to 2-3 of the 8 experts of each
+# block. With the embedding at unit scale the tokens stay apart and spread over all experts through 4 blocks.
+EMBED_STD = 1.0
+# Bumped when the same arguments write different weights, so that benches regenerate the slices they keep
+SLICE_VERSION = 2
 # Router logits spread like a trained Mixtral's (about 3), for unit-variance normalised activations.
 ROUTER_LOGIT_STD = 3.0
 
@@ -81,6 +103,30 @@ def tensor_plan(shape: SliceShape, n_blocks: int) -> list[tuple[str, tuple[int, 
     return plan
 
 
+def tensor_types(qtype: str, shape: SliceShape, n_blocks: int) -> dict[str, str]:
+    """{GGUF name: ggml type name} for every tensor of the slice (norms and router are F32)."""
+    plan = tensor_plan(shape, n_blocks)
+    if qtype not in _MIXES:
+        return {name: qtype if kind == "matrix" else "F32" for name, _, kind in plan}
+    from quant.recipes import choose_type
+
+    out = {}
+    for name, tshape, kind in plan:
+        stand_for = None
+        if name.startswith("blk."):
+            j = int(name.split(".")[1])
+            stand_for = j * MIXTRAL_BLOCKS // n_blocks if n_blocks <= MIXTRAL_BLOCKS else j
+            name_as = f"blk.{stand_for}." + name.split(".", 2)[2]
+        else:
+            name_as = name
+        qt = choose_type(_MIXES[qtype], name_as, tshape, shape.n_experts, stand_for,
+                         max(n_blocks, MIXTRAL_BLOCKS), n_gqa=shape.n_heads // shape.n_kv_heads)
+        out[name] = qt.name
+        if (kind == "matrix") != (qt.name != "F32"):
+            raise AssertionError(f"{name}: the recipe gives {qt.name} to a {kind} tensor")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # random blocks, per format (layouts as in ggml-common.h; gguf.quants.dequantize is the reference in the tests)
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,28 +141,28 @@ def _f16_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
-def _q4_0(rng, n_blocks: int) -> np.ndarray:
+def _q4_0(rng, n_blocks: int, std: float) -> np.ndarray:
     # value = d * (q - 8). Uniform codes 0..15 would have mean -0.5 and bias every row sum; a code 0 becomes 8, so
     # q - 8 is symmetric in -7..7 (with zero twice as likely): mean 0, std 4.18.
     blocks = _random_bytes(rng, n_blocks * 18).reshape(n_blocks, 18)
     codes = blocks[:, 2:]
     codes += ((codes & 0x0F) == 0) * np.uint8(0x08) + ((codes & 0xF0) == 0) * np.uint8(0x80)
-    d = WEIGHT_STD / 4.18 * rng.uniform(0.75, 1.25, n_blocks)
+    d = std / 4.18 * rng.uniform(0.75, 1.25, n_blocks)
     blocks[:, 0:2] = _f16_bytes(d)
     return blocks
 
 
-def _q8_0(rng, n_blocks: int) -> np.ndarray:
+def _q8_0(rng, n_blocks: int, std: float) -> np.ndarray:
     # value = d * q; -128 becomes 0 so codes are symmetric in -127..127: mean 0, std 73.5
     blocks = _random_bytes(rng, n_blocks * 34).reshape(n_blocks, 34)
     codes = blocks[:, 2:]
     codes[codes == 0x80] = 0
-    d = WEIGHT_STD / 73.5 * rng.uniform(0.75, 1.25, n_blocks)
+    d = std / 73.5 * rng.uniform(0.75, 1.25, n_blocks)
     blocks[:, 0:2] = _f16_bytes(d)
     return blocks
 
 
-def _q4_k(rng, n_blocks: int) -> np.ndarray:
+def _q4_k(rng, n_blocks: int, std: float) -> np.ndarray:
     """Q4_K super-blocks of 256: d, dmin (f16), 12 bytes of 6-bit scales and mins for 8 sub-blocks, 128 bytes of codes.
 
     A sub-block's value is d*sc*q - dmin*m. With dmin = 8*d and m = round(sc*15/16) the offset sits near the middle
@@ -125,29 +171,72 @@ def _q4_k(rng, n_blocks: int) -> np.ndarray:
     blocks = _random_bytes(rng, n_blocks * 144).reshape(n_blocks, 144)
     sc = rng.integers(32, 64, (n_blocks, 8), dtype=np.uint8)                     # 6-bit scales, upper half
     m = np.rint(sc * (15.0 / 16.0)).astype(np.uint8)                               # 6-bit mins, <= 59
-    d = WEIGHT_STD / (4.61 * 47.5) * rng.uniform(0.75, 1.25, n_blocks)            # 47.5: mean of sc
+    d = std / (4.61 * 47.5) * rng.uniform(0.75, 1.25, n_blocks)            # 47.5: mean of sc
     blocks[:, 0:2] = _f16_bytes(d)
     blocks[:, 2:4] = _f16_bytes(8.0 * d)
-    # ggml's get_scale_min_k4 packing: sub-blocks 0-3 in the low 6 bits of bytes 0-7, sub-blocks 4-7 split into
-    # a low nibble (bytes 8-11) and the top two bits of bytes 0-7.
-    packed = np.empty((n_blocks, 12), np.uint8)
-    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
-    packed[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
-    packed[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
-    blocks[:, 4:16] = packed
+    blocks[:, 4:16] = _k_scales_mins(sc, m)
     return blocks
 
 
-_MAKERS = {"Q4_0": (_q4_0, 32, 18), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144)}
+def _k_scales_mins(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """ggml's get_scale_min_k4 packing of 8 six-bit scales and mins into 12 bytes (Q4_K and Q5_K): sub-blocks 0-3
+    in the low 6 bits of bytes 0-7, sub-blocks 4-7 split into a low nibble (bytes 8-11) and the top two bits of
+    bytes 0-7."""
+    packed = np.empty((sc.shape[0], 12), np.uint8)
+    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    return packed
 
 
-def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of qtype for a tensor of logical shape (..., cols): uint8 (..., cols // block * block_bytes)."""
+def _q5_k(rng, n_blocks: int, std: float) -> np.ndarray:
+    """Q5_K super-blocks of 256: d, dmin (f16), 12 bytes of scales and mins as Q4_K, 32 bytes of high bits, 128 of
+    low nibbles. Codes 0..31 (mean 15.5, std 9.23); dmin = 16*d and m = round(sc*15.5/16) centre them as for Q4_K."""
+    blocks = _random_bytes(rng, n_blocks * 176).reshape(n_blocks, 176)
+    sc = rng.integers(32, 64, (n_blocks, 8), dtype=np.uint8)
+    m = np.rint(sc * (15.5 / 16.0)).astype(np.uint8)                               # <= 61
+    d = std / (9.23 * 47.5) * rng.uniform(0.75, 1.25, n_blocks)
+    blocks[:, 0:2] = _f16_bytes(d)
+    blocks[:, 2:4] = _f16_bytes(16.0 * d)
+    blocks[:, 4:16] = _k_scales_mins(sc, m)
+    return blocks
+
+
+def _q6_k(rng, n_blocks: int, std: float) -> np.ndarray:
+    """Q6_K super-blocks of 256: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d (f16); a value is
+    d * scale * (q - 32). Uniform codes 0..63 would have mean -0.5 (the bias Q4_0's comment warns about), so a
+    code 0 becomes 32 by setting its high pair to 2: q - 32 is symmetric in -31..31, mean 0, std 18.0."""
+    blocks = _random_bytes(rng, n_blocks * 210).reshape(n_blocks, 210)
+    # dequantize_row_q6_K: per half of 128 values, ql[l] and ql[l+32] hold the low nibbles of values l, l+32
+    # (low) and l+64, l+96 (high), and qh[l] their high pairs at bits 0, 2, 4, 6.
+    ql = blocks[:, 0:128].reshape(n_blocks, 2, 2, 32)                              # (block, half, l // 32, l % 32)
+    qh = blocks[:, 128:192].reshape(n_blocks, 2, 32)
+    for k in range(4):
+        nibble = (ql[:, :, k % 2] >> (4 * (k // 2))) & 0x0F
+        zero = (nibble == 0) & (((qh >> (2 * k)) & 3) == 0)
+        qh |= zero.astype(np.uint8) << np.uint8(2 * k + 1)
+    blocks[:, 128:192] = qh.reshape(n_blocks, 64)
+    sc = rng.integers(32, 64, (n_blocks, 16)).astype(np.int8)
+    blocks[:, 192:208] = sc.view(np.uint8)
+    d = std / (18.0 * 47.5) * rng.uniform(0.75, 1.25, n_blocks)
+    blocks[:, 208:210] = _f16_bytes(d)
+    return blocks
+
+
+_MAKERS = {"Q4_0": (_q4_0, 32, 18), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144),
+           "Q5_K": (_q5_k, 256, 176), "Q6_K": (_q6_k, 256, 210)}
+
+
+def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator,
+                  std: float = WEIGHT_STD) -> np.ndarray:
+    """Random blocks of one format for a tensor of logical shape (..., cols): uint8 (..., cols // block * block_bytes)."""
+    if qtype not in _MAKERS:
+        raise ValueError(f"no random blocks for {qtype}; formats: {', '.join(_MAKERS)}")
     make, per_block, block_bytes = _MAKERS[qtype]
     if shape[-1] % per_block:
         raise ValueError(f"{qtype} needs a last axis that is a multiple of {per_block}, got shape {shape}")
     n_blocks = int(np.prod(shape)) // per_block
-    return make(rng, n_blocks).reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
+    return make(rng, n_blocks, std).reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
 
 
 def _float_tensor(kind: str, shape: tuple[int, ...], dim: int, rng) -> np.ndarray:
@@ -194,8 +283,8 @@ def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    raw_type = gguf.GGMLQuantizationType[qtype]
     s = shape
+    types = tensor_types(qtype, s, n_blocks)
 
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name(f"mixtral-8x7b-shape-{n_blocks}blk-{qtype.lower()}-random")
@@ -215,9 +304,10 @@ def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: 
     gguf_vocab.write_fields(w, _tokenizer_fields(s.vocab))
 
     plan = tensor_plan(s, n_blocks)
-    _, per_block, block_bytes = _MAKERS[qtype]
     for name, tshape, kind in plan:
         if kind == "matrix":
+            _, per_block, block_bytes = _MAKERS[types[name]]
+            raw_type = gguf.GGMLQuantizationType[types[name]]
             byte_shape = (*tshape[:-1], tshape[-1] // per_block * block_bytes)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw_type)
         else:
@@ -227,7 +317,9 @@ def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: 
     w.write_ti_data_to_file()
     t0 = time.perf_counter()
     for i, (name, tshape, kind) in enumerate(plan):
-        data = random_blocks(qtype, tshape, rng) if kind == "matrix" else _float_tensor(kind, tshape, s.dim, rng)
+        std = EMBED_STD if name == "token_embd.weight" else WEIGHT_STD
+        data = random_blocks(types[name], tshape, rng, std) if kind == "matrix" else \
+            _float_tensor(kind, tshape, s.dim, rng)
         w.write_tensor_data(data)
         if progress and (i % 10 == 0 or i == len(plan) - 1):
             print(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -14,17 +14,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
+from make_mixtral_slice import (
+    EMBED_STD,
+    MIXTRAL,
+    MIXTRAL_BLOCKS,
+    SLICE_TYPES,
+    WEIGHT_STD,
+    tensor_plan,
+    tensor_types,
+    write_slice,
+)
 
 # Same structure as Mixtral (GQA 4:1, 8 experts, 2 used), small enough for a test; widths are multiples of 256 so
 # every slice type applies.
 SMALL = replace(MIXTRAL, dim=512, ffn=768, n_heads=4, n_kv_heads=1, head_dim=128, vocab=600)
 
 
+# Q4_K_M's ffn_down changes with the block, so its slice has 4 blocks (the others 1)
+N_BLOCKS = {"Q4_K_M": 4}
+
+
 @pytest.fixture(scope="module")
 def small_slices(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("slices")
-    return {t: write_slice(d / f"small_{t}.gguf", t, n_blocks=1, shape=SMALL, seed=1) for t in SLICE_TYPES}
+    return {t: write_slice(d / f"small_{t}.gguf", t, n_blocks=N_BLOCKS.get(t, 1), shape=SMALL, seed=1)
+            for t in SLICE_TYPES}
 
 
 @pytest.mark.parametrize("qtype", sorted(SLICE_TYPES))
@@ -32,23 +46,28 @@ def test_slice_reads_back_in_gguf_py(small_slices, qtype):
     import gguf
     from gguf.quants import dequantize
 
+    n_blocks = N_BLOCKS.get(qtype, 1)
     reader = gguf.GGUFReader(small_slices[qtype])
-    plan = tensor_plan(SMALL, 1)
+    plan = tensor_plan(SMALL, n_blocks)
+    types = tensor_types(qtype, SMALL, n_blocks)
     assert [t.name for t in reader.tensors] == [name for name, _, _ in plan]
     for t, (name, shape, kind) in zip(reader.tensors, plan):
         assert tuple(reversed(t.shape.tolist())) == shape, name          # gguf-py reports ggml order
-        want = gguf.GGMLQuantizationType[qtype] if kind == "matrix" else gguf.GGMLQuantizationType.F32
+        want = gguf.GGMLQuantizationType[qtype if qtype in gguf.GGMLQuantizationType.__members__ else types[name]] \
+            if kind == "matrix" else gguf.GGMLQuantizationType.F32
         assert t.tensor_type == want, name
         values = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float64)
         assert values.shape == shape and np.isfinite(values).all(), name
-        if kind == "matrix":  # sane random weights: centred, std near a trained Mixtral's
-            assert abs(values.mean()) < 1e-3, name
-            assert 0.007 < values.std() < 0.016, (name, values.std())
+        if kind == "matrix":  # sane random weights: centred, std near a trained Mixtral's (embedding: EMBED_STD)
+            want_std = EMBED_STD if name == "token_embd.weight" else WEIGHT_STD
+            assert abs(values.mean()) < 0.09 * want_std, name
+            assert 0.7 * want_std < values.std() < 1.3 * want_std, (name, values.std())
         elif kind == "norm":
             assert 0.9 < values.mean() < 1.1, name
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"
-    assert fields["llama.block_count"].contents() == 1
+    assert fields["llama.block_count"].contents() == n_blocks
+    assert fields["general.file_type"].contents() == SLICE_TYPES[qtype]
     assert fields["llama.expert_count"].contents() == SMALL.n_experts
     assert fields["llama.expert_used_count"].contents() == SMALL.n_experts_used
     assert fields["llama.feed_forward_length"].contents() == SMALL.ffn
@@ -78,24 +97,73 @@ def test_full_shape_plan_is_mixtral_8x7b():
     assert round(n_params / 1e9, 1) == 46.7  # Mistral's published parameter count for Mixtral 8x7B
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
-def test_mixlocal_loads_small_slice(small_slices, qtype):
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q4_K_M"])
+def test_mixlocal_loads_small_slice(small_slices, qtype, monkeypatch):
     import engine
+    from engine.backends import numba_cpu
 
-    llm = engine.load(str(small_slices[qtype]), n_ctx=64, n_threads=2)
+    picked = []
+    route = numba_cpu.route
+
+    def spy(*a, **kw):
+        trace = route(*a, **kw)
+        picked.append(np.asarray(trace.expert_ids))
+        return trace
+    monkeypatch.setattr(numba_cpu, "route", spy)
+
+    n_blocks = N_BLOCKS.get(qtype, 1)
+    llm = engine.load(str(small_slices[qtype]), n_ctx=128, n_threads=2)
     c = llm.config
     assert (c.dim, c.ffn_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.n_experts, c.n_experts_used,
-            c.vocab_size) == (SMALL.dim, SMALL.ffn, 1, SMALL.n_heads, SMALL.n_kv_heads, SMALL.head_dim,
+            c.vocab_size) == (SMALL.dim, SMALL.ffn, n_blocks, SMALL.n_heads, SMALL.n_kv_heads, SMALL.head_dim,
                               SMALL.n_experts, SMALL.n_experts_used, SMALL.vocab)
     assert llm.tokenizer.vocab_size == SMALL.vocab
-    prompt = llm.tokenizer.encode("Hello world", add_bos=True)
-    logits = llm.eval(prompt, logits="last")
+    prompt = [1] + np.random.default_rng(0).integers(3, SMALL.vocab, 63).tolist()
+    logits = llm.eval(prompt, logits="all")[-1:]  # "all": the last block routes every token, not just the last
     assert logits.shape == (1, SMALL.vocab) and np.isfinite(logits).all()
     assert logits.std() > 0  # random weights still give logits that differ between tokens
+    # tokens spread over the experts in every block (weights with a biased mean would send them all to a few)
+    assert len(picked) == n_blocks
+    for ids in picked:
+        counts = np.bincount(ids.ravel(), minlength=SMALL.n_experts)
+        assert (counts > 0).sum() >= 6 and counts.max() <= 0.5 * ids.size, counts
+
+
+def test_q4_k_m_types_follow_the_recipe():
+    from quant.recipes import plan as recipe_plan
+
+    full = {name: shape for name, shape, _ in tensor_plan(MIXTRAL, MIXTRAL_BLOCKS)}
+    want = {name: q.name for name, q in recipe_plan("q4_k_m", full, MIXTRAL.n_experts, MIXTRAL_BLOCKS).items()}
+    assert tensor_types("Q4_K_M", MIXTRAL, MIXTRAL_BLOCKS) == want  # 32 blocks: the real model's layout
+    assert sum(want[f"blk.{i}.ffn_down_exps.weight"] == "Q6_K" for i in range(32)) == 16
+
+    four = tensor_types("Q4_K_M", MIXTRAL, 4)
+    # slice block j stands for block j * 32 // 4 of the real model
+    assert [four[f"blk.{j}.ffn_down_exps.weight"] for j in range(4)] == [
+        want[f"blk.{i}.ffn_down_exps.weight"] for i in (0, 8, 16, 24)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    for j in range(4):
+        b = f"blk.{j}."
+        assert [four[b + t + ".weight"] for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps",
+                                                   "ffn_up_exps", "attn_norm", "ffn_gate_inp")] == \
+            ["Q4_K", "Q8_0", "Q8_0", "Q5_K", "Q4_K", "Q4_K", "F32", "F32"]
+    assert (four["token_embd.weight"], four["output.weight"], four["output_norm.weight"]) == ("Q4_K", "Q6_K", "F32")
+    assert set(tensor_types("Q4_0", MIXTRAL, 4).values()) == {"Q4_0", "F32"}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q4_K_M"])
+def test_llama_cpp_loads_small_slice(small_slices, qtype):
+    from gguf_fixtures import llama_cpp_status, run_llama_cpp
+
+    if (why := llama_cpp_status()) is not None:
+        pytest.skip(why)
+    [logits] = run_llama_cpp(small_slices[qtype], [[1, 300, 400]], mode="logits")
+    logits = np.asarray(logits)
+    assert logits.shape == (3, SMALL.vocab) and np.isfinite(logits).all() and logits.std() > 0
 
 
 def test_slice_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown slice type"):
-        write_slice(tmp_path / "x.gguf", "Q5_K", 1, SMALL)
+        write_slice(tmp_path / "x.gguf", "Q5_K_M", 1, SMALL)
     with pytest.raises(ValueError, match="too small"):
         write_slice(tmp_path / "x.gguf", "Q4_0", 1, replace(SMALL, vocab=100))
+
