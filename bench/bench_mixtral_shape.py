@@ -1,13 +1,21 @@
 """mixlocal against llama.cpp at Mixtral-8x7B's real tensor shapes: prefill, decode, load, memory and start-up.
 
-    .venv/bin/python bench/bench_mixtral_shape.py [--types Q4_0] [--blocks 4] [--rounds 5] [--threads 2]
-        [--prompt 512] [--decode 128] [--engines mixlocal,llama,llama_norepack] [--no-startup]
+    .venv/bin/python bench/bench_mixtral_shape.py [--types Q4_0] [--kernels FAMILY[,FAMILY...]|all] [--blocks 4]
+        [--rounds 5] [--threads 2] [--prompt 512] [--decode 128] [--engines mixlocal,llama,llama_norepack]
+        [--no-startup]
 
 The model is a GGUF slice written by bench/make_mixtral_slice.py (Mixtral's exact shapes, random sane blocks, N
-blocks; kept in --data-dir and written once). Every engine runs in its own subprocess, one at a time, so peak RSS
-is its own and two engines never compete for the cores or the memory. Rounds alternate the engines (the order
-rotates each round), and medians over rounds are reported because other people share this machine: the load
-average is recorded with every run.
+blocks; kept in --data-dir and written once per SLICE_VERSION). Every engine runs in its own subprocess, one at a
+time, so peak RSS is its own and two engines never compete for the cores or the memory. Rounds alternate the
+engines (the order rotates each round), and medians over rounds are reported because other people share this
+machine: the load average is recorded with every run.
+
+Kernel families (--kernels; default: the fastest this CPU runs; "all": every one it runs): each family is measured
+against llama.cpp built for the same instruction set (bench/llama_builds.py): avx512vnni against the AVX-512 wheel
+when this CPU runs it, avx2 and avxvnni against the portable AVX2 wheel. The mixlocal workers get MIXLOCAL_KERNELS
+and, for avx2 and avxvnni, numba's target set to a CPU that has nothing faster (families.emulation_env), so an AVX2
+run on an AVX-512 machine uses no AVX-512 instruction. Each llama build is installed into a directory of its own
+under --data-dir and put on the llama workers' PYTHONPATH, after a probe (import, load, evaluate) in a subprocess.
 
 Engines:
   mixlocal        engine.load(...) then llm.eval(prompt, logits="last") and eval([tok], logits="last") per token
@@ -28,7 +36,8 @@ compiles and every matrix is repacked into the cache file), then later start-ups
 where the time goes). The timed rounds run after one untimed mixlocal load, so that they map the packed-weight
 cache (engine/packed_cache.py, kept under --data-dir) the way every load after a model's first does.
 
-Writes bench/results/mixtral_shape_<type>[_<N>blk]_<date>.json with the CPU model and the command.
+Writes bench/results/mixtral_shape_<type>_<family>[_<N>blk]_<date>.json with the command, the CPU model and its
+instruction-set flags, the kernel family and the llama.cpp wheel.
 """
 from __future__ import annotations
 
@@ -50,8 +59,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("MIXLOCAL_SRC") or str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import llama_builds
 from machine import describe_run, mem_info, proc_memory
-from make_mixtral_slice import MIXTRAL, SLICE_TYPES, tensor_plan, write_slice
+from make_mixtral_slice import (
+    MIXTRAL,
+    SLICE_TYPES,
+    SLICE_VERSION,
+    tensor_plan,
+    tensor_types,
+    write_slice,
+)
 
 ENGINES = ("mixlocal", "llama", "llama_norepack")
 DEFAULT_DATA_DIR = Path(os.environ.get("MIXLOCAL_BENCH_DIR", Path.home() / ".cache" / "mixlocal" / "bench"))
@@ -152,18 +169,18 @@ def measure_roofline(threads: int, mib: int = 512, repeats: int = 7) -> dict:
 # work per token, from the tensor plan
 # ---------------------------------------------------------------------------------------------------------------
 
-_BLOCK = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144)}
-
-
 def work_model(qtype: str, n_blocks: int, n_prompt: int) -> dict:
     """Bytes one decode step reads and the weight multiply-adds of a last-logits prefill of n_prompt tokens."""
-    per, nbytes = _BLOCK[qtype]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     s = MIXTRAL
+    types = tensor_types(qtype, s, n_blocks)
     frac = s.n_experts_used / s.n_experts
     decode_bytes, file_bytes, prefill_macs = 0.0, 0, 0.0
     for name, shape, kind in tensor_plan(s, n_blocks):
         n = int(np.prod(shape))
-        b = n // per * nbytes if kind == "matrix" else 4 * n
+        per, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[types[name]]]
+        b = n // per * nbytes
         file_bytes += b
         last_block = name.startswith(f"blk.{n_blocks - 1}.")
         if name == "token_embd.weight":
@@ -200,6 +217,17 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 REPACK_PHASE = "repack into the packed-weight cache file (first load only)"
 
 
+def _worker_kernels() -> dict:
+    """The family this worker's mixlocal runs, as the dispatch resolves it, and the CPU numba compiles for."""
+    out = {"kernels_requested": os.environ.get("MIXLOCAL_KERNELS"), "numba_cpu": os.environ.get("NUMBA_CPU_NAME",
+                                                                                                 "host")}
+    try:
+        from quant.kernels import families
+    except ImportError:  # --src of a commit from before the families
+        return out | {"kernels_resolved": "unknown: this source tree has no quant.kernels.families"}
+    return out | {"kernels_resolved": families.resolve()}
+
+
 def _packed_files() -> dict[str, int]:
     from engine.packed_cache import cache_dir
     folder = cache_dir()
@@ -219,7 +247,8 @@ def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int],
     t3 = time.perf_counter()
     cache = "in memory" if not packed_cache else (
         "mapped" if after and after == before else ("written" if after else "none (packed in memory)"))
-    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "packed_weights": cache}
+    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "packed_weights": cache,
+           **_worker_kernels()}
 
     def prefill(ids):
         llm.reset()
@@ -256,7 +285,7 @@ def _run_llama(path: str, threads: int, prompt: list[int], decode: list[int], re
     llm.eval([1])
     last_logits_argmax()
     t3 = time.perf_counter()
-    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2}
+    out = {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "llama_cpp_module": llama_cpp.__file__}
 
     def prefill(ids):
         llm.reset()
@@ -400,7 +429,7 @@ def _run_startup(path: str, threads: int) -> dict:
     llm.eval([201], logits="last")
     t6 = time.perf_counter()
     return {"import_s": t1 - t0, "load_s": t2 - t1, "first_token_s": t3 - t2, "first_prefill16_s": t4 - t3,
-            "second_token_s": t5 - t4, "steady_token_s": t6 - t5,
+            "second_token_s": t5 - t4, "steady_token_s": t6 - t5, **_worker_kernels(),
             "load_plus_first_token_s": t3 - t1,
             "numba_compile_s": compile_timer.duration if compile_timer.done else 0.0,
             "phases_s": {k: round(v, 3) for k, v in timers.items()}, **proc_memory()}
@@ -427,9 +456,11 @@ def worker_main(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice: int = 0) -> dict:
+    # args.mixlocal_env / args.llama_env: the kernel family's and the llama build's (set per family by main)
+    engine_env = getattr(args, "llama_env" if kind.startswith("llama") else "mixlocal_env", None) or {}
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
            "BENCH_CLOCK": args.clock, "MIXLOCAL_CACHE_DIR": str(args.data_dir / "mixlocal_cache"),
-           **(env_extra or {})}
+           **engine_env, **(env_extra or {})}
     if args.src:  # benchmark another source tree (a clean `git archive` of a commit, say) instead of this one
         env["MIXLOCAL_SRC"] = str(Path(args.src).resolve())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--file", str(path),
@@ -450,7 +481,7 @@ def run_worker(kind: str, path: Path, args, env_extra: dict | None = None, nice:
 
 
 def ensure_slice(qtype: str, n_blocks: int, data_dir: Path) -> Path:
-    path = data_dir / f"mixtral_shape_{qtype.lower()}_{n_blocks}blk.gguf"
+    path = data_dir / f"mixtral_shape_{qtype.lower()}_{n_blocks}blk_v{SLICE_VERSION}.gguf"
     if not path.exists():
         print(f"writing {path} ...", flush=True)
         tmp = path.with_suffix(".partial")
@@ -459,17 +490,51 @@ def ensure_slice(qtype: str, n_blocks: int, data_dir: Path) -> Path:
     return path
 
 
-def llama_status() -> str | None:
-    """None if llama_cpp imports here, else why not (probed in a subprocess: the prebuilt wheel targets this CPU
-    and can die with an illegal instruction elsewhere)."""
-    try:
-        r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True, timeout=120, check=False)
-    except subprocess.TimeoutExpired:
-        return "importing llama_cpp timed out"
-    if r.returncode != 0:
-        return f"llama_cpp does not import (exit {r.returncode}): {r.stderr.strip()[-300:]}"
-    return None
+def parse_kernels(spec: str | None) -> list[str]:
+    """--kernels: None is the fastest family this CPU runs, "all" every one it runs, else a comma-separated list;
+    a family the CPU cannot run (or an unknown name) stops the bench with the dispatch's reason."""
+    from quant.kernels import families
+    runnable = families.host_families()
+    if spec is None or not spec.strip():
+        return [runnable[0]]
+    if spec.strip().lower() == "all":
+        return list(runnable)
+    chosen = []
+    for name in spec.split(","):
+        if not name.strip():
+            continue
+        try:
+            family = families.resolve(name)
+        except families.KernelFamilyError as e:
+            raise SystemExit(f"--kernels: {e}") from None
+        if family not in chosen:
+            chosen.append(family)
+    if not chosen:
+        raise SystemExit("--kernels: no family named")
+    return chosen
+
+
+def llama_for_family(family: str, args, probes: dict) -> dict:
+    """The llama.cpp build to compare `family` with, installed into its own directory and probed: the build's
+    description, with "pythonpath" when it runs here or "skip" saying why not. probes caches by wheel."""
+    build = llama_builds.wheel_for_family(family, args.wheels_dir)
+    if build["wheel"] is None:
+        return {**build, "skip": build["note"]}
+    wheel = build["wheel"]
+    if wheel not in probes:
+        try:
+            target = llama_builds.install(Path(wheel), args.data_dir)
+        except (OSError, RuntimeError) as e:
+            probes[wheel] = {"ok": False, "reason": str(e)}
+        else:
+            probes[wheel] = {**llama_builds.probe(target), "pythonpath": str(target)}
+    got = probes[wheel]
+    out = {**build, "probe": got}
+    if got["ok"]:
+        out["pythonpath"] = got["pythonpath"]
+    else:
+        out["skip"] = got["reason"]
+    return out
 
 
 def _median(rows: list[dict], key: str):
@@ -542,19 +607,21 @@ def _memory_guard(engines: list[str], path: Path, args) -> dict[str, str]:
     return skipped
 
 
-def bench_type(qtype: str, args, roofline: dict, llama_skip: str | None) -> dict:
+def bench_type(qtype: str, family: str, args, roofline: dict, llama: dict | None) -> dict:
+    """llama: llama_for_family's answer (None when no llama engine was asked for)."""
     path = args.file or ensure_slice(qtype, args.blocks, args.data_dir)
     engines = [e for e in args.engines.split(",") if e]
-    if llama_skip:
+    if llama is None or "skip" in llama:
         engines = [e for e in engines if not e.startswith("llama")]
     work = work_model(qtype, args.blocks, args.prompt)
     result = {
         **describe_run(),
+        "kernels": {"family": family, "worker_env": args.mixlocal_env},
+        "llama_cpp": llama,
         "threads": args.threads, "clock": args.clock, "type": qtype, "blocks": args.blocks, "file": str(path),
         "file_size_GB": round(path.stat().st_size / 1e9, 3),
         "prompt_tokens": args.prompt, "decode_tokens": args.decode, "rounds": args.rounds,
         "work": work, "roofline_read": roofline, "engines": engines,
-        "llama_cpp": llama_skip or _llama_version(),
         "mixlocal_src": str(args.src or ROOT), "mixlocal_commit": _git_commit(),
         "loadavg_start": os.getloadavg(),
     }
@@ -624,15 +691,14 @@ def _git_commit() -> str:
     return r.stdout.strip() + (" (working tree has uncommitted changes)" if dirty else "")
 
 
-def _llama_version() -> str:
-    r = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                       capture_output=True, text=True, timeout=120, check=False)
-    return "llama-cpp-python " + r.stdout.strip()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q4_0", help="comma-separated: " + ",".join(SLICE_TYPES))
+    ap.add_argument("--kernels", default=None,
+                    help="mixlocal kernel families, comma-separated, or all (default: the fastest this CPU runs); "
+                         "each against llama.cpp built for the same instruction set")
+    ap.add_argument("--wheels-dir", type=Path, default=llama_builds.default_wheels_dir(),
+                    help="the prebuilt llama-cpp-python wheels (root: portable AVX2, avx512/: AVX-512)")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -661,27 +727,42 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    llama_skip = None
-    if any(e.startswith("llama") for e in args.engines.split(",")):
-        llama_skip = llama_status()
-        if llama_skip:
-            print("llama.cpp skipped:", llama_skip, flush=True)
+    from quant.kernels import families
+
+    kernels = parse_kernels(args.kernels)
+    qtypes = [q for q in args.types.split(",") if q]
+    for qtype in qtypes:
+        if qtype not in SLICE_TYPES:
+            raise SystemExit(f"unknown type {qtype}; choose from {', '.join(SLICE_TYPES)}")
+    if args.out and len(kernels) * len(qtypes) > 1:
+        raise SystemExit("--out names one result file: give one type and one kernel family with it")
+    want_llama = any(e.startswith("llama") for e in args.engines.split(","))
     print("measuring the read roofline ...", flush=True)
     roofline = measure_roofline(args.threads)
     print(f"read roofline: {roofline['GBps']} GB/s", flush=True)
-    for qtype in args.types.split(","):
-        if qtype not in SLICE_TYPES:
-            raise SystemExit(f"unknown type {qtype}; choose from {', '.join(SLICE_TYPES)}")
-        result = bench_type(qtype, args, roofline, llama_skip)
-        date = dt.date.today().isoformat()
-        suffix = ("" if args.blocks == 4 else f"_{args.blocks}blk") + ("" if args.threads == 2 else f"_t{args.threads}") \
-            + ("" if args.clock == "wall" else "_" + args.clock)
-        out = args.out or ROOT / "bench" / "results" / f"mixtral_shape_{qtype.lower()}{suffix}_{date}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({"median": result["median"], "ratio": result["ratio_mixlocal_over"]}, indent=1))
-        print("wrote", out, flush=True)
+    probes: dict = {}
+    for family in kernels:
+        args.mixlocal_env = {families.ENV_VAR: family, **families.emulation_env(family)}
+        llama = llama_for_family(family, args, probes) if want_llama else None
+        args.llama_env = {"PYTHONPATH": llama["pythonpath"]} if llama and "pythonpath" in llama else {}
+        print(f"== kernels {family}: mixlocal env {args.mixlocal_env}; llama.cpp "
+              + ("not asked for" if llama is None else llama.get("skip") and f"skipped: {llama['skip']}"
+                 or f"{llama['build']} build {llama['wheel']}" + (f" ({llama['note']})" if llama["note"] else "")),
+              flush=True)
+        for qtype in qtypes:
+            result = bench_type(qtype, family, args, roofline, llama)
+            out = args.out or ROOT / "bench" / "results" / result_name(qtype, family, args)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps({"median": result["median"], "ratio": result["ratio_mixlocal_over"]}, indent=1))
+            print("wrote", out, flush=True)
     return 0
+
+
+def result_name(qtype: str, family: str, args) -> str:
+    suffix = ("" if args.blocks == 4 else f"_{args.blocks}blk") + ("" if args.threads == 2 else f"_t{args.threads}") \
+        + ("" if args.clock == "wall" else "_" + args.clock)
+    return f"mixtral_shape_{qtype.lower()}_{family}{suffix}_{dt.date.today().isoformat()}.json"
 
 
 if __name__ == "__main__":

@@ -7,14 +7,30 @@ import platform
 import sys
 from pathlib import Path
 
-__all__ = ["cpu_model", "describe_run", "mem_info", "proc_memory"]
+__all__ = ["cpu_flags", "cpu_model", "describe_run", "mem_info", "proc_memory"]
+
+# the instruction sets that decide which kernels mixlocal and llama.cpp can run (names as in /proc/cpuinfo)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
 
 
 def describe_run() -> dict:
     """The fields that open a result file: when, the command line, and the machine."""
     return {"date": dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name] + sys.argv),
-            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), **mem_info()}}
+            "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+                        "platform": platform.platform(), **mem_info()}}
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of ISA_FLAGS the CPU reports (Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return {f: f in have for f in ISA_FLAGS}
+    except OSError:
+        pass
+    return {}
 
 
 def cpu_model() -> str:

@@ -4,6 +4,7 @@ No timing here (speed lives in bench/); these tests keep the benchmark from sile
 """
 from __future__ import annotations
 
+import stat
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -167,3 +168,106 @@ def test_slice_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="too small"):
         write_slice(tmp_path / "x.gguf", "Q4_0", 1, replace(SMALL, vocab=100))
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bench's kernel families and the llama.cpp build each is compared with
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_parse_kernels(monkeypatch):
+    from bench_mixtral_shape import parse_kernels
+    from numba.core import config
+
+    from quant.kernels import families
+
+    runnable = families.host_families()
+    assert parse_kernels(None) == [runnable[0]]
+    assert parse_kernels("all") == list(runnable)
+    assert parse_kernels("portable,PORTABLE, ") == ["portable"]
+    with pytest.raises(SystemExit, match="not a kernel family"):
+        parse_kernels("sse4")
+    # a CPU that numba compiles for as a Haswell runs avx2 and portable only
+    name, feats = families.emulation_env("avx2")["NUMBA_CPU_NAME"], families.emulation_env("avx2")["NUMBA_CPU_FEATURES"]
+    monkeypatch.setattr(config, "CPU_NAME", name)
+    monkeypatch.setattr(config, "CPU_FEATURES", feats)
+    assert parse_kernels(None) == ["avx2"]
+    assert parse_kernels("all") == ["avx2", "portable"]
+    with pytest.raises(SystemExit, match="lacks"):
+        parse_kernels("avx2,avx512vnni")
+
+
+def test_result_names_differ_by_type_and_family():
+    import argparse
+
+    from bench_mixtral_shape import result_name
+
+    args = argparse.Namespace(blocks=4, threads=2, clock="wall")
+    names = {result_name(q, f, args) for q in SLICE_TYPES for f in ("avx512vnni", "avx2")}
+    assert len(names) == 2 * len(SLICE_TYPES)
+    assert result_name("Q4_K_M", "avx2", args).startswith("mixtral_shape_q4_k_m_avx2_")
+
+
+def _fake_wheels(tmp_path: Path, pick: str | None, avx512: bool = True) -> Path:
+    """A wheels folder like ../shared/wheels; pick: what its pick-llama-wheel prints ("avx512", "portable",
+    "fail", or None for no script)."""
+    d = tmp_path / "wheels"
+    (d / "avx512").mkdir(parents=True)
+    name = "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    (d / name).write_bytes(b"portable")
+    if avx512:
+        (d / "avx512" / name).write_bytes(b"avx512")
+    if pick is not None:
+        script = d / "pick-llama-wheel"
+        body = {"avx512": f'echo "{d / "avx512" / name}"', "portable": f'echo "{d / name}"', "fail": "exit 1"}[pick]
+        script.write_text("#!/bin/sh\n" + body + "\n")
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return d
+
+
+def test_wheel_for_family(tmp_path):
+    import llama_builds as lb
+
+    d = _fake_wheels(tmp_path / "a", "avx512")
+    portable = str(d / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
+    fast = str(d / "avx512" / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
+    assert lb.pick_wheel(d) == Path(fast)
+    got = lb.wheel_for_family("avx512vnni", d)
+    assert (got["wheel"], got["build"], got["matches_family"]) == (fast, "avx512", True)
+    for family in ("avx2", "avxvnni"):
+        got = lb.wheel_for_family(family, d)
+        assert (got["wheel"], got["matches_family"], got["note"]) == (portable, True, None)
+    got = lb.wheel_for_family("portable", d)
+    assert got["wheel"] == portable and not got["matches_family"] and got["note"]
+
+    # a CPU the AVX-512 build does not run: the AVX2 build, said so
+    d = _fake_wheels(tmp_path / "b", "portable")
+    got = lb.wheel_for_family("avx512vnni", d)
+    assert got["wheel"].endswith("wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
+    assert not got["matches_family"] and "lacks" in got["note"]
+    # no script, or one that fails: the portable wheel
+    for pick in (None, "fail"):
+        d = _fake_wheels(tmp_path / f"c{pick}", pick)
+        assert lb.pick_wheel(d) == d / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+        assert lb.wheel_for_family("avx512vnni", d)["build"] == "portable AVX2"
+    # no wheels at all
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert lb.pick_wheel(empty) is None
+    assert lb.wheel_for_family("avx2", empty)["wheel"] is None
+
+
+def test_llama_probe_reports_a_crash(tmp_path):
+    import llama_builds as lb
+
+    def fake(folder: str, body: str) -> Path:
+        pkg = tmp_path / folder / "llama_cpp"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text(body)
+        return pkg.parent
+
+    ok = fake("ok", '__version__ = "0.0"\nclass Llama:\n    def __init__(self, **kw): pass\n'
+                    '    def eval(self, ids): pass\n')
+    got = lb.probe(ok)
+    assert got["ok"] and got["module"].startswith(str(ok))
+    sigill = fake("sigill", "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    got = lb.probe(sigill)
+    assert not got["ok"] and "SIGILL" in got["reason"] and "Illegal instruction" in got["reason"]
