@@ -104,6 +104,12 @@ class KVCache:
         self.v[layer, :, pos:pos + t] = self.encode(v).transpose(1, 0, 2)
         self._written = max(self._written, pos + t)
 
+    def advance(self, n: int) -> None:
+        """Count n more positions as held, written by the caller straight into k and v (the decode step)."""
+        self.check_room(n)
+        self.n_past += n
+        self._written = max(self._written, self.n_past)
+
     def trim(self, n: int) -> None:
         """Keep the first n positions (prompt reuse); later writes overwrite the rest."""
         if not 0 <= n <= self.n_past:

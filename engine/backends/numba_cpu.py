@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from quant import formats, kernels
@@ -34,15 +35,10 @@ class RouterTrace:
 
 
 def route(h: np.ndarray, router: np.ndarray, n_used: int) -> RouterTrace:
-    """Softmax over all experts in float32, take the top A, renormalise them (transformers' Mixtral)."""
-    logits = h @ router.T                                           # (T, E)
-    z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z)
-    probs /= probs.sum(axis=1, keepdims=True)
-    ids = np.argsort(-probs, axis=1, kind="stable")[:, :n_used]     # (T, A)
-    w = np.take_along_axis(probs, ids, axis=1)
-    w /= w.sum(axis=1, keepdims=True)
-    return RouterTrace(logits, ids, w.astype(np.float32))
+    """Softmax over all experts, take the top A, renormalise them (transformers' Mixtral); in float64, by the
+    same compiled code as the one-token decode step, so both pick the same experts with the same weights."""
+    logits, ids, w = ops.route_rows(h, router, n_used)
+    return RouterTrace(logits.astype(np.float32), ids, w)
 
 
 def limit_openmp_spinning() -> None:
@@ -62,6 +58,80 @@ def limit_openmp_spinning() -> None:
     from numba.np.ufunc import parallel
     if not getattr(parallel, "_is_initialized", False):
         os.environ["GOMP_SPINCOUNT"] = "10000"
+
+
+def _act(rows: int, width: int) -> tuple:
+    """Activations rounded for the integer kernels: (xq int8 (rows, width), xd float32 per-32 scale, xs int32
+    per-32 sum, xs16 int32 per-16 sum)."""
+    return (np.zeros((rows, width), np.int8), np.zeros((rows, width // 32), np.float32),
+            np.zeros((rows, width // 32), np.int32), np.zeros((rows, width // 16), np.int32))
+
+
+class DecodeState:
+    """Buffers of the one-token decode step, allocated once per backend (llama2.c's RunState)."""
+
+    def __init__(self, c: ModelConfig):
+        d, a, f = c.dim, c.n_experts_used, c.ffn_dim
+        self.x = np.zeros((1, d), np.float32)                        # (1, D) residual stream
+        self.h = np.zeros((1, d), np.float32)                        # (1, D) rmsnorm(x)
+        self.q = np.zeros((1, c.n_heads, c.head_dim), np.float32)    # (1, H, Dh)
+        self.k = np.zeros((1, c.n_kv_heads, c.head_dim), np.float32)  # (1, Hkv, Dh)
+        self.v = np.zeros((1, c.n_kv_heads, c.head_dim), np.float32)  # (1, Hkv, Dh)
+        self.att = np.zeros((1, c.n_heads, c.head_dim), np.float32)  # (1, H, Dh) attention output
+        self.g = np.zeros((a, f), np.float32)                        # (A, F) gate, then silu(gate) * up
+        self.u = np.zeros((a, f), np.float32)                        # (A, F) up
+        self.y = np.zeros((a, d), np.float32)                        # (A, D) wo's output in row 0, then experts'
+        self.act_h = _act(1, d)                                      # h rounded, for wq, wk, wv
+        self.act_att = _act(1, c.q_dim)                              # att rounded, for wo
+        self.act_e = _act(a, d)                                      # h rounded, A copies, for w1, w3
+        self.act_f = _act(a, f)                                      # g rounded, for w2
+        self.act_head = _act(1, d)                                   # rmsnorm(x) rounded, for the output head
+        self.one_start = np.array([0, 1], np.int64)                  # (2,) runs of a one-row product ...
+        self.one_expert = np.zeros(1, np.int64)                      # (1,) ... whose weight is "expert" 0
+        self.run_start = np.zeros(a + 1, np.int64)                   # (A+1,) expert rows: one run per expert
+        self.run_expert = np.zeros(a, np.int64)                      # (A,) ascending
+        self.logits = np.zeros(c.n_experts, np.float64)              # (E,) router logits
+        self.probs = np.zeros(c.n_experts, np.float64)               # (E,) router softmax
+        self.ids = np.zeros(a, np.int64)                             # (A,) chosen experts, most probable first
+        self.wts = np.zeros(a, np.float32)                           # (A,) their renormalised weights
+        self.attention = ops.DecodeAttention(c.n_heads, c.n_kv_heads, c.head_dim)  # and its workspaces
+
+
+def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarray,
+          out: np.ndarray | None) -> tuple | None:
+    """(kernel, arguments, per16, serial) of a packed weight's product on the first `rows` rows of act into out
+    (None: appended at the call): the run kernel quant.kernels._packed_runs picks for fewer than 4 rows, its
+    inputs already checked at load. None for a weight without such a kernel (not packed)."""
+    if not isinstance(w, kernels.PackedWeight):
+        return None
+    if hasattr(w, "family"):
+        kern, quads = kernels._RUNS[w.family][w.qtype.name][0], w.layout == "quads"
+    elif w.vnni:
+        kern, quads = kernels._VNNI_RUNS[w.qtype], True
+    else:
+        kern, quads = kernels._PORTABLE_RUNS[w.qtype], False
+    per16 = quads and w.qtype.name == "Q6_K"  # its codes carry an offset per 16 values
+    xq, xd, xs, xs16 = (a[:rows] for a in act)
+    n, k = w.shape[-2], w.shape[-1]
+    if xq.shape != (rows, k) or (out is not None and out.shape != (rows, n)):
+        raise kernels.KernelInputError(f"decode buffers {xq.shape} -> {None if out is None else out.shape} do not "
+                                       f"fit weight {w.shape}")  # a kernel would read or write past them
+    arrays = (w.arrays[0].reshape(-1), *w.arrays[1:]) if quads else tuple(w.arrays)
+    args = (*arrays, xq.reshape(-1) if quads else xq, xd, xs16 if per16 else xs, run_start, run_expert, n)
+    if out is not None:
+        args += (out,)
+    return kern, args, per16, rows * n * k < kernels.SERIAL_MAX_MACS
+
+
+def _product(bound: tuple, threads: list, n_threads: int, *out) -> None:
+    """Run a product _bind made, on one thread if it is small (quant.kernels.serial_below's rule), switching
+    numba's count only when it differs from threads[0], the count set now."""
+    kern, args, _, serial = bound
+    want = 1 if serial else n_threads
+    if want != threads[0]:
+        numba.set_num_threads(want)
+        threads[0] = want
+    kern(*args, *out)
 
 
 class NumbaCPUBackend:
@@ -85,6 +155,34 @@ class NumbaCPUBackend:
         self.pairs = ops.rope_pairs(c.head_dim, c.rope_pairing)
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
         self.trace: list[RouterTrace] | None = None  # set to [] to record router intermediates
+        self._decode_plan = self._bind_decode()
+        self.fused_decode = self._decode_plan is not None  # one-token steps through _decode
+
+    def _bind_decode(self) -> tuple[DecodeState, list[dict], tuple] | None:
+        """The one-token decode step's buffers and every product bound to them; None where it does not apply: a
+        matrix without a packed decode kernel, or 4+ active experts (where expert_linear picks the prefill
+        kernels)."""
+        c = self.config
+        if c.n_experts_used >= 4:
+            return None
+        st = DecodeState(c)
+        one, runs = (st.one_start, st.one_expert), (st.run_start, st.run_expert)
+        blocks = []
+        for m in self.mats:
+            b = {"wq": _bind(m["wq"], st.act_h, 1, *one, st.q.reshape(1, -1)),
+                 "wk": _bind(m["wk"], st.act_h, 1, *one, st.k.reshape(1, -1)),
+                 "wv": _bind(m["wv"], st.act_h, 1, *one, st.v.reshape(1, -1)),
+                 "wo": _bind(m["wo"], st.act_att, 1, *one, st.y[:1]),
+                 "w1": _bind(m["w1"], st.act_e, c.n_experts_used, *runs, st.g),
+                 "w3": _bind(m["w3"], st.act_e, c.n_experts_used, *runs, st.u),
+                 "w2": _bind(m["w2"], st.act_f, c.n_experts_used, *runs, st.y)}
+            if any(v is None for v in b.values()):
+                return None
+            blocks.append(b)
+        head = _bind(self.output, st.act_head, 1, *one, None)
+        if head is None:
+            return None
+        return st, blocks, head
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         t = self.w.tok_embd
@@ -97,6 +195,8 @@ class NumbaCPUBackend:
         n_tok = tokens.shape[0]
         pos0 = cache.n_past
         cache.check_room(n_tok)
+        if n_tok == 1 and self.fused_decode and self.trace is None:
+            return self._decode(tokens, cache)
         positions = np.arange(pos0, pos0 + n_tok, dtype=np.float64)
         x = self.embed(tokens)                                                    # (T, D)
         for li, lw in enumerate(self.w.layers):
@@ -121,6 +221,39 @@ class NumbaCPUBackend:
         cache.n_past = pos0 + n_tok
         x = ops.rmsnorm(x, self.w.norm, c.norm_eps, np.empty_like(x))
         return kernels.linear(self.output, x)
+
+    def _decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """forward() for one token: the ops.decode_* steps between the weight products, on the DecodeState
+        buffers."""
+        c, pos = self.config, cache.n_past
+        st, blocks, head = self._decode_plan
+        n_threads = numba.get_num_threads()
+        threads = [n_threads]  # the count set now: switched only when a product's size calls for another
+        x = st.x
+        x[:] = self.embed(tokens)
+        for li, (b, lw) in enumerate(zip(blocks, self.w.layers)):
+            ops.decode_pre_attention(x, st.y, st.ids, st.wts, st.run_expert, li > 0, lw.attn_norm, c.norm_eps,
+                                     st.h, st.act_h, b["wq"][2] or b["wk"][2] or b["wv"][2])
+            _product(b["wk"], threads, n_threads)
+            _product(b["wv"], threads, n_threads)
+            _product(b["wq"], threads, n_threads)
+            ops.decode_rope_store(st.q, st.k, st.v, pos, self.inv_freq, self.pairs, cache.k[li], cache.v[li])
+            st.attention(st.q, cache.k[li], cache.v[li], pos, self.scale, st.att, n_threads, threads)
+            ops.decode_round(st.att, st.act_att, b["wo"][2])
+            _product(b["wo"], threads, n_threads)
+            ops.decode_route(x, st.y, lw.ffn_norm, c.norm_eps, st.h, lw.router, st.logits, st.probs, st.ids, st.wts,
+                             st.run_start, st.run_expert, st.act_e, b["w1"][2] or b["w3"][2])
+            _product(b["w1"], threads, n_threads)
+            _product(b["w3"], threads, n_threads)
+            ops.decode_silu(st.g, st.u, st.act_f, b["w2"][2])
+            _product(b["w2"], threads, n_threads)
+        cache.advance(1)
+        ops.decode_pre_head(x, st.y, st.ids, st.wts, st.run_expert, self.w.norm, c.norm_eps, st.act_head, head[2])
+        logits = np.empty((1, c.vocab_size), np.float32)
+        _product(head, threads, n_threads, logits)
+        if threads[0] != n_threads:
+            numba.set_num_threads(n_threads)
+        return logits
 
     def moe(self, h: np.ndarray, router: np.ndarray, m: dict) -> np.ndarray:
         """Route each token to A experts; each expert's weights are read once for all of its tokens."""

@@ -12,7 +12,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from quant.kernels import serial_below
+from quant.kernels import SERIAL_MAX_MACS, serial_below
+from quant.kernels.portable import _quantize_row
+from quant.quantize import _row_q8_0
 
 __all__ = [
     "Q8_0_BLOCK",
@@ -48,17 +50,22 @@ def rmsnorm(x, w, eps, out):
         return _rmsnorm(x, w, eps, out)
 
 
+@njit(inline="always")
+def _rmsnorm_row(x, w, eps, out, t):
+    d = x.shape[1]
+    ss = 0.0
+    for i in range(d):
+        ss += x[t, i] * x[t, i]
+    r = 1.0 / math.sqrt(ss / d + eps)
+    for i in range(d):
+        out[t, i] = np.float32(x[t, i] * r) * w[i]
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def _rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, accumulated in float64 like a careful reference."""
-    n, d = x.shape
-    for t in prange(n):
-        ss = 0.0
-        for i in range(d):
-            ss += x[t, i] * x[t, i]
-        r = 1.0 / math.sqrt(ss / d + eps)
-        for i in range(d):
-            out[t, i] = np.float32(x[t, i] * r) * w[i]
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, t)
     return out
 
 
@@ -77,23 +84,25 @@ def rope(x, positions, inv_freq, pairs):
         _rope(x, positions, inv_freq, pairs)
 
 
+@njit(inline="always")
+def _rope_token(x, t, p, inv_freq, pairs):
+    for i in range(pairs.shape[0]):
+        ang = p * inv_freq[i]
+        c = np.float32(math.cos(ang))
+        s = np.float32(math.sin(ang))
+        a = pairs[i, 0]
+        b = pairs[i, 1]
+        for j in range(x.shape[1]):
+            x0 = x[t, j, a]
+            x1 = x[t, j, b]
+            x[t, j, a] = x0 * c - x1 * s
+            x[t, j, b] = x1 * c + x0 * s
+
+
 @njit(parallel=True, cache=True)
 def _rope(x, positions, inv_freq, pairs):
-    n, h, _ = x.shape
-    npairs = pairs.shape[0]
-    for t in prange(n):
-        p = positions[t]
-        for i in range(npairs):
-            ang = p * inv_freq[i]
-            c = np.float32(math.cos(ang))
-            s = np.float32(math.sin(ang))
-            a = pairs[i, 0]
-            b = pairs[i, 1]
-            for j in range(h):
-                x0 = x[t, j, a]
-                x1 = x[t, j, b]
-                x[t, j, a] = x0 * c - x1 * s
-                x[t, j, b] = x1 * c + x0 * s
+    for t in prange(x.shape[0]):
+        _rope_token(x, t, positions[t], inv_freq, pairs)
 
 
 def silu_mul(g, u):
@@ -102,13 +111,17 @@ def silu_mul(g, u):
         return _silu_mul(g, u)
 
 
+@njit(inline="always")
+def _silu_mul_row(g, u, t):
+    for i in range(g.shape[1]):
+        v = g[t, i]
+        g[t, i] = v / (np.float32(1.0) + np.exp(-v)) * u[t, i]
+
+
 @njit(parallel=True, cache=True)
 def _silu_mul(g, u):
-    n, d = g.shape
-    for t in prange(n):
-        for i in range(d):
-            v = g[t, i]
-            g[t, i] = v / (np.float32(1.0) + np.exp(-v)) * u[t, i]
+    for t in prange(g.shape[0]):
+        _silu_mul_row(g, u, t)
     return g
 
 
@@ -427,6 +440,14 @@ def _attention_kernel(q, k_cache, v_cache, pos0, scale, n_splits, out,
     return out
 
 
+@njit(cache=True)
+def _split_count(n_jobs, n_keys, n_workers, key_block):
+    """Key splits per (KV head, query block) job: only while there are fewer jobs than JOBS_PER_THREAD per worker,
+    so n_jobs * splits < 2 * target whenever there is more than one split."""
+    target = JOBS_PER_THREAD * n_workers
+    return max(1, min(-(-target // n_jobs), -(-n_keys // key_block)))
+
+
 def attention_plan(n_tok: int, n_heads: int, n_kv: int, head_dim: int, pos0: int, n_workers: int,
                    key_block: int | None = None) -> dict:
     """How a call is split into jobs and how much scratch it gets. The scratch depends on the worker count, the
@@ -435,11 +456,9 @@ def attention_plan(n_tok: int, n_heads: int, n_kv: int, head_dim: int, pos0: int
     n_qblk = -(-n_tok // QUERY_BLOCK)
     rows = _round_up(QUERY_BLOCK * g_per, TILE)
     n_keys = pos0 + n_tok
-    target = JOBS_PER_THREAD * n_workers
-    # Split keys only while there are fewer jobs than target, so n_jobs < 2 * target whenever n_splits > 1.
     if key_block is None:
         key_block = KEY_BLOCK
-    n_splits = max(1, min(-(-target // (n_kv * n_qblk)), -(-n_keys // key_block)))
+    n_splits = _split_count(n_kv * n_qblk, n_keys, n_workers, key_block)
     n_parts = n_kv * n_qblk * n_splits if n_splits > 1 else 1
     shapes = {
         "ws_q": ((n_workers, rows, head_dim), np.float32),
@@ -496,3 +515,256 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
 
 def set_threads(n: int) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode (one token): one compiled call between two weight products. Called op by op from Python, the tiny model's
+# decode spent most of its time between the kernels (argument checks, numpy temporaries, dispatch, thread-count
+# switches); here the steps between products run on buffers allocated once (the backend's DecodeState), and the
+# weight kernels are called with their arguments bound once at load.
+# Each op uses the same compiled arithmetic as the T-token path (the shared row helpers above, the same attention
+# kernel, the same activation rounding), so a decode step gives the logits that forward() gives for one token.
+# The weight kernels and the (parallel) attention kernel are called from Python, not from here: a compiled caller
+# would bind them statically, numba's cache cannot keep a caller of a parallel function, and it would not see a
+# change in the kernels' files (nor the kernel family chosen at load).
+# ----------------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def f32_to_f16_bits(typingctx, x):
+    """The uint16 bit pattern of float32 x rounded to float16 (nearest even, as numpy's astype(float16))."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+def _store_kv_row(src, dst):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(_store_kv_row, inline="always")
+def _store_kv_row_impl(src, dst):
+    """dst (one cache row, the KV format's dtype) = src (head_dim float32), encoded as KVCache.encode does."""
+    if dst.dtype == types.float32:
+        def impl(src, dst):
+            for d in range(src.shape[0]):
+                dst[d] = src[d]
+    elif dst.dtype == types.uint16:
+        def impl(src, dst):
+            for d in range(src.shape[0]):
+                dst[d] = f32_to_f16_bits(src[d])
+    elif dst.dtype == types.uint8:
+        def impl(src, dst):
+            _row_q8_0(src, dst)
+    else:
+        return None
+    return impl
+
+
+ROUTER_LANES = 8  # partial sums of the router's products: a fixed order that still vectorises
+
+
+@njit(inline="always")
+def _router_logits(h, t, router, out):
+    """out (E,) float64 = router @ h[t], each product exact in float64 and summed in ROUTER_LANES fixed lanes, so
+    that prefill and decode (both through here) get the same bits."""
+    n_exp, d = router.shape
+    lanes = np.empty(ROUTER_LANES, np.float64)
+    for e in range(n_exp):
+        for j in range(ROUTER_LANES):
+            lanes[j] = 0.0
+        for i0 in range(0, d - d % ROUTER_LANES, ROUTER_LANES):
+            for j in range(ROUTER_LANES):
+                lanes[j] += np.float64(h[t, i0 + j]) * np.float64(router[e, i0 + j])
+        for i in range(d - d % ROUTER_LANES, d):
+            lanes[0] += np.float64(h[t, i]) * np.float64(router[e, i])
+        acc = 0.0
+        for j in range(ROUTER_LANES):
+            acc += lanes[j]
+        out[e] = acc
+
+
+@njit(inline="always")
+def _route_probs(logits, probs, ids, wts):
+    """Mixtral's routing from one token's router logits (E,) float64: softmax over all experts into probs, the
+    len(ids) most probable into ids (ties to the lower index, as a stable argsort), their weights renormalised into
+    wts (float32)."""
+    n_exp = logits.shape[0]
+    mx = logits[0]
+    for e in range(1, n_exp):
+        mx = max(mx, logits[e])
+    tot = 0.0
+    for e in range(n_exp):
+        probs[e] = math.exp(logits[e] - mx)
+        tot += probs[e]
+    for e in range(n_exp):
+        probs[e] /= tot
+    sel = 0.0
+    for a in range(ids.shape[0]):
+        best = -1
+        for e in range(n_exp):
+            taken = False
+            for b in range(a):
+                if ids[b] == e:
+                    taken = True
+            if not taken and (best < 0 or probs[e] > probs[best]):
+                best = e
+        ids[a] = best
+        sel += probs[best]
+    for a in range(ids.shape[0]):
+        wts[a] = np.float32(probs[ids[a]] / sel)
+
+
+@njit(parallel=True, cache=True)
+def _route_rows(h, router, logits, probs, ids, wts):
+    for t in prange(h.shape[0]):
+        _router_logits(h, t, router, logits[t])
+        _route_probs(logits[t], probs[t], ids[t], wts[t])
+
+
+def route_rows(h: np.ndarray, router: np.ndarray, n_used: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Router of each row of h (T, D) float32 over router (E, D) float32: (logits (T, E) float64, expert ids
+    (T, A) int64, weights (T, A) float32), computed in float64 as the one-token decode does."""
+    n_tok, n_exp = h.shape[0], router.shape[0]
+    logits = np.empty((n_tok, n_exp), np.float64)
+    probs = np.empty((n_tok, n_exp), np.float64)
+    ids = np.empty((n_tok, n_used), np.int64)
+    wts = np.empty((n_tok, n_used), np.float32)
+    with serial_below(h.size * n_exp):
+        _route_rows(np.ascontiguousarray(h, dtype=np.float32), router, logits, probs, ids, wts)
+    return logits, ids, wts
+
+
+@njit(inline="always")
+def _quantize(x, t, act, per16):
+    """Round row t of x to int8 per 32-block into row 0 of act = (xq, xd, xs, xs16) as linear() does, and copy it
+    to every row of act (the A expert rows all start from the same h). xs16 gets the sums per 16 that Q6_K's
+    kernels take instead of xs."""
+    xq, xd, xs, xs16 = act
+    src = x[t:t + 1]
+    _quantize_row(src, xq, xd, xs, 0)
+    if per16:
+        for b in range(xs16.shape[1]):
+            acc = np.int32(0)
+            for j in range(16):
+                acc += np.int32(xq[0, b * 16 + j])
+            xs16[0, b] = acc
+    for r in range(1, xq.shape[0]):
+        xq[r] = xq[0]
+        xd[r] = xd[0]
+        xs[r] = xs[0]
+        xs16[r] = xs16[0]
+
+
+@njit(inline="always")
+def _quantize_rows(x, act, per16):
+    """Round every row of x into act, each row on its own (the expert outputs before ffn_down)."""
+    xq, xd, xs, xs16 = act
+    for r in range(x.shape[0]):
+        _quantize_row(x, xq, xd, xs, r)
+        if per16:
+            for b in range(xs16.shape[1]):
+                acc = np.int32(0)
+                for j in range(16):
+                    acc += np.int32(xq[r, b * 16 + j])
+                xs16[r, b] = acc
+
+
+@njit(inline="always")
+def _add_experts(x, y, ids, wts, run_expert):
+    """x[0] += sum over a of wts[a] * (the row of y from expert ids[a]), in the order of ids (as np.einsum)."""
+    for i in range(x.shape[1]):
+        acc = np.float32(0.0)
+        for a in range(ids.shape[0]):
+            r = 0
+            while run_expert[r] != ids[a]:
+                r += 1
+            acc += y[r, i] * wts[a]
+        x[0, i] = x[0, i] + acc
+
+
+@njit(cache=True)
+def decode_pre_attention(x, y, ids, wts, run_expert, pending, norm, eps, h, act, per16):
+    """Block start: finish the previous block (x += its expert outputs, if pending), then h = rmsnorm(x), rounded
+    into act for wq, wk, wv."""
+    if pending:
+        _add_experts(x, y, ids, wts, run_expert)
+    _rmsnorm_row(x, norm, eps, h, 0)
+    _quantize(h, 0, act, per16)
+
+
+@njit(cache=True)
+def decode_rope_store(q, k, v, pos, inv_freq, pairs, k_cache, v_cache):
+    """RoPE on q and k, then k and v into row pos of the caches (Hkv, n_ctx, row), encoded in their format."""
+    p = np.float64(pos)
+    _rope_token(k, 0, p, inv_freq, pairs)
+    _rope_token(q, 0, p, inv_freq, pairs)
+    for j in range(k.shape[1]):
+        _store_kv_row(k[0, j], k_cache[j, pos])
+        _store_kv_row(v[0, j], v_cache[j, pos])
+
+
+@njit(cache=True)
+def decode_round(att, act, per16):
+    """The attention output (1, H, Dh) rounded into act for wo."""
+    _quantize(att.reshape(1, -1), 0, act, per16)
+
+
+class DecodeAttention:
+    """ops.attention for one query, on workspaces kept between calls (one set per worker count and key split
+    count; the plan is attention()'s, so the same splits give the same sums)."""
+
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int):
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self._ws: dict[tuple[int, int], tuple] = {}
+
+    def __call__(self, q, k_cache, v_cache, pos: int, scale, out, n_threads: int, threads: list) -> None:
+        """threads[0] is numba's thread count now; set to what this call needs, and left there."""
+        serial = n_threads > 1 and (pos + 1) * self.n_heads * self.head_dim * 2 < SERIAL_MAX_MACS  # attention()'s
+        n_workers = 1 if serial else n_threads
+        n_splits = _split_count(self.n_kv, pos + 1, n_workers, KEY_BLOCK)
+        ws = self._ws.get((n_workers, n_splits))
+        if ws is None:
+            w = _workspace(attention_plan(1, self.n_heads, self.n_kv, self.head_dim, pos, n_workers))
+            ws = self._ws[(n_workers, n_splits)] = tuple(w[name] for name in (
+                "ws_q", "ws_k", "ws_v", "ws_s", "ws_acc", "ws_ml", "ws_vis", "part_ml", "part_acc"))
+        if threads[0] != n_workers:
+            numba.set_num_threads(n_workers)
+            threads[0] = n_workers
+        _attention_kernel(q, k_cache, v_cache, pos, scale, n_splits, out, *ws)
+
+
+@njit(cache=True)
+def decode_route(x, y, norm, eps, h, router, logits, probs, ids, wts, run_start, run_expert, act, per16):
+    """After attention: x += y[0] (wo's output), h = rmsnorm(x), the router's choice (ids, wts), the expert runs
+    in ascending expert order as expert_linear groups them (one row each), and h rounded into every row of act
+    for w1, w3."""
+    for i in range(x.shape[1]):
+        x[0, i] = x[0, i] + y[0, i]
+    _rmsnorm_row(x, norm, eps, h, 0)
+    _router_logits(h, 0, router, logits)
+    _route_probs(logits, probs, ids, wts)
+    for a in range(ids.shape[0]):
+        run_expert[a] = ids[a]
+        run_start[a] = a
+    run_start[ids.shape[0]] = ids.shape[0]
+    run_expert.sort()
+    _quantize(h, 0, act, per16)
+
+
+@njit(cache=True)
+def decode_silu(g, u, act, per16):
+    """g = silu(g) * u per expert row, rounded into act for w2."""
+    for r in range(g.shape[0]):
+        _silu_mul_row(g, u, r)
+    _quantize_rows(g, act, per16)
+
+
+@njit(cache=True)
+def decode_pre_head(x, y, ids, wts, run_expert, norm, eps, act, per16):
+    """After the last block: x += its expert outputs, x = rmsnorm(x), rounded into act for the output head."""
+    _add_experts(x, y, ids, wts, run_expert)
+    _rmsnorm_row(x, norm, eps, x, 0)
+    _quantize(x, 0, act, per16)
