@@ -70,17 +70,24 @@ def open_source(source, backend: str = "numba"):
 
 
 def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
-         n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None) -> LLM:
+         n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None,
+         kernels: str | None = None) -> LLM:
     """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id.
 
     packed_cache (numba backend): the kernels' repacked form of Q4_0/Q8_0/Q4_K weights is written once to a file in
     the cache directory and memory-mapped on later loads (engine/packed_cache.py). None: only for models with at
-    least 256 MB of such weights; False: repack in memory at every load; True: always."""
+    least 256 MB of such weights; False: repack in memory at every load; True: always.
+
+    kernels (numba backend): the kernel family, "avx512vnni", "avxvnni", "avx2" or "portable"; None reads
+    $MIXLOCAL_KERNELS, else takes the fastest this CPU runs. A family the CPU cannot run is a ValueError."""
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
     backend = resolve_backend(backend)
+    if backend == "numba":
+        from quant.kernels import resolve_family
+        kernels = resolve_family(kernels)  # a bad name fails before the model is read
     # requantizing at load works on ggml blocks, so an MLX folder then comes in ggml layout for either backend
     config, weights, tok, name = open_source(source, backend if quant is None else "numba")
     if quant is not None:
@@ -93,7 +100,7 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
         return LLM(config, MLXBackend(weights), tok, MLXKVCache(config, n_ctx, kv_type), name=name,
                    source=str(source))
     from .backends.numba_cpu import NumbaCPUBackend
-    be = NumbaCPUBackend(weights, n_threads or physical_cores(), packed_cache=packed_cache)
+    be = NumbaCPUBackend(weights, n_threads or physical_cores(), packed_cache=packed_cache, family=kernels)
     return LLM(config, be, tok, KVCache(config, n_ctx, kv_type), name=name, source=str(source))
 
 

@@ -1,17 +1,18 @@
 """The repacked weights of a model kept in one memory-mapped file, so that only a model's first load pays the repack.
 
-kernels.prepare rewrites Q4_0 / Q8_0 / Q4_K (and Q6_K with VNNI) matrices into interleaved row groups. Done in
-anonymous memory at every load, that costs ~3 s per GB and a second copy of every packed matrix in RAM (Mixtral's
-26 GB would not fit twice in 24 GiB). Here the packed arrays are written once into a cache file through prepare's
-alloc hook, and later loads map that file copy-on-write: start-up is a header check, and the packed pages are file
-pages the OS can drop, so peak RSS stays near one copy of the model. The original file's pages for packed tensors
-are never touched again.
+kernels.prepare rewrites Q4_0 / Q8_0 / Q4_K (and Q5_K / Q6_K for the integer families) matrices into interleaved row
+groups. Done in anonymous memory at every load, that costs ~3 s per GB and a second copy of every packed matrix in
+RAM (Mixtral's 26 GB would not fit twice in 24 GiB). Here the packed arrays are written once into a cache file
+through prepare's alloc hook, and later loads map that file copy-on-write: start-up is a header check, and the
+packed pages are file pages the OS can drop, so peak RSS stays near one copy of the model. The original file's pages
+for packed tensors are never touched again.
 
-File: 8 bytes MAGIC, u64 header length, a JSON header, zero padding, then every array at a 4096-aligned offset.
-The header carries the descriptor (source files with size and mtime, layout version, CPU layout, every entry's
-name, format and shape) and where each array lies. A file is used only if its descriptor equals the one this load
-computes and every array lies inside the file; otherwise it is rebuilt. A new file is written under a temporary
-name and renamed when complete, so a crash mid-write never leaves a file that looks valid.
+File: 8 bytes MAGIC, u64 header length, a JSON header, zero padding, then every array at a 4096-aligned offset. The
+header carries the descriptor (source files with size and mtime, layout version, packed layout, every entry's name,
+format and shape; the layout is shared by the integer kernel families) and where each array lies. A file is used
+only if its descriptor equals the one this load computes and every array lies inside the file; otherwise it is
+rebuilt. A new file is written under a temporary name and renamed when complete, so a crash mid-write never leaves a
+file that looks valid.
 
 Where: $MIXLOCAL_CACHE_DIR, else $XDG_CACHE_HOME/mixlocal, else ~/.cache/mixlocal; in its `packed/` folder, not next
 to the model, because model folders (the hub cache, package data) are often read-only or shared.
@@ -65,17 +66,17 @@ def _mem_available() -> int | None:
     return None
 
 
-def _plan(named: dict, vnni: bool) -> tuple[list[dict], int]:
+def _plan(named: dict, family: str) -> tuple[list[dict], int]:
     """The arrays prepare() would make for each packable weight, at 4096-aligned offsets in a cache file's data
     section, and that section's size."""
     entries, offset = [], 0
     for name, w in named.items():
-        if w.qtype not in (kernels.VNNI_TYPES if vnni else kernels.PACKED_TYPES):
+        if w.qtype not in kernels.packed_types(family):
             continue
         shape = tuple(int(s) for s in w.shape)
         n_exp, n, k = (1,) + shape if len(shape) == 2 else shape
         arrays = []
-        for arr_shape, dtype in kernels.packed_shapes(w.qtype, n_exp, n, k, vnni):
+        for arr_shape, dtype in kernels.packed_shapes(w.qtype, n_exp, n, k, kernels.layout_of(family)):
             nbytes = int(np.prod(arr_shape)) * dtype.itemsize
             arrays.append({"offset": offset, "shape": list(arr_shape), "dtype": dtype.str})
             offset += -(-nbytes // ALIGN) * ALIGN
@@ -100,13 +101,14 @@ def _sources(named: dict, origin: dict[str, str], entries: list[dict]) -> list[l
 
 
 def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | None = None,
-                    vnni: bool | None = None) -> dict:
+                    family: str | None = None) -> dict:
     """kernels.prepare for every weight in `named` (GGUF name -> QTensor/QStack), through a mapped cache file.
 
     use_cache: None decides by size (a cache only pays from MIN_CACHED_BYTES of packed weights), True always
-    caches when the weights come from files, False packs in memory like kernels.prepare."""
-    vnni = kernels.host_has_vnni() if vnni is None else vnni
-    entries, total = _plan(named, vnni)
+    caches when the weights come from files, False packs in memory like kernels.prepare. family: the kernel family
+    (kernels.resolve_family); the integer families share one layout, so they share a cache file."""
+    family = kernels.resolve_family(family)
+    entries, total = _plan(named, family)
 
     def in_memory():
         avail = _mem_available()
@@ -115,22 +117,23 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
             _note(f"the packed weights ({total / 1e9:.1f} GB) would not fit in the {avail / 1e9:.1f} GB of free "
                   "memory; using the file layout unpacked (slower prefill)")
             return dict(named)
-        return {name: kernels.prepare(w, vnni=vnni) for name, w in named.items()}
+        return {name: kernels.prepare(w, family=family) for name, w in named.items()}
 
     if use_cache is False or not entries or (use_cache is None and total < MIN_CACHED_BYTES):
         return in_memory()
     sources = _sources(named, origin, entries)
     if sources is None:
         return in_memory()
-    descriptor = {"file_version": FILE_VERSION, "layout_version": kernels.PACK_LAYOUT_VERSION, "vnni": vnni,
+    descriptor = {"file_version": FILE_VERSION, "layout_version": kernels.PACK_LAYOUT_VERSION,
+                  "layout": kernels.layout_of(family),
                   "sources": sources, "entries": entries}
     path = cache_dir() / _file_name(sources, descriptor)
-    packed = _open(path, descriptor, named, total)
+    packed = _open(path, descriptor, named, total, family)
     if packed is None:
-        packed = _build(path, descriptor, named, total)
+        packed = _build(path, descriptor, named, total, family)
     if packed is None:
         return in_memory()
-    return {name: packed[name] if name in packed else kernels.prepare(w, vnni=vnni) for name, w in named.items()}
+    return {name: packed[name] if name in packed else kernels.prepare(w, family=family) for name, w in named.items()}
 
 
 def _file_name(sources: list, descriptor: dict) -> str:
@@ -156,7 +159,7 @@ def _arrays(buf, data_start: int, entry: dict) -> list[np.ndarray]:
     return out
 
 
-def _open(path: Path, descriptor: dict, named: dict, total: int) -> dict | None:
+def _open(path: Path, descriptor: dict, named: dict, total: int, family: str) -> dict | None:
     """The packed weights mapped from an existing cache file, or None if there is none or it does not fit."""
     try:
         with open(path, "rb") as f:
@@ -182,11 +185,11 @@ def _open(path: Path, descriptor: dict, named: dict, total: int) -> dict | None:
         _note(f"packed-weight cache {path} is unusable ({e}); rebuilding it")
         return None
     return {e["name"]: kernels.PackedWeight(named[e["name"]].qtype, tuple(e["shape"]),
-                                            tuple(_arrays(buf, data_start, e)), descriptor["vnni"])
+                                            tuple(_arrays(buf, data_start, e)), family)
             for e in descriptor["entries"]}
 
 
-def _build(path: Path, descriptor: dict, named: dict, total: int) -> dict | None:
+def _build(path: Path, descriptor: dict, named: dict, total: int, family: str) -> dict | None:
     """Pack every weight straight into a new cache file; None (pack in memory instead) if the disk has no room."""
     header = _header_bytes(descriptor)
     size = len(header) + total
@@ -219,7 +222,7 @@ def _build(path: Path, descriptor: dict, named: dict, total: int) -> dict | None
             for e in descriptor["entries"]:
                 slots = iter(_arrays(buf, len(header), e))
                 out[e["name"]] = kernels.prepare(named[e["name"]], alloc=lambda shape, dtype, s=slots: next(s),
-                                                 vnni=descriptor["vnni"])
+                                                 family=family)
             buf.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

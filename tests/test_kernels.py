@@ -173,24 +173,32 @@ def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
     for a in made:
         a.flush()
     arrays = tuple(np.load(tmp_path / f"a{i}.npy", mmap_mode="c") for i in range(len(made)))
-    again = kernels.PackedWeight(p.qtype, p.shape, arrays, p.vnni)
+    again = kernels.PackedWeight(p.qtype, p.shape, arrays, p.family)
     np.testing.assert_array_equal(kernels.expert_linear(again, x, np.array([1, 0])), y)
     with pytest.raises(ValueError, match="needs C-contiguous arrays"):
-        kernels.PackedWeight(p.qtype, p.shape, arrays[:1] + arrays[:1] + arrays[2:], p.vnni)
+        kernels.PackedWeight(p.qtype, p.shape, arrays[:1] + arrays[:1] + arrays[2:], p.family)
 
 
-@pytest.mark.parametrize("qtype", sorted(kernels.PACKED_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", sorted(kernels.packed_types("portable"), key=lambda q: q.name), ids=lambda q: q.name)
 def test_packed_tiles_for_blas_match_reference(qtype):
     """The decode-tiles-into-BLAS prefill path on the packed layout (float activations, no rounding)."""
     w, ref = make_weight(qtype, (2, 70, cols_for(qtype)), seed=7)
-    p = kernels.prepare(w, vnni=False)
+    p = kernels.prepare(w, family="portable")
     x = np.random.default_rng(8).standard_normal((5, w.shape[2])).astype(np.float32)
     out = np.empty((5, 70), np.float32)
     kernels._packed_tiles(p, 1, x, out)
     assert_matches(out, ref[1], x, f"{qtype.name} tiles")
 
 
-LAYOUTS = [False] + ([True] if kernels.host_has_vnni() else [])
+PACKED = sorted(kernels.packed_types("avx2") | kernels.packed_types("portable"), key=lambda q: q.name)
+
+
+def family_or_skip(family: str, qtype: QType) -> None:
+    """Skip, with the reason, a family this CPU cannot run or a format it has no packed layout for."""
+    if family not in kernels.host_families():
+        pytest.skip(f"this CPU cannot run the {family} kernels (it runs {', '.join(kernels.host_families())})")
+    if qtype not in kernels.packed_types(family):
+        pytest.skip(f"{family} has no packed layout for {qtype.name}: it runs the file-layout kernels")
 
 
 def assert_experts_match(p, ref: np.ndarray, token_counts, rng: np.random.Generator, label: str) -> None:
@@ -205,30 +213,29 @@ def assert_experts_match(p, ref: np.ndarray, token_counts, rng: np.random.Genera
             assert_matches(y[rows], ref[e], x[rows], f"{label} T={t} expert {e}", act_q8=True)
 
 
-@pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
-@pytest.mark.parametrize("qtype", sorted(kernels.VNNI_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
-def test_both_packed_layouts_match_reference(qtype, vnni):
-    """The portable integer kernels and the AVX-512 VNNI ones (where the CPU has them), whichever is the default."""
+@pytest.mark.parametrize("family", kernels.FAMILIES)
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_every_kernel_family_matches_reference(qtype, family):
+    """Every kernel family this CPU runs, on every format it packs: decode (1, 2 rows), a prefill with runs of 4+
+    rows per expert (40) and linear on a small batch (7: the four-row loop and its remainder)."""
+    family_or_skip(family, qtype)
     n_exp, n, k = 3, 70, cols_for(qtype)
     w, ref = make_weight(qtype, (n_exp, n, k), seed=9)
-    if not vnni and qtype not in kernels.PACKED_TYPES:
-        pytest.skip(f"{qtype.name} has a packed layout only for VNNI")
-    p = kernels.prepare(w, vnni=vnni)
-    assert p.vnni == vnni
+    p = kernels.prepare(w, family=family)
+    assert isinstance(p, kernels.PackedWeight) and p.family == family
     rng = np.random.default_rng(10)
-    assert_experts_match(p, ref, (1, 2, 40), rng, f"{qtype.name} vnni={vnni}")
+    assert_experts_match(p, ref, (1, 2, 40), rng, f"{qtype.name} {family}")
     w2 = w.expert(2)
-    p2 = kernels.prepare(w2, vnni=vnni)
+    p2 = kernels.prepare(w2, family=family)
     x = rng.standard_normal((7, k)).astype(np.float32)
-    assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} vnni={vnni} linear", act_q8=True)
+    assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} {family} linear", act_q8=True)
 
 
-@pytest.mark.parametrize("vnni", LAYOUTS, ids=lambda v: "vnni" if v else "portable")
-@pytest.mark.parametrize("qtype", sorted(kernels.VNNI_TYPES, key=lambda q: q.name), ids=lambda q: q.name)
-def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
+@pytest.mark.parametrize("family", kernels.FAMILIES)
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+def test_packed_kernels_with_subnormal_half_scales(qtype, family):
     """Block scales below float16's normal range (Q4_K files can have them) decode exactly in the packed kernels."""
-    if not vnni and qtype not in kernels.PACKED_TYPES:
-        pytest.skip(f"{qtype.name} has a packed layout only for VNNI")
+    family_or_skip(family, qtype)
     n_exp, n, k = 2, 70, cols_for(qtype)
     rng = np.random.default_rng(11)
     raw = random_weight_bytes(qtype, (n_exp, n, k), rng)
@@ -237,11 +244,11 @@ def test_packed_kernels_with_subnormal_half_scales(qtype, vnni):
     assert np.shares_memory(blocks, raw)
     scales = (rng.random((blocks.shape[0], 1)) * 5.5e-5 + 1e-6).astype(np.float16)   # f16 normals start at 6.1e-5
     assert np.all(np.abs(scales) < np.float16(6.1e-5))
-    for off in {QType.Q4_0: (0,), QType.Q8_0: (0,), QType.Q4_K: (0, 2), QType.Q6_K: (208,)}[qtype]:
+    for off in {QType.Q4_0: (0,), QType.Q8_0: (0,), **_F16_FIELDS}[qtype]:
         blocks[:, off:off + 2] = scales.view(np.uint8)
     ref = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(n_exp, n, k)
-    p = kernels.prepare(QTensor(qtype, (n_exp, n, k), np.ascontiguousarray(raw).reshape(-1)), vnni=vnni)
-    assert_experts_match(p, ref, (1, 9), rng, f"{qtype.name} vnni={vnni} subnormal scales")
+    p = kernels.prepare(QTensor(qtype, (n_exp, n, k), np.ascontiguousarray(raw).reshape(-1)), family=family)
+    assert_experts_match(p, ref, (1, 9), rng, f"{qtype.name} {family} subnormal scales")
 
 
 def test_half_scale_conversion_matches_numpy_for_every_bit_pattern():
@@ -271,17 +278,17 @@ def test_blas_path_follows_numba_thread_count():
     from quant.kernels import blas as kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
-    big, ref_big = make_weight(QType.Q5_K, (2048, 256))   # 40 rows: 21M multiply-adds
-    small, ref_small = make_weight(QType.Q5_K, (20, 256))  # 40 rows: 0.2M
+    big, ref_big = make_weight(QType.Q3_K, (2048, 256))   # 40 rows: 21M multiply-adds
+    small, ref_small = make_weight(QType.Q3_K, (20, 256))  # 40 rows: 0.2M
     assert 40 * 20 * 256 < kernels.SERIAL_MAX_MACS <= 40 * 2048 * 256
     before = numba.get_num_threads()
     try:
         for n in sorted({1, before}):
             numba.set_num_threads(n)
             x = np.random.default_rng(n).standard_normal((40, 256)).astype(np.float32)
-            assert_matches(kernels.linear(kernels.prepare(big), x), ref_big, x, f"Q5_K threads={n}")
+            assert_matches(kernels.linear(kernels.prepare(big), x), ref_big, x, f"Q3_K threads={n}")
             assert kernels_blas.blas_threads() == n
-            assert_matches(kernels.linear(kernels.prepare(small), x), ref_small, x, f"Q5_K small threads={n}")
+            assert_matches(kernels.linear(kernels.prepare(small), x), ref_small, x, f"Q3_K small threads={n}")
             assert kernels_blas.blas_threads() == 1
             assert numba.get_num_threads() == n
     finally:

@@ -137,9 +137,12 @@ def _product(bound: tuple, threads: list, n_threads: int, *out) -> None:
 class NumbaCPUBackend:
     name = "numba"
 
-    def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None):
+    def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None,
+                 family: str | None = None):
         """packed_cache: keep repacked weights in a mapped cache file (see engine/packed_cache.py); None decides
-        by size."""
+        by size. family: the kernel family (quant/kernels/families.py); None: $MIXLOCAL_KERNELS, else the fastest
+        this CPU runs."""
+        self.kernels = kernels.resolve_family(family)  # before any work: a family the CPU lacks is a clear error
         self.config: ModelConfig = weights.config
         self.n_threads = n_threads
         self.w = weights
@@ -147,7 +150,7 @@ class NumbaCPUBackend:
         limit_openmp_spinning()
         ops.set_threads(n_threads)  # the repack kernels run on numba's threads too
         named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
-        prepared = prepare_weights(named, weights.origin, use_cache=packed_cache)
+        prepared = prepare_weights(named, weights.origin, use_cache=packed_cache, family=self.kernels)
         self.mats = [{attr: prepared[f"blk.{i}.{name}.weight"] for name, attr in _PREPARED.items()
                       if name != "output"} for i in range(c.n_layers)]
         self.output = prepared["output.weight"]

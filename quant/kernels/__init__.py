@@ -1,20 +1,21 @@
 """Matrix products on weights held in ggml block formats: the public entry of the numba kernels.
 
 The API the engine uses:
-  prepare(w, alloc=np.empty, *, vnni=None) -> the runtime form of a weight (called once at load; may repack)
+  prepare(w, alloc=np.empty, *, family=None) -> the runtime form of a weight (called once at load; may repack)
   linear(w, x, out=None)       -> x @ W.T for a 2-D weight, x float32 (T, K), result float32 (T, N)
   expert_linear(w, x, experts) -> row r of x times expert experts[r] of a stacked (E, N, K) weight
   quantizes_activations(w, n)  -> whether that call rounds x to int8 per 32-block (llama.cpp's Q8_0) first
 
-Three paths, chosen per weight at prepare():
-  * VNNI (kernels_vnni.py): Q4_0, Q8_0, Q4_K, Q6_K on CPUs with AVX-512 VNNI. Rows repacked 64 to a group into
-    registers of 16 rows x 4 code bytes; vpdpbusd sums whole blocks in int32 against int8 activations. Same size as
-    the file's bytes (Q4_K: 148 per 256 instead of 144).
-  * portable packed (kernels_packed.py): Q4_0, Q8_0, Q4_K elsewhere. 64 interleaved rows, int8 activations, int16
-    block sums; LLVM picks the vector instructions.
-  * file layout (kernels_generic.py): every other format (and all formats where no packed layout applies). Decode
-    fuses block decoding with the dot products; more than 16 activation rows decode tiles of rows for BLAS, run at
-    numba's per-call thread count (blas.py).
+Kernel families by instruction set (families.py), chosen once per load: engine.load(kernels=...), else
+$MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers its family.
+  * avx512vnni, avxvnni, avx2 (one module each, the kernels themselves in quads.py): Q4_0, Q8_0, Q4_K, Q5_K, Q6_K.
+    Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
+    activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
+  * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
+    LLVM picks the vector instructions.
+  * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
+    products; more than 16 activation rows decode tiles of rows for BLAS, run at numba's per-call thread count
+    (blas.py).
 Packed weights serve decode and prefill alike: one call takes all rows of all experts, grouped into runs that share
 an expert, so each weight byte is read once per call. Nothing ever holds a whole matrix in float.
 
@@ -29,25 +30,28 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import blas
+from ..tensor import QStack, QTensor, QType, nbytes_for
+from . import avx2, avx512vnni, avxvnni, blas, families, quads
 from . import generic as gen
 from . import portable as pk
-from . import quads as vn
-from ..tensor import QStack, QTensor, QType, nbytes_for
+from .families import FAMILIES, KernelFamilyError
 
 __all__ = [
-    "PACKED_TYPES",
+    "FAMILIES",
     "PACK_LAYOUT_VERSION",
     "SUPPORTED_TYPES",
-    "VNNI_TYPES",
+    "KernelFamilyError",
     "KernelInputError",
     "PackedWeight",
     "expert_linear",
-    "host_has_vnni",
+    "host_families",
+    "layout_of",
     "linear",
     "packed_shapes",
+    "packed_types",
     "prepare",
     "quantizes_activations",
+    "resolve_family",
     "serial_below",
 ]
 
@@ -92,36 +96,55 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 1
+PACK_LAYOUT_VERSION = 2
 
-# Formats with an interleaved runtime layout and integer kernels (kernels_packed.py); the rest read the file layout.
-PACKED_TYPES = frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})
-# ...and with AVX-512 VNNI also Q6_K (which llama.cpp's Q4_K_M files use for the output head and some ffn_down).
-VNNI_TYPES = PACKED_TYPES | {QType.Q6_K}
+host_families = families.host_families
+resolve_family = families.resolve
+
+# The integer families' kernels by format: (decode, prefill). They share the quads layout; portable has its own.
+_RUNS = {"avx512vnni": avx512vnni.RUNS, "avxvnni": avxvnni.RUNS, "avx2": avx2.RUNS,
+         "portable": {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2}}
+_LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K}),
+                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})}
+
+
+def layout_of(family: str) -> str:
+    """The packed layout a family's kernels read: "quads" (the integer families) or "rows" (portable)."""
+    return "rows" if family == "portable" else "quads"
+
+
+def packed_types(family: str) -> frozenset:
+    """Formats that the family repacks and runs with integer kernels; the rest read the file layout."""
+    return _LAYOUT_TYPES[layout_of(family)]
 
 
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
-    """A weight repacked into groups of interleaved rows (see kernels_packed.py). Shape is the logical one, (N, K) or
-    (E, N, K); every array has a leading expert axis (1 for a 2-D weight)."""
+    """A weight repacked into groups of interleaved rows for one kernel family (see quads.py and portable.py).
+    Shape is the logical one, (N, K) or (E, N, K); every array has a leading expert axis (1 for a 2-D weight)."""
 
     qtype: QType
     shape: tuple[int, ...]
     arrays: tuple[np.ndarray, ...]
-    vnni: bool = False  # quads-of-bytes layout for the AVX-512 VNNI kernels (kernels_vnni.py)
+    family: str = "portable"
 
     def __post_init__(self):
         # a PackedWeight may be rebuilt from a cache file, so its arrays are checked like any other input
         if len(self.shape) not in (2, 3) or min(self.shape) <= 0:
             raise KernelInputError(f"packed weight must be (rows, cols) or (experts, rows, cols), got {self.shape}")
-        if self.vnni and not _HOST_VNNI:
-            raise KernelInputError("this packed weight is laid out for AVX-512 VNNI, which this CPU lacks")
+        resolve_family(self.family)  # a family this CPU cannot run fails here, not in a kernel
+        if self.qtype not in packed_types(self.family):
+            raise KernelInputError(f"{self.qtype.name} has no packed layout for the {self.family} kernels")
         n_exp, n, k = (1,) + tuple(self.shape) if len(self.shape) == 2 else tuple(self.shape)
-        want = packed_shapes(self.qtype, n_exp, n, k, self.vnni)
+        want = packed_shapes(self.qtype, n_exp, n, k, self.layout)
         got = [(tuple(a.shape), a.dtype) for a in self.arrays]
         if len(got) != len(want) or any(g != w for g, w in zip(got, want)) \
                 or not all(a.flags.c_contiguous for a in self.arrays):
             raise KernelInputError(f"packed {self.qtype.name} {self.shape} needs C-contiguous arrays {want}, got {got}")
+
+    @property
+    def layout(self) -> str:
+        return layout_of(self.family)
 
     @property
     def nbytes(self) -> int:
@@ -132,70 +155,62 @@ class PackedWeight:
         return self.arrays[0].shape[0]
 
 
-def host_has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI (vpdpbusd on 512-bit registers), as LLVM sees it."""
-    try:
-        from llvmlite import binding
-        feats = binding.get_host_cpu_features()
-        return all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
-    except Exception:  # noqa: BLE001 - any failure to read the features means: stay portable
-        return False
-
-
-_HOST_VNNI = host_has_vnni()
-
-
-def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, vnni: bool = False) -> list[tuple[tuple[int, ...], np.dtype]]:
+def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows") -> list[tuple[tuple[int, ...], np.dtype]]:
     """The arrays of a PackedWeight: (shape, dtype) each, so that a caller can place them in a file it maps."""
-    g, rows = -(-n // pk.ROWS), pk.ROWS
+    if layout not in _LAYOUT_TYPES:
+        raise KernelInputError(f"unknown packed layout {layout!r}")
+    if qtype not in _LAYOUT_TYPES[layout]:
+        raise KernelInputError(f"{qtype.name} has no packed layout {layout!r}")
+    g, rows, quads_ = -(-n // pk.ROWS), pk.ROWS, layout == "quads"
     u8, u16 = np.dtype(np.uint8), np.dtype(np.uint16)
     if qtype == QType.Q4_0:
-        codes = (n_exp, g, k // 32, 4, 4, 16, 4) if vnni else (n_exp, g, k // 32, 16, rows)
+        codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
     if qtype == QType.Q8_0:
-        codes = (n_exp, g, k // 32, 4, 8, 16, 4) if vnni else (n_exp, g, k // 32, 32, rows)
-        return [(codes, u8 if vnni else np.dtype(np.int8)), ((n_exp, g, k // 32, rows), u16)]
-    if qtype == QType.Q4_K:
-        codes = (n_exp, g, k // 256, 4, 4, 8, 16, 4) if vnni else (n_exp, g, k // 256, 128, rows)
+        codes = (n_exp, g, k // 32, 4, 8, 16, 4) if quads_ else (n_exp, g, k // 32, 32, rows)
+        return [(codes, u8 if quads_ else np.dtype(np.int8)), ((n_exp, g, k // 32, rows), u16)]
+    if qtype in (QType.Q4_K, QType.Q5_K):
+        chunks = 5 if qtype == QType.Q5_K else 4
+        codes = (n_exp, g, k // 256, chunks, 4, 8, 16, 4) if quads_ else (n_exp, g, k // 256, 128, rows)
         return [(codes, u8), ((n_exp, g, k // 256, 16, rows), u8), ((n_exp, g, k // 256, 2, rows), u16)]
-    if qtype == QType.Q6_K and vnni:
-        return [((n_exp, g, k // 256, 8, 4, 6, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
-                ((n_exp, g, k // 256, rows), u16)]
-    raise KernelInputError(f"{qtype.name} has no packed layout")
+    return [((n_exp, g, k // 256, 8, 4, 6, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
+            ((n_exp, g, k // 256, rows), u16)]  # Q6_K
 
 
-def prepare(w, alloc=np.empty, *, vnni: bool | None = None):
+_PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q4_K: quads.pack_q4_k,
+                      QType.Q5_K: quads.pack_q5_k, QType.Q6_K: quads.pack_q6_k},
+            "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k}}
+
+
+def prepare(w, alloc=np.empty, *, family: str | None = None):
     """Return the form of w that linear/expert_linear run fastest on. It still has .qtype and .shape.
 
-    Q4_0, Q8_0, Q4_K (and Q6_K with VNNI) are repacked into interleaved row groups (one pass, 0.5-2 GB/s per
-    thread; the pack kernels run on numba's threads); the
-    result is one new copy of the weight's bytes, so the file's pages can be dropped by the OS after load. alloc(shape,
-    dtype) makes each packed array: pass one that returns views of a memory-mapped cache file to keep the packed form
-    on disk; later loads rebuild it as PackedWeight(qtype, shape, arrays, vnni) from that file (checked on
-    construction) without packing again. Other formats are returned as they are. vnni picks the layout for the AVX-512 VNNI kernels; None means "if this CPU has them".
+    family: the kernel family to run (families.py); None means $MIXLOCAL_KERNELS, else the fastest this CPU has. A
+    family this CPU cannot run raises KernelFamilyError (a ValueError). Formats with a packed layout for the family
+    are repacked into interleaved row groups (one pass, 0.5-2 GB/s per thread; the pack kernels run on numba's
+    threads); the result is one new copy of the weight's bytes, so the file's pages can be dropped by the OS after
+    load. alloc(shape, dtype) makes each packed array: pass one that returns views of a memory-mapped cache file to
+    keep the packed form on disk; later loads rebuild it as PackedWeight(qtype, shape, arrays, family) from that
+    file (checked on construction) without packing again. Other formats are returned as they are.
     """
     _check_weight(w)
-    if vnni is None:
-        vnni = _HOST_VNNI
-    elif vnni and not _HOST_VNNI:
-        raise KernelInputError("this CPU has no AVX-512 VNNI; prepare(..., vnni=True) cannot run here")
-    if w.qtype not in (VNNI_TYPES if vnni else PACKED_TYPES):
+    family = resolve_family(family)
+    if isinstance(w, PackedWeight) or w.qtype not in packed_types(family):
         return w
+    layout = layout_of(family)
     shape = tuple(w.shape)
     n_exp, n, k = (1,) + shape if len(shape) == 2 else shape
     arrays = []
-    for arr_shape, dtype in packed_shapes(w.qtype, n_exp, n, k, vnni):
+    for arr_shape, dtype in packed_shapes(w.qtype, n_exp, n, k, layout):
         a = alloc(arr_shape, dtype)
         if a.shape != arr_shape or a.dtype != dtype or not a.flags.c_contiguous:
             raise KernelInputError(f"alloc returned {a.dtype}{a.shape}, need C-contiguous {dtype}{arr_shape}")
         arrays.append(a)
-    mod = vn if vnni else pk
-    pack = {QType.Q4_0: mod.pack_q4_0, QType.Q8_0: mod.pack_q8_0, QType.Q4_K: mod.pack_q4_k,
-            QType.Q6_K: getattr(mod, "pack_q6_k", None)}[w.qtype]
+    pack = _PACKERS[layout][w.qtype]
     for e in range(n_exp):
         rows = w.rows_view() if len(shape) == 2 else _expert_rows(w, e)
         pack(rows, *[a[e].view(np.uint8) if a.dtype == np.int8 else a[e] for a in arrays])
-    return PackedWeight(w.qtype, shape, tuple(arrays), vnni)
+    return PackedWeight(w.qtype, shape, tuple(arrays), family)
 
 
 def _check_weight(w) -> None:
@@ -327,12 +342,6 @@ def _check_experts(experts, n_rows: int, n_exp: int, check_range: bool = True) -
     return ids
 
 
-_VNNI_RUNS = {QType.Q4_0: vn.q4_0_runs, QType.Q8_0: vn.q8_0_runs, QType.Q4_K: vn.q4_k_runs, QType.Q6_K: vn.q6_k_runs}
-# prefill variants: four activation rows per unpacked weight register (decode keeps the kernels above)
-_VNNI_RUNS_MANY_ROWS = {QType.Q4_0: vn.q4_0_runs_x4, QType.Q4_K: vn.q4_k_runs_x4}
-_PORTABLE_RUNS = {QType.Q4_0: pk.q4_0_runs, QType.Q8_0: pk.q8_0_runs, QType.Q4_K: pk.q4_k_runs}
-
-
 def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expert: np.ndarray,
                  out: np.ndarray) -> None:
     """The integer kernels: x rows run_start[i]..run_start[i+1] use expert run_expert[i]."""
@@ -342,22 +351,22 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
     xs = np.empty((m, k // 32), np.int32)
     (pk.quantize_activations if m > 4 else pk.quantize_activations_serial)(x, xq, xd, xs)
     n = w.shape[-2]
-    if w.vnni:  # the intrinsics take flat code and activation arrays (free views)
-        codes, rest = w.arrays[0].reshape(-1), w.arrays[1:]
+    decode, prefill = _RUNS[w.family][w.qtype.name]
+    kernel = prefill if m >= 4 else decode
+    if w.layout == "quads":  # the intrinsics take flat code and activation arrays (free views)
         if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
             xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
-        table = _VNNI_RUNS_MANY_ROWS if m >= 4 and w.qtype in _VNNI_RUNS_MANY_ROWS else _VNNI_RUNS
-        table[w.qtype](codes, *rest, xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
+        kernel(w.arrays[0].reshape(-1), *w.arrays[1:], xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
-    _PORTABLE_RUNS[w.qtype](*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
+    kernel(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
 
 
 def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> None:
     """Prefill on a packed weight through BLAS: decode tiles of row groups to float32, sgemm each into out.
 
-    Only for the portable layout; on VNNI hosts the integer kernel is faster than this at every batch size."""
-    if w.vnni:
-        raise KernelInputError("tiles for BLAS are only decoded from the portable layout (prepare(vnni=False))")
+    Only for the portable layout; the integer families' kernels are faster than this at every batch size."""
+    if w.layout != "rows":
+        raise KernelInputError("tiles for BLAS are only decoded from the portable layout (prepare(family='portable'))")
     n, k = w.shape[-2], w.shape[-1]
     arrays = [a[e] for a in w.arrays]
     unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]

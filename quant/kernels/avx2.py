@@ -1,0 +1,59 @@
+"""AVX2: the integer dot products of CPUs without VNNI (Haswell to Raptor Lake's AVX2 path, Zen 1-3), as llama.cpp's
+AVX2 path does them: `vpmaddubsw` multiplies unsigned by signed bytes and adds neighbours into 16-bit lanes, then
+`vpmaddwd` against ones adds neighbouring 16-bit lanes into 32 bits. Each logical register (16 rows x 4 bytes) is two
+ymm halves of 8 rows.
+
+vpmaddubsw saturates at +-32767, so 16-bit partial sums are only added while they cannot reach it: nibbles (<= 15)
+by int8 activations (|x| <= 127) give at most 3810 per lane, so a whole Q4_0 block (8 products) is summed in 16
+bits and widened once; 5-bit codes take 4, 6-bit codes 2, and signed int8 (Q8_0, |w| <= 128) 1 per widening.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llvmlite import ir
+
+from . import quads
+from .avxvnni import abs_and_sign
+from .simd import B32, V8, W16, ByteDot, family_key, halves, intrinsic_fn, join, splat
+
+__all__ = ["KEY", "RUNS"]
+
+_I16_MAX = 32767
+
+
+def _maddubs(builder, u8, s8):
+    fn = intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", W16, [B32, B32])
+    return builder.call(fn, [builder.bitcast(u8, B32), builder.bitcast(s8, B32)])
+
+
+def _widen_add(builder, acc8, sum16):
+    fn = intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", V8, [W16, W16])
+    return builder.add(acc8, builder.call(fn, [sum16, ir.Constant(W16, [1] * 16)]))
+
+
+class _Avx2(ByteDot):
+    def dot(self, builder, acc, pairs, bound):
+        per_widen = max(1, _I16_MAX // bound)
+        acc_h = list(halves(builder, acc))
+        split = [(halves(builder, u), halves(builder, s)) for u, s in pairs]
+        for i in range(2):
+            for start in range(0, len(split), per_widen):
+                s16 = None
+                for u, s in split[start:start + per_widen]:
+                    p = _maddubs(builder, u[i], s[i])
+                    s16 = p if s16 is None else builder.add(s16, p)
+                acc_h[i] = _widen_add(builder, acc_h[i], s16)
+        return join(builder, *acc_h)
+
+    def signed_dot(self, builder, pairs):
+        acc = [ir.Constant(V8, None)] * 2
+        for w, x in pairs:
+            for i, (wh, xh) in enumerate(zip(halves(builder, w), halves(builder, splat(builder, x)))):
+                acc[i] = _widen_add(builder, acc[i], _maddubs(builder, *abs_and_sign(builder, wh, xh)))
+        return join(builder, *acc)
+
+
+KEY = family_key(__file__, Path(__file__).with_name("avxvnni.py"))
+quads.register(KEY, _Avx2())
+RUNS = quads.make_runs(KEY)
