@@ -1,6 +1,7 @@
 """Kernel speed at Mixtral's expert shapes (14336 x 4096 and 4096 x 14336), against the machine's read roofline.
 
-    .venv/bin/python bench/bench_kernels.py [--threads 2] [--repeats 7] [--formats Q4_0,Q8_0,Q4_K] [--out FILE]
+    .venv/bin/python bench/bench_kernels.py [--threads 2] [--repeats 7] [--formats Q4_0,Q8_0,Q4_K]
+        [--families avx2,portable] [--out FILE]
 
 What it measures, each as the median of --repeats rounds (other people share this machine, so medians, and the
 load average is recorded):
@@ -10,8 +11,10 @@ load average is recorded):
   prefill    128 rows, all for one expert (the per-expert batch of a 512-token prompt): integer kernel and the
              decode-tiles-into-BLAS path, with plain float32 sgemm on the same shape as the yardstick
   pack       prepare() time per GB (the one-time repack at load; wall clock)
-  layouts    "vnni" (AVX-512 VNNI kernels, where the CPU has them), "portable" (LLVM-vectorized integer kernels) and,
-             for Q6_K off VNNI, "file layout" (the generic decoders)
+  families   every kernel family the CPU (as numba compiles for it) runs, or --families; a format a family does
+             not pack runs "<family>/file layout" (the generic decoders). numba compiles for the host here, so
+             an avx2 run on an AVX-512 machine may use AVX-512 encodings: run the whole process under
+             quant.kernels.families.emulation_env("avx2") to measure a true AVX2 build.
 Writes bench/results/kernels_<date>.json with the CPU model and the command line.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ PREFILL_ROWS = 128
 
 # f16 scale fields per block and a typical magnitude (random codes with these scales look like real weights)
 _SCALE_FIELDS = {QType.Q4_0: ((0, 0.0025),), QType.Q8_0: ((0, 0.0003),), QType.Q4_K: ((0, 0.0004), (2, 0.0004)),
+                 QType.Q5_K: ((0, 0.0002), (2, 0.0002)),
                  QType.Q6_K: ((208, 0.0005),)}
 
 
@@ -80,7 +84,8 @@ def median_time(fn, repeats: int, inner: int = 1) -> float:
 def random_stack(qtype: QType, n: int, k: int, rng) -> QTensor:
     shape = (N_EXPERTS, n, k)
     raw = rng.integers(0, 256, nbytes_for(qtype, shape), dtype=np.uint8)
-    _, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144), QType.Q6_K: (256, 210)}[qtype]
+    _, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144), QType.Q5_K: (256, 176),
+             QType.Q6_K: (256, 210)}[qtype]
     blocks = raw.reshape(-1, ts)
     for off, mag in _SCALE_FIELDS[qtype]:
         blocks[:, off:off + 2] = (rng.random((blocks.shape[0], 1)) * mag + mag / 2).astype(np.float16).view(np.uint8)
@@ -102,7 +107,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--formats", default="Q4_0,Q8_0,Q4_K,Q6_K")
+    ap.add_argument("--formats", default="Q4_0,Q8_0,Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--families", default=",".join(kernels.host_families()),
+                    help="comma-separated kernel families (default: every one this CPU runs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with process CPU time instead of the wall clock: on a crowded machine this shows what "
@@ -143,15 +150,11 @@ def main() -> None:
             ids = np.zeros(PREFILL_ROWS, np.int64)
             macs = PREFILL_ROWS * n * k
             fr[key] = {"matrix_MB": round(mat_bytes / 1e6, 1)}
-            layouts = [("vnni", True)] if kernels.host_has_vnni() else []
-            if qtype in kernels.PACKED_TYPES:
-                layouts.append(("portable", False))
-            else:
-                layouts.append(("file layout", None))
-            for label, vnni in layouts:
-                kernels.prepare(random_stack(qtype, 64, k, rng), vnni=bool(vnni))  # compile (or load) pack first
+            for family in args.families.split(","):
+                label = family if qtype in kernels.packed_types(family) else f"{family}/file layout"
+                kernels.prepare(random_stack(qtype, 64, k, rng), family=family)  # compile (or load) pack first
                 t0 = time.perf_counter()
-                w = kernels.prepare(src, vnni=bool(vnni))
+                w = kernels.prepare(src, family=family)
                 t_pack = time.perf_counter() - t0
                 t_dec = median_time(lambda w=w, x1=x1: [kernels.expert_linear(w, x1, np.array([e])) for e in range(N_EXPERTS)],
                                     args.repeats) / N_EXPERTS
@@ -166,7 +169,7 @@ def main() -> None:
                     "gather2_ms": round(t_gat * 1e3, 3), "gather2_GBps": round(2 * mat_bytes / t_gat / 1e9, 2),
                     f"prefill{PREFILL_ROWS}_int_GMACps": round(macs / t_pre / 1e9, 1),
                 }
-                if vnni is False:
+                if packed and w.layout == "rows":
                     out = np.empty((PREFILL_ROWS, n), np.float32)
                     t_tile = median_time(lambda w=w, xp=xp, out=out: kernels._packed_tiles(w, 0, xp, out),
                                          max(3, args.repeats // 2))
