@@ -37,6 +37,10 @@ class UsageError(Exception):
     """A bad command line, reported in one line."""
 
 
+KERNELS_HELP = ("numba kernel family: avx512vnni, avxvnni, avx2 or portable (default: $MIXLOCAL_KERNELS, else the "
+                "fastest this CPU runs)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line instead of the usage block."""
 
@@ -57,6 +61,7 @@ def _add_model_args(p, *, sampling: bool, n_default: int):
                    help="context length (default 32768; KV memory is committed only as the context fills)")
     p.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
                    help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
+    p.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
     if sampling:
         p.add_argument("-n", "--max-tokens", type=int, default=n_default, metavar="N",
                        help=f"most tokens to generate (default {n_default})")
@@ -71,7 +76,7 @@ def _add_model_args(p, *, sampling: bool, n_default: int):
 def _load(args):
     import engine
     return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
-                       n_ctx=args.n_ctx, packed_cache=args.packed_cache)
+                       n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels)
 
 
 def _sampling(args) -> dict:
@@ -270,6 +275,8 @@ def _info(args) -> int:
         raise UsageError(f"mixlocal info: --kv-type must be one of {', '.join(KV_TYPES)}, got {args.kv_type!r}")
     if args.n_ctx <= 0:
         raise UsageError(f"mixlocal info: --n-ctx must be positive, got {args.n_ctx}")
+    from quant.kernels import host_families, resolve_family
+    kernels = {"chosen": resolve_family(args.kernels), "cpu_runs": list(host_families())}
     config, weights, tok, name = open_source(args.model)
     if args.quant:
         from .quantize import quantize_weights
@@ -279,7 +286,7 @@ def _info(args) -> int:
     info = {"source": str(args.model) if args.model else "embedded default", "name": name,
             "quant": args.quant, "config": config.to_dict(), "tokenizer_vocab": tok.vocab_size, **st,
             "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,
-            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx}
+            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -299,6 +306,7 @@ def _info(args) -> int:
           f"{human_bytes(st['bytes_per_decoded_token'])} ({config.n_experts_used} of {config.n_experts} experts)")
     print(f"KV cache ({args.kv_type}): {human_bytes(kv_per_token)} per token, "
           f"{human_bytes(kv_per_token * args.n_ctx)} at n_ctx {args.n_ctx}")
+    print(f"kernels (numba backend): {kernels['chosen']}; this CPU runs {', '.join(kernels['cpu_runs'])}")
     return 0
 
 
@@ -434,6 +442,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     i.add_argument("--quant", default=None, metavar="LEVEL", help="show the sizes after quantizing to LEVEL")
     i.add_argument("--n-ctx", type=int, default=32768, metavar="N", help="context for the KV total (default 32768)")
     i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default), f32 or q8_0")
+    i.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=_info)
 

@@ -305,6 +305,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache element type")
     parser.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
                         help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
+    parser.add_argument("--kernels", default=None, metavar="FAMILY",
+                        help="numba kernel family: avx512vnni, avxvnni, avx2 or portable (default: $MIXLOCAL_KERNELS, "
+                             "else the fastest this CPU runs)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--quant", default=None)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -335,7 +338,7 @@ def run_serve(args) -> int:
     # (decode 2-13 tokens/s spinning, 30-360 passive, tiny model). The numba backend now bounds the spinning
     # itself (engine/backends/numba_cpu.py: limit_openmp_spinning); an explicit setting still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
-                      kv_type=args.kv_type, packed_cache=args.packed_cache)
+                      kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels)
     app = create_app(llm, api_key=args.api_key, aliases=args.alias, context_shift=args.context_shift,
                      seed_alias=not args.no_seed_alias, default_max_tokens=args.max_tokens)
     ids = ", ".join(app.state.service.model_ids)

@@ -297,3 +297,34 @@ def test_serve_is_wired_to_the_server(hf_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kernel families
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_info_names_the_kernel_family_and_an_unknown_one_is_one_error_line():
+    from quant.kernels import host_families
+
+    r = run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    k = json.loads(r.stdout)["kernels"]
+    assert k == {"chosen": host_families()[0], "cpu_runs": list(host_families())}
+    r = run_cli("info", "--kernels", "portable")
+    assert "kernels (numba backend): portable; this CPU runs " + ", ".join(host_families()) in r.stdout
+    line = one_error_line(run_cli("generate", "-p", "Hi", "-n", "2", "--kernels", "neon"), 1)
+    assert "'neon' is not a kernel family; choose one of avx512vnni, avxvnni, avx2, portable" in line
+
+
+def test_generate_gives_the_same_greedy_text_with_every_family_this_cpu_runs():
+    """Each family rounds activations the same way (int8 per 32-block) and sums exactly in integers, so greedy text
+    from the embedded model must not depend on the family."""
+    from quant.kernels import host_families
+
+    texts = {}
+    for family in host_families():
+        r = run_cli("generate", "-p", "The meaning of life is", "-n", "12", "--temp", "0", "--kernels", family,
+                    "--no-packed-cache")
+        assert r.returncode == 0, r.stderr
+        texts[family] = r.stdout
+    assert len(set(texts.values())) == 1, texts
