@@ -32,6 +32,19 @@ def test_decode_step_gives_the_forward_pass_bits(kv_type):
     np.testing.assert_array_equal(v_fused, llm.cache.v[:, :, :32])
 
 
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k_m", "q6_k"])
+def test_decode_step_on_other_formats(hf_model_dir, quant):
+    """The formats with other kernels and layouts (Q6_K's activation sums per 16; Q4_K_M's per-tensor mix)."""
+    llm = engine.load(str(hf_model_dir), quant=quant, n_ctx=64, n_threads=2)
+    if not llm.backend.fused_decode:
+        kinds = {type(m).__name__ + ":" + m.qtype.name for b in llm.backend.mats for m in b.values()}
+        pytest.skip(f"{quant}: not every expert matrix has a packed decode kernel in the {llm.backend.kernels} "
+                    f"family ({sorted(kinds)})")
+    rng = np.random.default_rng(4)
+    prompt, steps = rng.integers(3, 32000, 7).tolist(), rng.integers(3, 32000, 6).tolist()
+    np.testing.assert_array_equal(_decode_logits(llm, prompt, steps, True), _decode_logits(llm, prompt, steps, False))
+
+
 def test_decode_step_over_a_long_cache_matches():
     """Past 1024 positions the tiny model's attention runs on two threads with the keys split: the step must plan
     it as ops.attention does."""

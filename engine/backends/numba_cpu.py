@@ -97,19 +97,17 @@ class DecodeState:
         self.attention = ops.DecodeAttention(c.n_heads, c.n_kv_heads, c.head_dim)  # and its workspaces
 
 
-def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarray,
-          out: np.ndarray | None) -> tuple | None:
-    """(kernel, arguments, per16, serial) of a packed weight's product on the first `rows` rows of act into out
-    (None: appended at the call): the run kernel quant.kernels._packed_runs picks for fewer than 4 rows, its
-    inputs already checked at load. None for a weight without such a kernel (not packed)."""
+def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarray, out: np.ndarray | None,
+          x: np.ndarray | None = None) -> tuple | None:
+    """(function, arguments, per16, serial) of a weight's product on the first `rows` rows of act into out (None:
+    appended at the call). For a packed weight: the run kernel quant.kernels._packed_runs picks for fewer than 4
+    rows, its inputs checked here once. Other weights: kernels.linear on x, the float input, if given (one-row
+    products, where the file-layout kernel takes the float row); else None."""
     if not isinstance(w, kernels.PackedWeight):
-        return None
-    if hasattr(w, "family"):
-        kern, quads = kernels._RUNS[w.family][w.qtype.name][0], w.layout == "quads"
-    elif w.vnni:
-        kern, quads = kernels._VNNI_RUNS[w.qtype], True
-    else:
-        kern, quads = kernels._PORTABLE_RUNS[w.qtype], False
+        if x is None or len(w.shape) != 2:
+            return None
+        return _linear_into, (w, x) if out is None else (w, x, out), False, False  # linear picks its threads
+    kern, quads = kernels._RUNS[w.family][w.qtype.name][0], w.layout == "quads"
     per16 = quads and w.qtype.name == "Q6_K"  # its codes carry an offset per 16 values
     xq, xd, xs, xs16 = (a[:rows] for a in act)
     n, k = w.shape[-2], w.shape[-1]
@@ -121,6 +119,10 @@ def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarra
     if out is not None:
         args += (out,)
     return kern, args, per16, rows * n * k < kernels.SERIAL_MAX_MACS
+
+
+def _linear_into(w, x: np.ndarray, out: np.ndarray) -> None:
+    kernels.linear(w, x, out=out)
 
 
 def _product(bound: tuple, threads: list, n_threads: int, *out) -> None:
@@ -162,9 +164,9 @@ class NumbaCPUBackend:
         self.fused_decode = self._decode_plan is not None  # one-token steps through _decode
 
     def _bind_decode(self) -> tuple[DecodeState, list[dict], tuple] | None:
-        """The one-token decode step's buffers and every product bound to them; None where it does not apply: a
-        matrix without a packed decode kernel, or 4+ active experts (where expert_linear picks the prefill
-        kernels)."""
+        """The one-token decode step's buffers and every product bound to them; None where it does not apply:
+        expert matrices without a packed decode kernel, or 4+ active experts (where expert_linear picks the
+        prefill kernels)."""
         c = self.config
         if c.n_experts_used >= 4:
             return None
@@ -172,20 +174,17 @@ class NumbaCPUBackend:
         one, runs = (st.one_start, st.one_expert), (st.run_start, st.run_expert)
         blocks = []
         for m in self.mats:
-            b = {"wq": _bind(m["wq"], st.act_h, 1, *one, st.q.reshape(1, -1)),
-                 "wk": _bind(m["wk"], st.act_h, 1, *one, st.k.reshape(1, -1)),
-                 "wv": _bind(m["wv"], st.act_h, 1, *one, st.v.reshape(1, -1)),
-                 "wo": _bind(m["wo"], st.act_att, 1, *one, st.y[:1]),
+            b = {"wq": _bind(m["wq"], st.act_h, 1, *one, st.q.reshape(1, -1), st.h),
+                 "wk": _bind(m["wk"], st.act_h, 1, *one, st.k.reshape(1, -1), st.h),
+                 "wv": _bind(m["wv"], st.act_h, 1, *one, st.v.reshape(1, -1), st.h),
+                 "wo": _bind(m["wo"], st.act_att, 1, *one, st.y[:1], st.att.reshape(1, -1)),
                  "w1": _bind(m["w1"], st.act_e, c.n_experts_used, *runs, st.g),
                  "w3": _bind(m["w3"], st.act_e, c.n_experts_used, *runs, st.u),
                  "w2": _bind(m["w2"], st.act_f, c.n_experts_used, *runs, st.y)}
             if any(v is None for v in b.values()):
                 return None
             blocks.append(b)
-        head = _bind(self.output, st.act_head, 1, *one, None)
-        if head is None:
-            return None
-        return st, blocks, head
+        return st, blocks, _bind(self.output, st.act_head, 1, *one, None, st.x)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         t = self.w.tok_embd
