@@ -13,6 +13,8 @@ slower rep is other load, not the engine). Medians over rounds are reported, wit
 
 per_block_overhead_ms = (mixlocal ms/token - llama.cpp ms/token) / blocks: how much more mixlocal spends per
 block than llama.cpp, which is mostly overhead because both run int8 dot-product kernels on the same bytes.
+--engines mixlocal,mixlocal_op_by_op (either model) compares the one-token decode step with the T-token forward
+pass run for one token, the op-by-op path it replaced.
 """
 from __future__ import annotations
 
@@ -54,11 +56,14 @@ def _measure(prefill, step, prompt: list[int], decode: list[int], reps: int) -> 
     return {"decode_ms_per_token": min(per_token), "reps_ms_per_token": per_token}
 
 
-def run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int], reps: int) -> dict:
+def run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int], reps: int,
+                 op_by_op: bool = False) -> dict:
     import numpy as np
 
     import engine
     llm = engine.load(path, n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
+    if op_by_op:
+        llm.backend.fused_decode = False
 
     def prefill(ids):
         llm.reset()
@@ -86,7 +91,11 @@ def run_llama(path: str, threads: int, prompt: list[int], decode: list[int], rep
     return {"llama_cpp": llama_cpp.__version__, **_measure(prefill, step, prompt, decode, reps)}
 
 
-WORKERS = {"mixlocal": run_mixlocal, "llama": run_llama}
+def run_mixlocal_op_by_op(path: str, threads: int, prompt: list[int], decode: list[int], reps: int) -> dict:
+    return run_mixlocal(path, threads, prompt, decode, reps, op_by_op=True)
+
+
+WORKERS = {"mixlocal": run_mixlocal, "llama": run_llama, "mixlocal_op_by_op": run_mixlocal_op_by_op}
 
 
 def run_worker(name: str, args) -> dict:
@@ -156,12 +165,16 @@ def main() -> int:
         blocks = runs["mixlocal"][0]["blocks"]
         result["ratio_mixlocal_over_llama"] = med["mixlocal"] / med["llama"]
         result["per_block_overhead_ms"] = (med["mixlocal"] - med["llama"]) / blocks
+    if "mixlocal" in med and "mixlocal_op_by_op" in med:
+        result["op_by_op_minus_step_per_block_ms"] = ((med["mixlocal_op_by_op"] - med["mixlocal"])
+                                                      / runs["mixlocal"][0]["blocks"])
     result["raw"] = runs
     out = args.out or ROOT / "bench" / "results" / f"decode_overhead_{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_decode_ms_per_token", "ratio_mixlocal_over_llama",
-                                             "per_block_overhead_ms", "load_average_at_start",
+                                             "per_block_overhead_ms", "op_by_op_minus_step_per_block_ms",
+                                             "load_average_at_start",
                                              "load_average_at_end") if k in result}, indent=2))
     print("written", out)
     return 0
