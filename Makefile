@@ -49,7 +49,9 @@ test: dev
 
 bench: dev
 	$(PY) bench/bench_core.py
-	$(PY) bench/bench_mixtral_shape.py --types Q4_0 --rounds 5 --startup-runs 2
+	$(PY) bench/bench_decode_overhead.py --rounds 5
+	$(PY) bench/bench_mixtral_shape.py --kernels all --types Q4_0,Q8_0,Q4_K,Q4_K_M --rounds 5 --decode 64 --no-startup
+	$(PY) bench/bench_mixtral_shape.py --types Q4_0 --rounds 1 --startup-runs 2 --engines mixlocal --out bench/results/startup.json
 
 lint: dev
 	$(PY) -m ruff check engine quant tokenizer tests bench tools
