@@ -401,26 +401,6 @@ def make_runs(F: int) -> dict[str, tuple]:
         raise KeyError(f"no byte multiplication registered under {F}")
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def q4_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
-        n_groups, nb = d.shape[1], d.shape[2]
-        k = nb * 32
-        block = ROWS * 16
-        for task in prange(run_expert.shape[0] * n_groups):
-            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
-            accf = np.zeros((m1 - m0, ROWS), np.float32)
-            ds = np.empty(ROWS, np.float32)
-            isum = np.empty(ROWS, np.int32)
-            for b in range(nb):
-                _halves_to_float(d[e, g, b], ds)
-                base = ((e * n_groups + g) * nb + b) * block
-                prefetch_ahead(qs, base, block)
-                for m in range(m0, m1):
-                    for rq in range(4):
-                        _nibble_dot16(F, 1, qs, base + rq * 256, xq, m * k + b * 32, 0, isum, rq * QUARTER)
-                    _q4_0_row_out(accf[m - m0], isum, 0, ds, xd[m, b], 8 * xs[m, b])
-            _store_group(out, accf, g, m0, m1, n_rows)
-
-    @njit(parallel=True, cache=True, fastmath=True)
     def q4_0_runs_x4(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         n_groups, nb = d.shape[1], d.shape[2]
         k = nb * 32
@@ -447,11 +427,22 @@ def make_runs(F: int) -> dict[str, tuple]:
                     m += 1
             _store_group(out, accf, g, m0, m1, n_rows)
 
+    q4_k = _make_kquant_runs(F, 4)
+    q5_k = _make_kquant_runs(F, 5)
+    q6_k = _make_q6_k_runs(F)
+    return {"Q4_0": (_make_block32_decode(F, False), q4_0_runs_x4), "Q8_0": (_make_block32_decode(F, True),) * 2,
+            "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
+
+
+def _make_block32_decode(F: int, SIGNED: bool):
+    """The decode kernel of the 32-value block formats: Q4_0 (nibbles, offset 8) or Q8_0 (SIGNED int8 codes)."""
+    QUAD_BYTES = 512 if SIGNED else 256  # one quarter's codes per block
+
     @njit(parallel=True, cache=True, fastmath=True)
-    def q8_0_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    def block32_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
         n_groups, nb = d.shape[1], d.shape[2]
         k = nb * 32
-        block = ROWS * 32
+        block = 4 * QUAD_BYTES
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
@@ -463,15 +454,14 @@ def make_runs(F: int) -> dict[str, tuple]:
                 prefetch_ahead(qs, base, block)
                 for m in range(m0, m1):
                     for rq in range(4):
-                        _int8_dot16(F, 1, qs, base + rq * 512, xq, m * k + b * 32, 0, isum, rq * QUARTER)
-                    _q4_0_row_out(accf[m - m0], isum, 0, ds, xd[m, b], 0)
+                        if SIGNED:
+                            _int8_dot16(F, 1, qs, base + rq * QUAD_BYTES, xq, m * k + b * 32, 0, isum, rq * QUARTER)
+                        else:
+                            _nibble_dot16(F, 1, qs, base + rq * QUAD_BYTES, xq, m * k + b * 32, 0, isum, rq * QUARTER)
+                    _q4_0_row_out(accf[m - m0], isum, 0, ds, xd[m, b], 0 if SIGNED else 8 * xs[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
-    q4_k = _make_kquant_runs(F, 4)
-    q5_k = _make_kquant_runs(F, 5)
-    q6_k = _make_q6_k_runs(F)
-    return {"Q4_0": (q4_0_runs, q4_0_runs_x4), "Q8_0": (q8_0_runs, q8_0_runs), "Q4_K": q4_k, "Q5_K": q5_k,
-            "Q6_K": q6_k}
+    return block32_runs
 
 
 def _make_kquant_runs(F: int, BITS: int) -> tuple:
