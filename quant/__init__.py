@@ -2,6 +2,6 @@
 
 Knows nothing of models or of the engine.
 """
-from .tensor import QStack, QTensor, QType, block_size, nbytes_for, type_size
+from .tensor import QStack, QTensor, QType, block_size, matrices, nbytes_for, type_size
 
-__all__ = ["QStack", "QTensor", "QType", "block_size", "nbytes_for", "type_size"]
+__all__ = ["QStack", "QTensor", "QType", "block_size", "matrices", "nbytes_for", "type_size"]

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
-__all__ = ["QStack", "QTensor", "QType", "block_size", "nbytes_for", "type_size"]
+__all__ = ["QStack", "QTensor", "QType", "block_size", "matrices", "nbytes_for", "type_size"]
 
 
 def block_size(qtype: QType) -> int:
@@ -137,3 +137,8 @@ class QStack:
         if not 0 <= e < len(self.mats):
             raise IndexError(f"expert {e} out of range for {len(self.mats)} experts")
         return self.mats[e]
+
+
+def matrices(t: QTensor | QStack) -> list[QTensor]:
+    """The 2-D matrices of a tensor: itself, or each expert of a stack (a QStack or a 3-D QTensor)."""
+    return [t.expert(e) for e in range(t.shape[0])] if len(t.shape) == 3 else [t]

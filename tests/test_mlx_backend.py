@@ -24,7 +24,8 @@ from engine.backends.mlx import (
     to_affine,
 )
 from engine.sources.hf import load_hf
-from engine.sources.mlx import (
+from quant import QTensor, QType, formats
+from quant.affine import (
     BITS,
     AffineTensor,
     affine_from_ggml,
@@ -32,7 +33,6 @@ from engine.sources.mlx import (
     pack_bits,
     unpack_bits,
 )
-from quant import QTensor, QType, formats
 
 # 40 ids: 80 token-expert rows, enough for the sorted (prefill) expert path
 PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000, 2000, 3000, 31999, 5,

@@ -18,10 +18,10 @@ import mlx.core as mx
 import numpy as np
 
 from quant import QStack, QType
+from quant.affine import REQUANT_BITS, AffineTensor, affine_from_ggml, quantize_affine
 
 from ..config import ModelConfig
 from ..errors import ContextOverflowError
-from ..sources.mlx import REQUANT_BITS, AffineTensor, affine_from_ggml, quantize_affine
 from ..weights import ModelWeights
 from .numba_cpu import RouterTrace
 
