@@ -65,12 +65,17 @@ def _add_model_args(p, *, sampling: bool, n_default: int):
     if sampling:
         p.add_argument("-n", "--max-tokens", type=int, default=n_default, metavar="N",
                        help=f"most tokens to generate (default {n_default})")
-        p.add_argument("--temp", type=float, default=0.7, help="temperature, 0 for greedy (default 0.7)")
-        p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-        p.add_argument("--min-p", type=float, default=0.05, help="min-p cut, relative to the top token (default 0.05)")
-        p.add_argument("--top-k", type=int, default=0, help="top-k cut, 0 for off (default 0)")
-        p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default 1.0: off)")
-        p.add_argument("--seed", type=int, default=None, help="seed for a repeatable draw")
+        _add_sampling_args(p)
+
+
+def _add_sampling_args(p):
+    """One flag per SamplingParams field; an absent flag is None, which keeps SamplingParams' default."""
+    from .sampling import sampling_fields
+    for f in sampling_fields():
+        flags = f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+        p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, metavar="X",
+                       help=f"{f.metadata['help']} (default {f.default:g})")
+    p.add_argument("--seed", type=int, default=None, help="seed for a repeatable draw")
 
 
 def _load(args):
@@ -80,8 +85,8 @@ def _load(args):
 
 
 def _sampling(args) -> dict:
-    return {"temperature": args.temp, "top_p": args.top_p, "min_p": args.min_p, "top_k": args.top_k,
-            "repeat_penalty": args.repeat_penalty, "seed": args.seed}
+    from .sampling import SamplingParams
+    return {name: getattr(args, name) for name in SamplingParams().as_kwargs()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -174,9 +174,9 @@ class LLM:
         text) and `.logits`, the raw logits the token was drawn from, valid only until the next step. For callers
         that need per-token data (the server's logprobs). Returns the GenerationResult.
 
-        sampling: the SamplingParams fields (temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-        frequency_penalty, seed); None keeps the default. continuation=True means the text continues the prompt
-        and keeps the space before its first word; chat answers pass False."""
+        sampling: SamplingParams fields by name (temperature, top_k, top_p, min_p, repeat_penalty, ...); None keeps
+        the default. continuation=True means the text continues the prompt and keeps the space before its first
+        word; chat answers pass False."""
         params = SamplingParams().with_(**sampling)
         stats: dict = {}
         pieces, tokens = [], []
@@ -188,16 +188,11 @@ class LLM:
         usage, timings = self._summaries(stats)
         return GenerationResult("".join(pieces), tokens, stats["finish_reason"], usage, timings)
 
-    def stream(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-               presence_penalty: float | None = None, frequency_penalty: float | None = None,
-               seed: int | None = None, stop: list[str] | str | None = None,
-               continuation: bool = True) -> Iterator[str]:
-        """Yield text pieces as they are made. The generator's return value is the GenerationResult."""
-        steps = self.stream_steps(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                  frequency_penalty=frequency_penalty, seed=seed)
+    def stream(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
+               continuation: bool = True, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are made. The generator's return value is the GenerationResult. sampling:
+        SamplingParams fields by name, as for stream_steps."""
+        steps = self.stream_steps(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation, **sampling)
         while True:
             try:
                 step = next(steps)
@@ -206,16 +201,11 @@ class LLM:
             if step.text:
                 yield step.text
 
-    def generate(self, prompt, *, max_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, min_p: float | None = None, repeat_penalty: float | None = None,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 seed: int | None = None, stop: list[str] | str | None = None,
-                 continuation: bool = True) -> GenerationResult:
-        """Generate up to max_tokens after prompt (text or token ids); temperature=0 is greedy."""
-        steps = self.stream(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation,
-                            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, seed=seed)
+    def generate(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
+                 continuation: bool = True, **sampling) -> GenerationResult:
+        """Generate up to max_tokens after prompt (text or token ids); temperature=0 is greedy. sampling:
+        SamplingParams fields by name, as for stream_steps."""
+        steps = self.stream(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation, **sampling)
         while True:
             try:
                 next(steps)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_fields
 
 __all__ = [
     "APIError",
@@ -56,23 +56,14 @@ class GenerationRequest:
     """What both endpoints share: the model id, sampling, limits, streaming and logprobs."""
     model: str
     max_tokens: int | None = None           # None: until EOS or the end of the context
-    temperature: float = 1.0                # OpenAI's defaults, which its clients expect (DESIGN.md, Sampling)
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=lambda: api_sampling({}))
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     top_logprobs: int | None = None         # None: no logprobs; 0..N: logprobs with that many alternatives
 
     def sampling_kwargs(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                    "repeat_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
-                    "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": self.stop}
+        return {**self.sampling.as_kwargs(), "stop": self.stop}
 
 
 @dataclass
@@ -165,22 +156,10 @@ def _common(body: dict) -> dict:
     kw = {
         "model": model,
         "max_tokens": _integer(body, limit_name, None, 1),
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        "top_k": _integer(body, "top_k", 0, 0),
-        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "repeat_penalty": _number(body, "repeat_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "sampling": api_sampling(body),
         "stop": _stop(body),
         "stream": _boolean(body, "stream", False),
     }
-    seed = body.get("seed")
-    if seed is not None:
-        if not _is_int(seed) or seed < -1:
-            raise bad_request(f"'seed' must be a non-negative integer (or -1 for random), got {json.dumps(seed)}",
-                              "seed", "invalid_type" if not _is_int(seed) else "invalid_value")
-        kw["seed"] = None if seed == -1 else seed
 
     options = body.get("stream_options")
     if options is not None:
@@ -190,14 +169,31 @@ def _common(body: dict) -> dict:
             raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
         kw["include_usage"] = _boolean(options, "include_usage", False)
 
-    # The sampler's own checks, run now so that a bad combination is a 400 and not a failure mid-stream.
-    try:
-        SamplingParams().with_(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
-                               min_p=kw["min_p"], repeat_penalty=kw["repeat_penalty"],
-                               presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"])
+    return kw
+
+
+def api_sampling(body: dict) -> SamplingParams:
+    """The request's SamplingParams: every field of it is a request field of the same name, read with OpenAI's
+    default and range where they differ from ours (sampling.py says which); the seed may be -1 for random."""
+    kw = {}
+    for f in sampling_fields():
+        values = f.metadata["api_values"]
+        if isinstance(f.default, int):
+            kw[f.name] = _integer(body, f.name, f.metadata["api_default"], int(values.lo) + values.lo_open,
+                                  None if values.hi is None else int(values.hi))
+        else:
+            kw[f.name] = _number(body, f.name, f.metadata["api_default"], values.lo,
+                                 float("inf") if values.hi is None else values.hi, lo_open=values.lo_open)
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed) or seed < -1:
+            raise bad_request(f"'seed' must be a non-negative integer (or -1 for random), got {json.dumps(seed)}",
+                              "seed", "invalid_type" if not _is_int(seed) else "invalid_value")
+        kw["seed"] = None if seed == -1 else seed
+    try:  # the sampler's own checks, so that a bad value is a 400 and not a failure mid-stream
+        return SamplingParams(**kw)
     except ValueError as e:
         raise bad_request(str(e)) from None
-    return kw
 
 
 def _stop(body: dict) -> list[str]:
