@@ -28,9 +28,26 @@ def q8_round(x: np.ndarray) -> np.ndarray:
     return dequantize(quantize(flat, q8), q8).reshape(x.shape).astype(np.float64)
 
 
-def forward(path, ids, q8_activations: bool = False) -> np.ndarray:
-    """Logits of ids. q8_activations rounds the input of every weight product (not the router) to Q8_0 first."""
-    act = q8_round if q8_activations else (lambda v: v)
+def q8k_round(x: np.ndarray) -> np.ndarray:
+    """x rounded as ggml's quantize_row_q8_K_ref (ggml/src/ggml-quants.c) rounds activations for K-quant dot
+    products; gguf-py has no Q8_K. Per 256 values: the first value of largest magnitude, with its sign, maps to -127
+    (iscale = -127/max in float32), codes round half to even and clamp at 127, d = 1/iscale in float32."""
+    flat = np.ascontiguousarray(x.reshape(-1, 256), dtype=np.float32)
+    top = np.take_along_axis(flat, np.argmax(np.abs(flat), axis=1)[:, None], axis=1)
+    safe = np.where(top == 0, np.float32(1), top)
+    iscale = (np.float32(-127.0) / safe).astype(np.float32)
+    q = np.minimum(np.rint((iscale * flat).astype(np.float32)), 127)
+    d = np.where(top == 0, np.float32(0), (np.float32(1.0) / iscale).astype(np.float32))
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
+ROUNDING = {"Q8_0": q8_round, "Q8_K": q8k_round}
+
+
+def forward(path, ids, activations: str | None = None) -> np.ndarray:
+    """Logits of ids. activations ("Q8_0", "Q8_K") rounds the input of every weight product (not the router) that
+    way first, as integer kernels do."""
+    act = ROUNDING[activations] if activations else (lambda v: v)
     meta, arch, W = load_reference(path)
     g = lambda k: meta[f"{arch}.{k}"]
     n_layers, n_heads = g("block_count"), g("attention.head_count")

@@ -86,7 +86,8 @@ _CHILD = textwrap.dedent("""
             ids = rng.integers(0, 2, t)
             y = kernels.expert_linear(p, x, ids)
             for e in np.unique(ids):
-                assert_matches(y[ids == e], ref[e], x[ids == e], f"{name} {family} T={t}", act_q8=True)
+                assert_matches(y[ids == e], ref[e], x[ids == e], f"{name} {family} T={t}",
+                               act=kernels.activation_type(p))
         report["checked"].append(name)
     asm = ""
     for decode, prefill in kernels._RUNS[family].values():

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
+from numpy_reference import q8k_round
 
 from quant import QStack, QTensor, QType, kernels
 
@@ -40,6 +41,11 @@ def random_weight_bytes(qtype: QType, shape: tuple[int, ...], rng: np.random.Gen
     return gguf.quants.quantize(values, qtype)
 
 
+def act_of(p, n_rows: int) -> QType | None:
+    """How the kernels round n_rows activation rows on weight p (None: they stay float)."""
+    return kernels.activation_type(p) if kernels.quantizes_activations(p, n_rows) else None
+
+
 def make_weight(qtype: QType, shape: tuple[int, ...], seed: int = 0) -> tuple[QTensor, np.ndarray]:
     """A QTensor and its float64 reference values from gguf-py."""
     raw = random_weight_bytes(qtype, shape, np.random.default_rng(seed))
@@ -53,18 +59,23 @@ def cols_for(qtype: QType) -> int:
     return {1: 200, 32: 160, 256: 512}[bs]
 
 
-def assert_matches(y: np.ndarray, w_ref: np.ndarray, x: np.ndarray, label: str, act_q8: bool = False) -> None:
+def assert_matches(y: np.ndarray, w_ref: np.ndarray, x: np.ndarray, label: str, act: QType | None = None) -> None:
     """y against float64 x @ W.T, allowing float32 rounding scaled to each product's magnitude.
 
-    A kernel that quantizes the activations to 8 bits per 32-block first (as llama.cpp does: act_q8) is compared
-    with x rounded through gguf-py's own Q8_0 quantizer instead; it may keep the block scale in float32 where Q8_0
-    stores float16, hence the 2**-11 relative slack on each block.
+    A kernel that rounds the activations to 8 bits first (as llama.cpp does; act says how: kernels.activation_type)
+    is compared with x rounded the same way by an outside reference: gguf-py's own Q8_0 quantizer, which stores the
+    block scale in float16 where the kernels keep float32 (hence 2**-11 relative slack on each block), or ggml's
+    Q8_K rounding (numpy_reference.q8k_round), whose scale is float32 like ours.
     """
     x64 = x.astype(np.float64)
     slack = 2e-5
-    if act_q8:
+    if act == QType.Q8_0:
         x64 = gguf.quants.dequantize(gguf.quants.quantize(x, QType.Q8_0), QType.Q8_0).astype(np.float64)
         slack += 2.0 ** -11
+    elif act == QType.Q8_K:
+        x64 = q8k_round(x)
+    elif act is not None:
+        raise ValueError(f"no reference rounding for {act}")
     want = x64 @ w_ref.T
     allowed = slack * (np.abs(x64) @ np.abs(w_ref).T) + 1e-7
     err = np.abs(y.astype(np.float64) - want)
@@ -83,7 +94,7 @@ def test_linear_matches_gguf_reference(qtype):
         x = rng.standard_normal((t, w.shape[1])).astype(np.float32)
         y = kernels.linear(p, x)
         assert y.shape == (t, w.shape[0]) and y.dtype == np.float32
-        assert_matches(y, ref, x, f"{qtype.name} T={t}", kernels.quantizes_activations(p, t))
+        assert_matches(y, ref, x, f"{qtype.name} T={t}", act_of(p, t))
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
@@ -103,7 +114,7 @@ def test_expert_linear_stacked_and_split(qtype):
             for e in np.unique(ids):
                 rows = ids == e
                 assert_matches(y[rows], ref[e], x[rows], f"{qtype.name} {form} T={t} expert {e}",
-                               kernels.quantizes_activations(p, int(rows.sum())))
+                               act_of(p, int(rows.sum())))
 
 
 def test_linear_writes_into_out():
@@ -113,7 +124,7 @@ def test_linear_writes_into_out():
     p = kernels.prepare(w)
     y = kernels.linear(p, x, out=out)
     assert y is out
-    assert_matches(out, ref, x, "out=", kernels.quantizes_activations(p, 3))
+    assert_matches(out, ref, x, "out=", act_of(p, 3))
 
 
 def test_bad_inputs_raise_value_errors():
@@ -166,8 +177,8 @@ def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
     assert made and all(any(np.shares_memory(a, m) for m in made) for a in p.arrays)
     x = np.random.default_rng(6).standard_normal((2, 512)).astype(np.float32)
     y = kernels.expert_linear(p, x, np.array([1, 0]))
-    assert_matches(y[:1], ref[1], x[:1], "mapped expert 1", kernels.quantizes_activations(p, 1))
-    assert_matches(y[1:], ref[0], x[1:], "mapped expert 0", kernels.quantizes_activations(p, 1))
+    assert_matches(y[:1], ref[1], x[:1], "mapped expert 1", act_of(p, 1))
+    assert_matches(y[1:], ref[0], x[1:], "mapped expert 0", act_of(p, 1))
 
     # a later load maps the same files again and rebuilds the weight without packing
     for a in made:
@@ -210,7 +221,7 @@ def assert_experts_match(p, ref: np.ndarray, token_counts, rng: np.random.Genera
         y = kernels.expert_linear(p, x, ids)
         for e in np.unique(ids):
             rows = ids == e
-            assert_matches(y[rows], ref[e], x[rows], f"{label} T={t} expert {e}", act_q8=True)
+            assert_matches(y[rows], ref[e], x[rows], f"{label} T={t} expert {e}", act=kernels.activation_type(p))
 
 
 @pytest.mark.parametrize("family", kernels.FAMILIES)
@@ -228,7 +239,8 @@ def test_every_kernel_family_matches_reference(qtype, family):
     w2 = w.expert(2)
     p2 = kernels.prepare(w2, family=family)
     x = rng.standard_normal((7, k)).astype(np.float32)
-    assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} {family} linear", act_q8=True)
+    assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} {family} linear",
+                   act=kernels.activation_type(p2))
 
 
 @pytest.mark.parametrize("family", kernels.FAMILIES)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from quant import formats, kernels
+from quant import QType, formats, kernels
 
 from ..cache import KVCache
 from ..config import ModelConfig
@@ -61,10 +61,13 @@ def limit_openmp_spinning() -> None:
 
 
 def _act(rows: int, width: int) -> tuple:
-    """Activations rounded for the integer kernels: (xq int8 (rows, width), xd float32 per-32 scale, xs int32
-    per-32 sum, xs16 int32 per-16 sum)."""
+    """Activations rounded for the integer kernels, in both forms (quant.kernels.activation_type): per 32 (xq int8
+    (rows, width), xd float32 scale, xs int32 sum per 32) and per 256 (kq int8, kd float32 scale, kp int32 pair sums
+    per 64, kp16 per 32; quant/kernels/activations.py)."""
     return (np.zeros((rows, width), np.int8), np.zeros((rows, width // 32), np.float32),
-            np.zeros((rows, width // 32), np.int32), np.zeros((rows, width // 16), np.int32))
+            np.zeros((rows, width // 32), np.int32),
+            np.zeros((rows, width), np.int8), np.zeros((rows, width // 256), np.float32),
+            np.zeros((rows, width // 64), np.int32), np.zeros((rows, width // 32), np.int32))
 
 
 class DecodeState:
@@ -99,26 +102,32 @@ class DecodeState:
 
 def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarray, out: np.ndarray | None,
           x: np.ndarray | None = None) -> tuple | None:
-    """(function, arguments, per16, serial) of a weight's product on the first `rows` rows of act into out (None:
-    appended at the call). For a packed weight: the run kernel quant.kernels._packed_runs picks for fewer than 4
-    rows, its inputs checked here once. Other weights: kernels.linear on x, the float input, if given (one-row
-    products, where the file-layout kernel takes the float row); else None."""
+    """(function, arguments, needs, serial) of a weight's product on the first `rows` rows of act into out (None:
+    appended at the call); needs: the ops.ROUND_* forms of act it reads. For a packed weight: the run kernel
+    quant.kernels._packed_runs picks for fewer than 4 rows, its inputs checked here once. Other weights:
+    kernels.linear on x, the float input, if given (one-row products, where the file-layout kernel takes the float
+    row); else None."""
     if not isinstance(w, kernels.PackedWeight):
         if x is None or len(w.shape) != 2:
             return None
-        return _linear_into, (w, x) if out is None else (w, x, out), False, False  # linear picks its threads
+        return _linear_into, (w, x) if out is None else (w, x, out), 0, False  # linear picks its threads
     kern, quads = kernels._RUNS[w.family][w.qtype.name][0], w.layout == "quads"
-    per16 = quads and w.qtype.name == "Q6_K"  # its codes carry an offset per 16 values
-    xq, xd, xs, xs16 = (a[:rows] for a in act)
+    xq, xd, xs, kq, kd, kp, kp16 = (a[:rows] for a in act)
     n, k = w.shape[-2], w.shape[-1]
     if xq.shape != (rows, k) or (out is not None and out.shape != (rows, n)):
         raise kernels.KernelInputError(f"decode buffers {xq.shape} -> {None if out is None else out.shape} do not "
                                        f"fit weight {w.shape}")  # a kernel would read or write past them
-    arrays = (w.arrays[0].reshape(-1), *w.arrays[1:]) if quads else tuple(w.arrays)
-    args = (*arrays, xq.reshape(-1) if quads else xq, xd, xs16 if per16 else xs, run_start, run_expert, n)
+    if kernels.activation_type(w) == QType.Q8_K:  # as _packed_runs passes them
+        arrays = (w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2])
+        args = (*arrays, kq.reshape(-1), kd, kp16 if w.qtype == QType.Q6_K else kp, run_start, run_expert, n)
+        needs = ops.ROUND_Q8_K
+    else:
+        arrays = (w.arrays[0].reshape(-1), *w.arrays[1:]) if quads else tuple(w.arrays)
+        args = (*arrays, xq.reshape(-1) if quads else xq, xd, xs, run_start, run_expert, n)
+        needs = ops.ROUND_Q8_0
     if out is not None:
         args += (out,)
-    return kern, args, per16, rows * n * k < kernels.SERIAL_MAX_MACS
+    return kern, args, needs, rows * n * k < kernels.SERIAL_MAX_MACS
 
 
 def _linear_into(w, x: np.ndarray, out: np.ndarray) -> None:
@@ -235,7 +244,7 @@ class NumbaCPUBackend:
         x[:] = self.embed(tokens)
         for li, (b, lw) in enumerate(zip(blocks, self.w.layers)):
             ops.decode_pre_attention(x, st.y, st.ids, st.wts, st.run_expert, li > 0, lw.attn_norm, c.norm_eps,
-                                     st.h, st.act_h, b["wq"][2] or b["wk"][2] or b["wv"][2])
+                                     st.h, st.act_h, b["wq"][2] | b["wk"][2] | b["wv"][2])
             _product(b["wk"], threads, n_threads)
             _product(b["wv"], threads, n_threads)
             _product(b["wq"], threads, n_threads)
@@ -244,7 +253,7 @@ class NumbaCPUBackend:
             ops.decode_round(st.att, st.act_att, b["wo"][2])
             _product(b["wo"], threads, n_threads)
             ops.decode_route(x, st.y, lw.ffn_norm, c.norm_eps, st.h, lw.router, st.logits, st.probs, st.ids, st.wts,
-                             st.run_start, st.run_expert, st.act_e, b["w1"][2] or b["w3"][2])
+                             st.run_start, st.run_expert, st.act_e, b["w1"][2] | b["w3"][2])
             _product(b["w1"], threads, n_threads)
             _product(b["w3"], threads, n_threads)
             ops.decode_silu(st.g, st.u, st.act_f, b["w2"][2])

@@ -13,6 +13,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from quant.kernels import SERIAL_MAX_MACS, serial_below
+from quant.kernels.activations import quantize_q8_k_row
 from quant.kernels.portable import _quantize_row
 from quant.quantize import _row_q8_0
 
@@ -637,39 +638,41 @@ def route_rows(h: np.ndarray, router: np.ndarray, n_used: int) -> tuple[np.ndarr
     return logits, ids, wts
 
 
+# what a decode step rounds its activations into, a bit each (the numba backend's _bind says which a weight needs)
+ROUND_Q8_0 = 1  # per 32 values: xq, xd, xs of act
+ROUND_Q8_K = 2  # per 256 values (the K-quants in the integer families): kq, kd, kp, kp16 of act
+
+
 @njit(inline="always")
-def _quantize(x, t, act, per16):
-    """Round row t of x to int8 per 32-block into row 0 of act = (xq, xd, xs, xs16) as linear() does, and copy it
-    to every row of act (the A expert rows all start from the same h). xs16 gets the sums per 16 that Q6_K's
-    kernels take instead of xs."""
-    xq, xd, xs, xs16 = act
-    src = x[t:t + 1]
-    _quantize_row(src, xq, xd, xs, 0)
-    if per16:
-        for b in range(xs16.shape[1]):
-            acc = np.int32(0)
-            for j in range(16):
-                acc += np.int32(xq[0, b * 16 + j])
-            xs16[0, b] = acc
+def _quantize(x, t, act, needs):
+    """Round row t of x into row 0 of act = (xq, xd, xs, kq, kd, kp, kp16) in the forms `needs` asks for (as
+    linear() does), and copy it to every row of act (the A expert rows all start from the same h)."""
+    xq, xd, xs, kq, kd, kp, kp16 = act
+    if needs & ROUND_Q8_0:
+        _quantize_row(x[t:t + 1], xq, xd, xs, 0)
+    if needs & ROUND_Q8_K:
+        quantize_q8_k_row(x, t, kq, kd, kp, kp16, 0)
     for r in range(1, xq.shape[0]):
-        xq[r] = xq[0]
-        xd[r] = xd[0]
-        xs[r] = xs[0]
-        xs16[r] = xs16[0]
+        if needs & ROUND_Q8_0:
+            xq[r] = xq[0]
+            xd[r] = xd[0]
+            xs[r] = xs[0]
+        if needs & ROUND_Q8_K:
+            kq[r] = kq[0]
+            kd[r] = kd[0]
+            kp[r] = kp[0]
+            kp16[r] = kp16[0]
 
 
 @njit(inline="always")
-def _quantize_rows(x, act, per16):
+def _quantize_rows(x, act, needs):
     """Round every row of x into act, each row on its own (the expert outputs before ffn_down)."""
-    xq, xd, xs, xs16 = act
+    xq, xd, xs, kq, kd, kp, kp16 = act
     for r in range(x.shape[0]):
-        _quantize_row(x, xq, xd, xs, r)
-        if per16:
-            for b in range(xs16.shape[1]):
-                acc = np.int32(0)
-                for j in range(16):
-                    acc += np.int32(xq[r, b * 16 + j])
-                xs16[r, b] = acc
+        if needs & ROUND_Q8_0:
+            _quantize_row(x, xq, xd, xs, r)
+        if needs & ROUND_Q8_K:
+            quantize_q8_k_row(x, r, kq, kd, kp, kp16, r)
 
 
 @njit(inline="always")
@@ -686,13 +689,13 @@ def _add_experts(x, y, ids, wts, run_expert):
 
 
 @njit(cache=True)
-def decode_pre_attention(x, y, ids, wts, run_expert, pending, norm, eps, h, act, per16):
+def decode_pre_attention(x, y, ids, wts, run_expert, pending, norm, eps, h, act, needs):
     """Block start: finish the previous block (x += its expert outputs, if pending), then h = rmsnorm(x), rounded
     into act for wq, wk, wv."""
     if pending:
         _add_experts(x, y, ids, wts, run_expert)
     _rmsnorm_row(x, norm, eps, h, 0)
-    _quantize(h, 0, act, per16)
+    _quantize(h, 0, act, needs)
 
 
 @njit(cache=True)
@@ -707,9 +710,9 @@ def decode_rope_store(q, k, v, pos, inv_freq, pairs, k_cache, v_cache):
 
 
 @njit(cache=True)
-def decode_round(att, act, per16):
+def decode_round(att, act, needs):
     """The attention output (1, H, Dh) rounded into act for wo."""
-    _quantize(att.reshape(1, -1), 0, act, per16)
+    _quantize(att.reshape(1, -1), 0, act, needs)
 
 
 class DecodeAttention:
@@ -737,7 +740,7 @@ class DecodeAttention:
 
 
 @njit(cache=True)
-def decode_route(x, y, norm, eps, h, router, logits, probs, ids, wts, run_start, run_expert, act, per16):
+def decode_route(x, y, norm, eps, h, router, logits, probs, ids, wts, run_start, run_expert, act, needs):
     """After attention: x += y[0] (wo's output), h = rmsnorm(x), the router's choice (ids, wts), the expert runs
     in ascending expert order as expert_linear groups them (one row each), and h rounded into every row of act
     for w1, w3."""
@@ -751,20 +754,20 @@ def decode_route(x, y, norm, eps, h, router, logits, probs, ids, wts, run_start,
         run_start[a] = a
     run_start[ids.shape[0]] = ids.shape[0]
     run_expert.sort()
-    _quantize(h, 0, act, per16)
+    _quantize(h, 0, act, needs)
 
 
 @njit(cache=True)
-def decode_silu(g, u, act, per16):
+def decode_silu(g, u, act, needs):
     """g = silu(g) * u per expert row, rounded into act for w2."""
     for r in range(g.shape[0]):
         _silu_mul_row(g, u, r)
-    _quantize_rows(g, act, per16)
+    _quantize_rows(g, act, needs)
 
 
 @njit(cache=True)
-def decode_pre_head(x, y, ids, wts, run_expert, norm, eps, act, per16):
+def decode_pre_head(x, y, ids, wts, run_expert, norm, eps, act, needs):
     """After the last block: x += its expert outputs, x = rmsnorm(x), rounded into act for the output head."""
     _add_experts(x, y, ids, wts, run_expert)
     _rmsnorm_row(x, norm, eps, x, 0)
-    _quantize(x, 0, act, per16)
+    _quantize(x, 0, act, needs)

@@ -31,6 +31,7 @@ import numba
 import numpy as np
 
 from ..tensor import QStack, QTensor, QType, nbytes_for
+from . import activations as act
 from . import avx2, avx512vnni, avxvnni, blas, families, quads
 from . import generic as gen
 from . import portable as pk
@@ -43,6 +44,7 @@ __all__ = [
     "KernelFamilyError",
     "KernelInputError",
     "PackedWeight",
+    "activation_type",
     "expert_linear",
     "host_families",
     "layout_of",
@@ -96,7 +98,7 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 2
+PACK_LAYOUT_VERSION = 3
 
 host_families = families.host_families
 resolve_family = families.resolve
@@ -346,16 +348,22 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
                  out: np.ndarray) -> None:
     """The integer kernels: x rows run_start[i]..run_start[i+1] use expert run_expert[i]."""
     m, k = x.shape
-    xq = np.empty((m, k), np.int8)
-    xd = np.empty((m, k // 32), np.float32)
-    xs = np.empty((m, k // 32), np.int32)
-    (pk.quantize_activations if m > 4 else pk.quantize_activations_serial)(x, xq, xd, xs)
     n = w.shape[-2]
     decode, prefill = _RUNS[w.family][w.qtype.name]
     kernel = prefill if m >= 4 else decode
-    if w.layout == "quads":  # the intrinsics take flat code and activation arrays (free views)
-        if w.qtype == QType.Q6_K:  # its codes are offset by 32 per 16 values: sums per 16 instead of per 32
-            xs = xq.reshape(m, -1, 16).sum(axis=2, dtype=np.int32)
+    xq = np.empty((m, k), np.int8)
+    if activation_type(w) == QType.Q8_K:
+        xd = np.empty((m, k // 256), np.float32)
+        pairs, pairs16 = np.empty((m, k // 64), np.int32), np.empty((m, k // 32), np.int32)
+        (act.quantize_q8_k if m > 4 else act.quantize_q8_k_serial)(x, xq, xd, pairs, pairs16)
+        # the intrinsics take flat code, scale and activation arrays (free views)
+        kernel(w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2], xq.reshape(-1), xd,
+               pairs16 if w.qtype == QType.Q6_K else pairs, run_start, run_expert, n, out)
+        return
+    xd = np.empty((m, k // 32), np.float32)
+    xs = np.empty((m, k // 32), np.int32)
+    (pk.quantize_activations if m > 4 else pk.quantize_activations_serial)(x, xq, xd, xs)
+    if w.layout == "quads":
         kernel(w.arrays[0].reshape(-1), *w.arrays[1:], xq.reshape(-1), xd, xs, run_start, run_expert, n, out)
         return
     kernel(*w.arrays, xq, xd, xs, run_start, run_expert, n, out)
@@ -415,9 +423,19 @@ def _matmul(qtype: QType, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> N
 
 
 def quantizes_activations(w, n_rows: int) -> bool:
-    """Whether linear/expert_linear round x to 8 bits per 32-block (llama.cpp's Q8_0) for n_rows rows of x on w.
+    """Whether linear/expert_linear round x to 8 bits (activation_type says how) for n_rows rows of x on w.
 
     Integer dot products on int8 activations are what make decode reach the memory roofline; their rounding is the
     one numeric difference from dequantize-then-matmul, so tests and backends can ask for it.
     """
     return isinstance(w, PackedWeight) and n_rows > 0
+
+
+def activation_type(w) -> QType | None:
+    """How linear/expert_linear round x on w: QType.Q8_0 (8 bits per 32 values, float32 scale), QType.Q8_K (per
+    256, as llama.cpp does for K-quants: activations.py) or None (x stays float)."""
+    if not isinstance(w, PackedWeight):
+        return None
+    if w.layout == "quads" and w.qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+        return QType.Q8_K
+    return QType.Q8_0

@@ -15,7 +15,18 @@ from llvmlite import ir
 
 from . import quads
 from .avxvnni import abs_and_sign
-from .simd import B32, V8, W16, ByteDot, family_key, halves, intrinsic_fn, join, splat
+from .simd import (
+    B32,
+    V8,
+    W16,
+    ByteDot,
+    family_key,
+    halves,
+    intrinsic_fn,
+    join,
+    splat,
+    splat8,
+)
 
 __all__ = ["KEY", "RUNS"]
 
@@ -27,15 +38,25 @@ def _maddubs(builder, u8, s8):
     return builder.call(fn, [builder.bitcast(u8, B32), builder.bitcast(s8, B32)])
 
 
-def _widen_add(builder, acc8, sum16):
+def _pmaddwd(builder, a16, b16):
     fn = intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", V8, [W16, W16])
-    return builder.add(acc8, builder.call(fn, [sum16, ir.Constant(W16, [1] * 16)]))
+    return builder.call(fn, [builder.bitcast(a16, W16), builder.bitcast(b16, W16)])
+
+
+def _widen_add(builder, acc8, sum16, mult16=None):
+    """acc8 + the neighbouring 16-bit sums added into 32 bits, each times mult16 (16-bit lanes; ones if None)."""
+    return builder.add(acc8, _pmaddwd(builder, sum16, ir.Constant(W16, [1] * 16) if mult16 is None else mult16))
 
 
 class _Avx2(ByteDot):
-    def dot(self, builder, acc, pairs, bound):
+    def dot(self, builder, acc, pairs, bound, scale=None):
         per_widen = max(1, _I16_MAX // bound)
         acc_h = list(halves(builder, acc))
+        mult = [None, None]
+        if scale is not None:  # each row's scale in both 16-bit halves of its lane
+            low16 = splat8(builder, 0xFFFF)
+            mult = [builder.or_(builder.and_(h, low16), builder.shl(h, splat8(builder, 16)))
+                    for h in halves(builder, scale)]
         split = [(halves(builder, u), halves(builder, s)) for u, s in pairs]
         for i in range(2):
             for start in range(0, len(split), per_widen):
@@ -43,8 +64,15 @@ class _Avx2(ByteDot):
                 for u, s in split[start:start + per_widen]:
                     p = _maddubs(builder, u[i], s[i])
                     s16 = p if s16 is None else builder.add(s16, p)
-                acc_h[i] = _widen_add(builder, acc_h[i], s16)
+                acc_h[i] = _widen_add(builder, acc_h[i], s16, mult[i])
         return join(builder, *acc_h)
+
+    def scaled_dot(self, builder, acc, pairs, bound, scale):
+        return self.dot(builder, acc, pairs, bound, scale)
+
+    def word_dot(self, builder, acc, a, b):
+        return join(builder, *(builder.add(c, _pmaddwd(builder, u, v))
+                               for c, u, v in zip(halves(builder, acc), halves(builder, a), halves(builder, b))))
 
     def signed_dot(self, builder, pairs):
         acc = [ir.Constant(V8, None)] * 2

@@ -35,6 +35,10 @@ class _Vnni512(ByteDot):
             wsum = builder.call(dp, [wsum, ones, w])
         return builder.sub(acc, builder.shl(wsum, splat(builder, ir.Constant(I32, 7))))
 
+    def word_dot(self, builder, acc, a, b):
+        fn = intrinsic_fn(builder, "llvm.x86.avx512.vpdpwssd.512", V16, [V16, V16, V16])
+        return builder.call(fn, [acc, a, b])
+
 
 KEY = family_key(__file__)
 quads.register(KEY, _Vnni512())

@@ -45,6 +45,11 @@ class _AvxVnni(ByteDot):
                 acc[i] = builder.call(dp, [acc[i], builder.bitcast(u, V8), builder.bitcast(s, V8)])
         return join(builder, *acc)
 
+    def word_dot(self, builder, acc, a, b):
+        fn = intrinsic_fn(builder, "llvm.x86.avx512.vpdpwssd.256", V8, [V8, V8, V8])
+        return join(builder, *(builder.call(fn, [c, u, v])
+                               for c, u, v in zip(halves(builder, acc), halves(builder, a), halves(builder, b))))
+
 
 KEY = family_key(__file__)
 quads.register(KEY, _AvxVnni())

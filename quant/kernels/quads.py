@@ -32,7 +32,11 @@ from numba.extending import intrinsic
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too (the
 # _halves_to_float rewrite of 2026-11-28 is one such change)
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
-from .simd import I32, I64, V16, ByteDot, data_ptr, prefetch_ahead, splat
+from .simd import I8, I16, I32, I64, V16, ByteDot, data_ptr, prefetch_ahead, splat
+
+B16 = ir.VectorType(I8, 16)  # one scale byte for each of a quarter's 16 rows
+B32 = ir.VectorType(I8, 32)  # one min pair (2 bytes) for each of 16 rows
+W32 = ir.VectorType(I16, 32)  # ... widened to 16 bits
 
 __all__ = ["QUARTER", "make_runs", "pack_q4_0", "pack_q4_k", "pack_q5_k", "pack_q6_k", "pack_q8_0", "register"]
 
@@ -104,63 +108,89 @@ def _nibble_dot16(typingctx, fam, n, w, w_off, x, x_off, x_stride, out, out_off)
 
 
 @intrinsic(prefer_literal=True)
-def _kquant_dot16_split(typingctx, fam, bits, n, w, w_off, h_off, c, x, x_off, x_stride, out_lo, out_hi, out_off):
-    """Q4_K/Q5_K chunk c, 16 rows: low nibbles of 8 quads against x[0:32], high nibbles against x[32:64], kept apart
-    (two sub-blocks with their own scales). bits = 5 adds Q5_K's high bits (bit 2c, 2c+1 of the quads at h_off)."""
+def _kquant_sb16(typingctx, fam, bits, n, w, w_off, sm, sc_off, mn_off, x, x_off, x_stride, xp, xp_off, xp_stride,
+                 isum, msum, out_off):
+    """Q4_K/Q5_K super-block, 16 rows (one quarter), against Q8_K activations (activations.py), in integers:
+    isum[j*ROWS + out_off + r] = sum over sub-blocks s of scale_rs * (codes_rs . x_js) and
+    msum[...] = sum over s of min_rs * (sum of x_js), for n activation rows j.
+
+    w: the quarter's codes of chunk 0 at w_off (chunk c at + c*2048 bytes; Q5_K's high bits at + 8192);
+    sm: the super-block's unpacked scales (scale s of the quarter's 16 rows at sc_off + 64 s) and its mins as int16
+    pairs (pair p at mn_off + 128 p: per row, the bytes of mins 2p and 2p+1); xp: each activation row's pair sums
+    (activations.py) from xp_off + j*xp_stride."""
     lits = _literals(fam, bits, n)
     if lits is None:
         return None
     dot, q_bits, n_x = _BYTE_DOTS[lits[0]], lits[1], lits[2]
-    sig = types.void(fam, bits, n, w, w_off, h_off, c, x, x_off, x_stride, out_lo, out_hi, out_off)
+    sig = types.void(fam, bits, n, w, w_off, sm, sc_off, mn_off, x, x_off, x_stride, xp, xp_off, xp_stride,
+                     isum, msum, out_off)
 
     def codegen(context, builder, signature, args):
-        _, _, _, wa, wo, ho, cc, xa, xo, xst, la, ha, oo = args
+        (_, _, _, wa, wo, sa, so, mo, xa, xo, xst, pa, po, pst, ia, ma, oo) = args
         wp = data_ptr(context, builder, signature.args[3], wa, wo, V16)
+        sp = data_ptr(context, builder, signature.args[5], sa, so, B16)
+        mp = data_ptr(context, builder, signature.args[5], sa, mo, B32)
+        xps = _x_ptrs(context, builder, signature.args[8], xa, xo, xst, n_x)
+        pps = _x_ptrs(context, builder, signature.args[11], pa, po, pst, n_x)
         low, four = splat(builder, ir.Constant(I32, 0x0F0F0F0F)), splat(builder, ir.Constant(I32, 4))
-        codes = []
-        if q_bits == 5:
-            hp = data_ptr(context, builder, signature.args[3], wa, ho, V16)
-            bit = splat(builder, ir.Constant(I32, 0x01010101))
-            shift = builder.trunc(builder.mul(cc, ir.Constant(cc.type, 2)), I32)
-            sh_lo = splat(builder, shift)
-            sh_hi = splat(builder, builder.add(shift, ir.Constant(I32, 1)))
-        for jq in range(8):
-            v = _load(builder, wp, jq)
-            q_lo, q_hi = builder.and_(v, low), builder.and_(builder.lshr(v, four), low)
-            if q_bits == 5:
-                h = _load(builder, hp, jq)
-                q_lo = builder.or_(q_lo, builder.shl(builder.and_(builder.lshr(h, sh_lo), bit), four))
-                q_hi = builder.or_(q_hi, builder.shl(builder.and_(builder.lshr(h, sh_hi), bit), four))
-            codes.append((q_lo, q_hi))
+        bit = splat(builder, ir.Constant(I32, 0x01010101))
         bound = 2 * ((1 << q_bits) - 1) * 127
-        for j, xp in enumerate(_x_ptrs(context, builder, signature.args[7], xa, xo, xst, n_x)):
-            zero = ir.Constant(V16, None)
-            acc_lo = dot.dot(builder, zero, [(codes[jq][0], splat(builder, _load(builder, xp, jq)))
-                                             for jq in range(8)], bound)
-            acc_hi = dot.dot(builder, zero, [(codes[jq][1], splat(builder, _load(builder, xp, 8 + jq)))
-                                             for jq in range(8)], bound)
-            _store_rows(context, builder, signature.args[10], la, oo, j, acc_lo)
-            _store_rows(context, builder, signature.args[11], ha, oo, j, acc_hi)
+        accs = [ir.Constant(V16, None)] * n_x
+        for c in range(4):
+            codes = []
+            for jq in range(8):
+                v = _load(builder, wp, c * 32 + jq)
+                q_lo, q_hi = builder.and_(v, low), builder.and_(builder.lshr(v, four), low)
+                if q_bits == 5:
+                    h = _load(builder, wp, 128 + jq)
+                    lo_bit = builder.lshr(h, splat(builder, ir.Constant(I32, 2 * c))) if c else h
+                    hi_bit = builder.lshr(h, splat(builder, ir.Constant(I32, 2 * c + 1)))
+                    q_lo = builder.or_(q_lo, builder.shl(builder.and_(lo_bit, bit), four))
+                    q_hi = builder.or_(q_hi, builder.shl(builder.and_(hi_bit, bit), four))
+                codes.append((q_lo, q_hi))
+            sc_lo = builder.zext(_load(builder, sp, 8 * c), V16)
+            sc_hi = builder.zext(_load(builder, sp, 8 * c + 4), V16)
+            for j, xp_ in enumerate(xps):
+                accs[j] = dot.scaled_dot(builder, accs[j], [(codes[jq][0], splat(builder, _load(builder, xp_, 16 * c + jq)))
+                                                            for jq in range(8)], bound, sc_lo)
+                accs[j] = dot.scaled_dot(builder, accs[j], [(codes[jq][1], splat(builder, _load(builder, xp_, 16 * c + 8 + jq)))
+                                                            for jq in range(8)], bound, sc_hi)
+        mins = [builder.bitcast(builder.zext(_load(builder, mp, 4 * p), W32), V16) for p in range(4)]
+        for j, pp in enumerate(pps):
+            m = ir.Constant(V16, None)
+            for p in range(4):
+                m = dot.word_dot(builder, m, mins[p], splat(builder, _load(builder, pp, p)))
+            _store_rows(context, builder, signature.args[14], ia, oo, j, accs[j])
+            _store_rows(context, builder, signature.args[15], ma, oo, j, m)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic(prefer_literal=True)
-def _q6_dot16_split(typingctx, fam, n, w, w_off, x, x_off, x_stride, out_lo, out_hi, out_off):
-    """Q6_K chunk of 32 codes, 16 rows: 4 nibble quads and 2 quads of 2-bit highs rebuilt into 6-bit codes (0..63);
-    elements 0-15 (low nibbles) go to out_lo, 16-31 (high nibbles) to out_hi, each summed against x."""
+def _q6_sb16(typingctx, fam, n, w, w_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, osum, out_off):
+    """Q6_K super-block, 16 rows (one quarter), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 16 sub-blocks s of scale_rs * (codes_rs . x_js), codes 0..63, and
+    osum[...] = sum over s of scale_rs * (sum of x_js), so that the super-block's sum is d * xd * (isum - 32 osum).
+
+    w: chunk 0 of the quarter at w_off (chunk t, codes 32t..32t+31, at + 1536 t bytes: 4 nibble quads, then 2 quads
+    of 2-bit highs, pack_q6_k); sp: int8 scales as int16-pair bytes, pair t (sub-blocks 2t, 2t+1) at sp_off + 128 t;
+    xp: each activation row's per-16 sums as int16 pairs (activations.py) from xp_off + j*xp_stride."""
     lits = _literals(fam, n)
     if lits is None:
         return None
     dot, n_x = _BYTE_DOTS[lits[0]], lits[1]
-    sig = types.void(fam, n, w, w_off, x, x_off, x_stride, out_lo, out_hi, out_off)
+    sig = types.void(fam, n, w, w_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, osum, out_off)
 
     def codegen(context, builder, signature, args):
-        _, _, wa, wo, xa, xo, xst, la, ha, oo = args
+        (_, _, wa, wo, sa, so, xa, xo, xst, pa, po, pst, ia, oa, oo) = args
         wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        scp = data_ptr(context, builder, signature.args[4], sa, so, B32)
+        xps = _x_ptrs(context, builder, signature.args[6], xa, xo, xst, n_x)
+        pps = _x_ptrs(context, builder, signature.args[9], pa, po, pst, n_x)
         low4 = splat(builder, ir.Constant(I32, 0x0F0F0F0F))
         low2 = splat(builder, ir.Constant(I32, 0x03030303))
+        sixteen = splat(builder, ir.Constant(I32, 16))
 
         def shifted(v, k):
             return builder.lshr(v, splat(builder, ir.Constant(I32, k))) if k else v
@@ -168,21 +198,28 @@ def _q6_dot16_split(typingctx, fam, n, w, w_off, x, x_off, x_stride, out_lo, out
         def up4(v):
             return builder.shl(v, splat(builder, ir.Constant(I32, 4)))
 
-        highs = [_load(builder, wp, 4 + i) for i in range(2)]
-        codes = []
-        for jq in range(4):
-            v, h = _load(builder, wp, jq), highs[jq % 2]
-            codes.append((builder.or_(builder.and_(v, low4), up4(builder.and_(shifted(h, 2 * (jq // 2)), low2))),
-                          builder.or_(builder.and_(shifted(v, 4), low4),
-                                      up4(builder.and_(shifted(h, 4 + 2 * (jq // 2)), low2)))))
-        for j, xp in enumerate(_x_ptrs(context, builder, signature.args[4], xa, xo, xst, n_x)):
-            zero = ir.Constant(V16, None)
-            acc_lo = dot.dot(builder, zero, [(codes[jq][0], splat(builder, _load(builder, xp, jq)))
-                                             for jq in range(4)], 2 * 63 * 127)
-            acc_hi = dot.dot(builder, zero, [(codes[jq][1], splat(builder, _load(builder, xp, 4 + jq)))
-                                             for jq in range(4)], 2 * 63 * 127)
-            _store_rows(context, builder, signature.args[7], la, oo, j, acc_lo)
-            _store_rows(context, builder, signature.args[8], ha, oo, j, acc_hi)
+        accs = [ir.Constant(V16, None)] * n_x
+        offs = [ir.Constant(V16, None)] * n_x
+        for t in range(8):
+            highs = [_load(builder, wp, 24 * t + 4 + i) for i in range(2)]
+            codes = []
+            for jq in range(4):
+                v, h = _load(builder, wp, 24 * t + jq), highs[jq % 2]
+                codes.append((builder.or_(builder.and_(v, low4), up4(builder.and_(shifted(h, 2 * (jq // 2)), low2))),
+                              builder.or_(builder.and_(shifted(v, 4), low4),
+                                          up4(builder.and_(shifted(h, 4 + 2 * (jq // 2)), low2)))))
+            sc_pair = builder.bitcast(builder.sext(_load(builder, scp, 4 * t), W32), V16)
+            sc_lo = builder.ashr(builder.shl(sc_pair, sixteen), sixteen)
+            sc_hi = builder.ashr(sc_pair, sixteen)
+            for j, (xp_, pp) in enumerate(zip(xps, pps)):
+                accs[j] = dot.scaled_dot(builder, accs[j], [(codes[jq][0], splat(builder, _load(builder, xp_, 8 * t + jq)))
+                                                            for jq in range(4)], 2 * 63 * 127, sc_lo)
+                accs[j] = dot.scaled_dot(builder, accs[j], [(codes[jq][1], splat(builder, _load(builder, xp_, 8 * t + 4 + jq)))
+                                                            for jq in range(4)], 2 * 63 * 127, sc_hi)
+                offs[j] = dot.word_dot(builder, offs[j], sc_pair, splat(builder, _load(builder, pp, t)))
+        for j in range(n_x):
+            _store_rows(context, builder, signature.args[12], ia, oo, j, accs[j])
+            _store_rows(context, builder, signature.args[13], oa, oo, j, offs[j])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -256,6 +293,15 @@ def pack_q8_0(rows, qs, d):
 
 
 @njit(inline="always")
+def _put_pair(a, g, b, first, s, r, v):
+    """Value s of row r into a[g, b, first:] (rows of ROWS bytes) as int16-pair bytes, the form a 16-bit multiply-add
+    takes: pair p = s // 2 of quarter r // 16 is 32 bytes at 128 p + 32 (r // 16), row r's two bytes (values 2p,
+    2p+1) at 2 (r % 16)."""
+    i = (s // 2) * 128 + (r // QUARTER) * 32 + (r % QUARTER) * 2 + (s % 2)
+    a[g, b, first + i // ROWS, i % ROWS] = v
+
+
+@njit(inline="always")
 def _pack_kquant(rows, qs, scm, dd, block_bytes, qh_at, qs_at):
     """Q4_K/Q5_K: the nibbles of chunk c (sub-blocks 2c, 2c+1) as qs[g, b, c]; Q5_K's 32 bytes of high bits
     (qh_at >= 0) as one more chunk, qs[g, b, 4], in the same quarters of quads."""
@@ -278,12 +324,13 @@ def _pack_kquant(rows, qs, scm, dd, block_bytes, qh_at, qs_at):
                             sc = (src[o + 8 + s] & 15) | ((src[o + s] >> 6) << 4)
                             mn = (src[o + 8 + s] >> 4) | ((src[o + 4 + s] >> 6) << 4)
                         scm[g, b, s, r] = sc
-                        scm[g, b, 8 + s, r] = mn
+                        _put_pair(scm, g, b, 8, s, r, mn)
                 else:
                     dd[g, b, 0, r] = 0
                     dd[g, b, 1, r] = 0
-                    for s in range(16):
+                    for s in range(8):
                         scm[g, b, s, r] = 0
+                        _put_pair(scm, g, b, 8, s, r, 0)
             for r in range(ROWS):
                 rq, rr = r // QUARTER, r % QUARTER
                 for c in range(4):
@@ -300,7 +347,8 @@ def _pack_kquant(rows, qs, scm, dd, block_bytes, qh_at, qs_at):
 
 @njit(parallel=True, cache=True)
 def pack_q4_k(rows, qs, scm, dd):
-    """rows (N, nsb*144) -> qs (G, nsb, 4, 4, 8, 16, 4), scm (G, nsb, 16, ROWS), dd (G, nsb, 2, ROWS)."""
+    """rows (N, nsb*144) -> qs (G, nsb, 4, 4, 8, 16, 4), scm (G, nsb, 16, ROWS) (scales scm[:, :, s, r], then the
+    mins as int16-pair bytes, _put_min), dd (G, nsb, 2, ROWS)."""
     _pack_kquant(rows, qs, scm, dd, 144, -1, 16)
 
 
@@ -331,7 +379,7 @@ def pack_q6_k(rows, qs, sc, d):
                     src = rows[g * ROWS + r]
                     d[g, b, r] = _f16_bits(src, o + 208)
                     for s in range(16):
-                        sc[g, b, s, r] = src[o + 192 + s]
+                        _put_pair(sc, g, b, 0, s, r, src[o + 192 + s])
                     for half in range(2):  # ggml's Q6_K element order (dequantize_row_q6_K)
                         for l in range(32):
                             a = src[o + half * 64 + l]
@@ -344,7 +392,7 @@ def pack_q6_k(rows, qs, sc, d):
                 else:
                     d[g, b, r] = 0
                     for s in range(16):
-                        sc[g, b, s, r] = 0
+                        _put_pair(sc, g, b, 0, s, r, 0)
                     low[:] = 0
                     high[:] = 0
                 flat = qs[g, b].reshape(-1)  # (8, 4, 6, 16, 4) contiguous
@@ -378,18 +426,16 @@ def _q4_0_row_out(a, isum, o, ds, scale, offset):
 
 
 @njit(inline="always")
-def _kquant_row_out(a, isum_lo, isum_hi, o, fsc, fmn, c, s_lo, s_hi, x_lo, x_hi):
-    """One activation row's chunk c: scale the integer sums (isum_*[o:o+ROWS]) into its accumulators a."""
+def _kquant_sb_out(a, isum, msum, o, dsup, dmin, xd):
+    """One activation row's super-block: its integer sums (isum/msum[o:o+ROWS]) into its accumulators a."""
     for r in range(ROWS):
-        a[r] += s_lo * (fsc[2 * c, r] * np.float32(isum_lo[o + r]) - fmn[2 * c, r] * x_lo)
-        a[r] += s_hi * (fsc[2 * c + 1, r] * np.float32(isum_hi[o + r]) - fmn[2 * c + 1, r] * x_hi)
+        a[r] += xd * (dsup[r] * np.float32(isum[o + r]) - dmin[r] * np.float32(msum[o + r]))
 
 
 @njit(inline="always")
-def _q6_k_row_out(a, isum_lo, isum_hi, o, dsup, scb, t, s, off_lo, off_hi):
+def _q6_k_sb_out(a, isum, osum, o, dsup, xd):
     for r in range(ROWS):
-        a[r] += s * dsup[r] * (np.float32(scb[2 * t, r]) * np.float32(np.int32(isum_lo[o + r] - off_lo))
-                               + np.float32(scb[2 * t + 1, r]) * np.float32(np.int32(isum_hi[o + r] - off_hi)))
+        a[r] += xd * dsup[r] * np.float32(np.int32(isum[o + r] - 32 * osum[o + r]))
 
 
 def make_runs(F: int) -> dict[str, tuple]:
@@ -465,12 +511,13 @@ def _make_block32_decode(F: int, SIGNED: bool):
 
 
 def _make_kquant_runs(F: int, BITS: int) -> tuple:
-    """Q4_K (BITS = 4) or Q5_K (BITS = 5): (decode, prefill) kernels; the same scales and mins, Q5_K one more
-    chunk of high bits per super-block."""
+    """Q4_K (BITS = 4) or Q5_K (BITS = 5): (decode, prefill) kernels on Q8_K activations (xq, xd per 256, xp the
+    pair sums; activations.py). Each super-block is summed in integers (_kquant_sb16) and meets its float scales
+    once per row: a[r] += xd * (d_r * isum_r - dmin_r * msum_r), as llama.cpp's vec_dot_q4_K_q8_K does."""
     CHUNKS = 5 if BITS == 5 else 4
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def kquant_runs(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
+    def kquant_runs(qs, scm, dd, xq, xd, xp, run_start, run_expert, n_rows, out):
         n_groups, nsb = dd.shape[1], dd.shape[2]
         k = nsb * 256
         block = ROWS * 32 * CHUNKS
@@ -479,38 +526,24 @@ def _make_kquant_runs(F: int, BITS: int) -> tuple:
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
             dmin = np.empty(ROWS, np.float32)
-            isum_lo = np.empty(ROWS, np.int32)
-            isum_hi = np.empty(ROWS, np.int32)
+            isum = np.empty(ROWS, np.int32)
+            msum = np.empty(ROWS, np.int32)
             for b in range(nsb):
                 _halves_to_float(dd[e, g, b, 0], dsup)
                 _halves_to_float(dd[e, g, b, 1], dmin)
-                sm = scm[e, g, b]
-                base = ((e * n_groups + g) * nsb + b) * block
-                if BITS == 5:
-                    prefetch_ahead(qs, base + 4 * 2048, 2048)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
+                prefetch_ahead(qs, base, block)
                 for m in range(m0, m1):
-                    a = accf[m - m0]
-                    for c in range(4):
-                        if m == m0:  # a chunk (2 KiB) at a time, as measured
-                            prefetch_ahead(qs, base + c * 2048, 2048)
-                        k0 = b * 256 + c * 64
-                        for rq in range(4):
-                            _kquant_dot16_split(F, BITS, 1, qs, base + c * 2048 + rq * 512, base + 8192 + rq * 512,
-                                                c, xq, m * k + k0, 0, isum_lo, isum_hi, rq * QUARTER)
-                        blk = k0 // 32
-                        s_lo, s_hi = xd[m, blk], xd[m, blk + 1]
-                        x_lo, x_hi = np.float32(xs[m, blk]), np.float32(xs[m, blk + 1])
-                        for r in range(ROWS):
-                            ds = dsup[r]
-                            dm = dmin[r]
-                            a[r] += s_lo * (ds * np.float32(sm[2 * c, r]) * np.float32(isum_lo[r])
-                                            - dm * np.float32(sm[8 + 2 * c, r]) * x_lo)
-                            a[r] += s_hi * (ds * np.float32(sm[2 * c + 1, r]) * np.float32(isum_hi[r])
-                                            - dm * np.float32(sm[9 + 2 * c, r]) * x_hi)
+                    for rq in range(4):
+                        _kquant_sb16(F, BITS, 1, qs, base + rq * 512, scm, sb * 1024 + rq * QUARTER,
+                                     sb * 1024 + 512 + rq * 32, xq, m * k + b * 256, 0, xp, m * (k // 64) + b * 4, 0,
+                                     isum, msum, rq * QUARTER)
+                    _kquant_sb_out(accf[m - m0], isum, msum, 0, dsup, dmin, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def kquant_runs_x4(qs, scm, dd, xq, xd, xs, run_start, run_expert, n_rows, out):
+    def kquant_runs_x4(qs, scm, dd, xq, xd, xp, run_start, run_expert, n_rows, out):
         n_groups, nsb = dd.shape[1], dd.shape[2]
         k = nsb * 256
         block = ROWS * 32 * CHUNKS
@@ -519,38 +552,27 @@ def _make_kquant_runs(F: int, BITS: int) -> tuple:
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
             dmin = np.empty(ROWS, np.float32)
-            fsc = np.empty((8, ROWS), np.float32)  # d * scale and dmin * min of each sub-block, once for all rows
-            fmn = np.empty((8, ROWS), np.float32)
-            isum_lo = np.empty(4 * ROWS, np.int32)
-            isum_hi = np.empty(4 * ROWS, np.int32)
+            isum = np.empty(4 * ROWS, np.int32)
+            msum = np.empty(4 * ROWS, np.int32)
             for b in range(nsb):
                 _halves_to_float(dd[e, g, b, 0], dsup)
                 _halves_to_float(dd[e, g, b, 1], dmin)
-                sm = scm[e, g, b]
-                base = ((e * n_groups + g) * nsb + b) * block
-                for s in range(8):
-                    for r in range(ROWS):
-                        fsc[s, r] = dsup[r] * np.float32(sm[s, r])
-                        fmn[s, r] = dmin[r] * np.float32(sm[8 + s, r])
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
                 m = m0
                 while m < m1:
                     n_x = 4 if m + 4 <= m1 else 1
-                    for c in range(4):
-                        k0 = b * 256 + c * 64
-                        blk = k0 // 32
-                        for rq in range(4):
-                            if n_x == 4:
-                                _kquant_dot16_split(F, BITS, 4, qs, base + c * 2048 + rq * 512,
-                                                    base + 8192 + rq * 512, c, xq, m * k + k0, k,
-                                                    isum_lo, isum_hi, rq * QUARTER)
-                            else:
-                                _kquant_dot16_split(F, BITS, 1, qs, base + c * 2048 + rq * 512,
-                                                    base + 8192 + rq * 512, c, xq, m * k + k0, 0,
-                                                    isum_lo, isum_hi, rq * QUARTER)
-                        for j in range(n_x):
-                            _kquant_row_out(accf[m + j - m0], isum_lo, isum_hi, j * ROWS, fsc, fmn, c,
-                                            xd[m + j, blk], xd[m + j, blk + 1],
-                                            np.float32(xs[m + j, blk]), np.float32(xs[m + j, blk + 1]))
+                    for rq in range(4):
+                        if n_x == 4:
+                            _kquant_sb16(F, BITS, 4, qs, base + rq * 512, scm, sb * 1024 + rq * QUARTER,
+                                         sb * 1024 + 512 + rq * 32, xq, m * k + b * 256, k, xp,
+                                         m * (k // 64) + b * 4, k // 64, isum, msum, rq * QUARTER)
+                        else:
+                            _kquant_sb16(F, BITS, 1, qs, base + rq * 512, scm, sb * 1024 + rq * QUARTER,
+                                         sb * 1024 + 512 + rq * 32, xq, m * k + b * 256, 0, xp,
+                                         m * (k // 64) + b * 4, 0, isum, msum, rq * QUARTER)
+                    for j in range(n_x):
+                        _kquant_sb_out(accf[m + j - m0], isum, msum, j * ROWS, dsup, dmin, xd[m + j, b])
                     m += n_x
             _store_group(out, accf, g, m0, m1, n_rows)
 
@@ -558,11 +580,11 @@ def _make_kquant_runs(F: int, BITS: int) -> tuple:
 
 
 def _make_q6_k_runs(F: int) -> tuple:
-    """Q6_K (decode, prefill) kernels; xs16 holds the activations' sums per 16 (the code offset 32 comes off with
-    them)."""
+    """Q6_K (decode, prefill) kernels on Q8_K activations (xq, xd per 256, xp the per-16 sums as pairs): each
+    super-block summed in integers (_q6_sb16), then a[r] += xd * d_r * (isum_r - 32 osum_r)."""
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def q6_k_runs(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
+    def q6_k_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
         block = ROWS * 192
@@ -570,26 +592,22 @@ def _make_q6_k_runs(F: int) -> tuple:
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum_lo = np.empty(ROWS, np.int32)
-            isum_hi = np.empty(ROWS, np.int32)
+            isum = np.empty(ROWS, np.int32)
+            osum = np.empty(ROWS, np.int32)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
-                scb = sc[e, g, b]
-                base = ((e * n_groups + g) * nsb + b) * block
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
+                prefetch_ahead(qs, base, block)
                 for m in range(m0, m1):
-                    for t in range(8):
-                        if m == m0:
-                            prefetch_ahead(qs, base + t * 1536, 1536)
-                        for rq in range(4):
-                            _q6_dot16_split(F, 1, qs, base + t * 1536 + rq * 384, xq, m * k + b * 256 + t * 32, 0,
-                                            isum_lo, isum_hi, rq * QUARTER)
-                        blk = b * 8 + t
-                        _q6_k_row_out(accf[m - m0], isum_lo, isum_hi, 0, dsup, scb, t, xd[m, blk],
-                                      32 * xs16[m, 2 * blk], 32 * xs16[m, 2 * blk + 1])
+                    for rq in range(4):
+                        _q6_sb16(F, 1, qs, base + rq * 384, sc, sb * 1024 + rq * 32, xq, m * k + b * 256, 0,
+                                 xp, m * (k // 32) + b * 8, 0, isum, osum, rq * QUARTER)
+                    _q6_k_sb_out(accf[m - m0], isum, osum, 0, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def q6_k_runs_x4(qs, sc, d, xq, xd, xs16, run_start, run_expert, n_rows, out):
+    def q6_k_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
         block = ROWS * 192
@@ -597,27 +615,24 @@ def _make_q6_k_runs(F: int) -> tuple:
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum_lo = np.empty(4 * ROWS, np.int32)
-            isum_hi = np.empty(4 * ROWS, np.int32)
+            isum = np.empty(4 * ROWS, np.int32)
+            osum = np.empty(4 * ROWS, np.int32)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
-                scb = sc[e, g, b]
-                base = ((e * n_groups + g) * nsb + b) * block
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
                 m = m0
                 while m < m1:
                     n_x = 4 if m + 4 <= m1 else 1
-                    for t in range(8):
-                        for rq in range(4):
-                            if n_x == 4:
-                                _q6_dot16_split(F, 4, qs, base + t * 1536 + rq * 384, xq, m * k + b * 256 + t * 32,
-                                                k, isum_lo, isum_hi, rq * QUARTER)
-                            else:
-                                _q6_dot16_split(F, 1, qs, base + t * 1536 + rq * 384, xq, m * k + b * 256 + t * 32,
-                                                0, isum_lo, isum_hi, rq * QUARTER)
-                        blk = b * 8 + t
-                        for j in range(n_x):
-                            _q6_k_row_out(accf[m + j - m0], isum_lo, isum_hi, j * ROWS, dsup, scb, t,
-                                          xd[m + j, blk], 32 * xs16[m + j, 2 * blk], 32 * xs16[m + j, 2 * blk + 1])
+                    for rq in range(4):
+                        if n_x == 4:
+                            _q6_sb16(F, 4, qs, base + rq * 384, sc, sb * 1024 + rq * 32, xq, m * k + b * 256, k,
+                                     xp, m * (k // 32) + b * 8, k // 32, isum, osum, rq * QUARTER)
+                        else:
+                            _q6_sb16(F, 1, qs, base + rq * 384, sc, sb * 1024 + rq * 32, xq, m * k + b * 256, 0,
+                                     xp, m * (k // 32) + b * 8, 0, isum, osum, rq * QUARTER)
+                    for j in range(n_x):
+                        _q6_k_sb_out(accf[m + j - m0], isum, osum, j * ROWS, dsup, xd[m + j, b])
                     m += n_x
             _store_group(out, accf, g, m0, m1, n_rows)
 

@@ -88,6 +88,16 @@ class ByteDot:
     def signed_dot(self, builder, pairs):
         raise NotImplementedError
 
+    def scaled_dot(self, builder, acc, pairs, bound, scale):
+        """acc + scale * dot(pairs), per lane: scale is a logical register of int32 in int16 range (a K-quant
+        sub-block scale per row). The VNNI families multiply the int32 sums; AVX2 puts the scale into the vpmaddwd
+        that widens its 16-bit sums anyway, for free."""
+        return builder.add(acc, builder.mul(self.dot(builder, ir.Constant(V16, None), pairs, bound), scale))
+
+    def word_dot(self, builder, acc, a, b):
+        """acc + a.lo * b.lo + a.hi * b.hi per 32-bit lane, the halves signed 16-bit (vpmaddwd / vpdpwssd)."""
+        raise NotImplementedError
+
 
 def family_key(*paths: Path | str) -> int:
     """The integer that names a family inside compiled kernels: a checksum of the modules that generate its code.
