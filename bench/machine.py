@@ -1,16 +1,37 @@
-"""What every bench records about where it ran: the CPU model, the machine's memory, a process's own memory."""
+"""What every bench records about where it ran: the CPU model, the machine's memory, a process's own memory.
+
+The machine itself is read by engine/machine.py (the CLI reports it too); this module keeps the bench result
+files' own keys.
+"""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
 import platform
 import sys
 from pathlib import Path
 
+
+def _engine_machine():
+    """engine/machine.py of this checkout, loaded by path: `import engine` would load numba and numpy into a bench's
+    parent process before it sets its OpenMP variables, and would take the engine from MIXLOCAL_SRC, an export that
+    may predate the module (bench_mixtral_shape measures such exports). The module imports only the standard
+    library."""
+    spec = importlib.util.spec_from_file_location("_mixlocal_machine",
+                                                  Path(__file__).resolve().parents[1] / "engine" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+machine = _engine_machine()
+
 __all__ = ["cpu_flags", "cpu_model", "describe_run", "mem_info", "proc_memory"]
 
 # the instruction sets that decide which kernels mixlocal and llama.cpp can run (names as in /proc/cpuinfo)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+cpu_model = machine.cpu_model
 
 
 def describe_run() -> dict:
@@ -23,37 +44,13 @@ def describe_run() -> dict:
 
 def cpu_flags() -> dict[str, bool]:
     """Which of ISA_FLAGS the CPU reports (Linux; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return {f: f in have for f in ISA_FLAGS}
-    except OSError:
-        pass
-    return {}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    have = machine.cpu_flags()
+    return {f: f in have for f in ISA_FLAGS} if have else {}
 
 
 def mem_info() -> dict:
     """MemTotal and MemAvailable in GB (Linux; empty elsewhere)."""
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, value = line.split(":", 1)
-            if key in ("MemTotal", "MemAvailable"):
-                out[key + "_GB"] = round(int(value.split()[0]) * 1024 / 1e9, 2)
-    except OSError:
-        pass
-    return out
+    return {key + "_GB": round(value / 1e9, 2) for key, value in machine.meminfo().items()}
 
 
 def proc_memory() -> dict:

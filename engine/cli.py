@@ -272,10 +272,10 @@ def _pull(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _info(args) -> int:
+    from . import machine
     from .cache import KV_TYPES, KVCache
     from .levelbench import human_bytes, weight_stats
     from .loader import open_source
-
     if args.kv_type not in KV_TYPES:
         raise UsageError(f"mixlocal info: --kv-type must be one of {', '.join(KV_TYPES)}, got {args.kv_type!r}")
     if args.n_ctx <= 0:
@@ -291,7 +291,7 @@ def _info(args) -> int:
     info = {"source": str(args.model) if args.model else "embedded default", "name": name,
             "quant": args.quant, "config": config.to_dict(), "tokenizer_vocab": tok.vocab_size, **st,
             "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,
-            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels}
+            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -311,6 +311,9 @@ def _info(args) -> int:
           f"{human_bytes(st['bytes_per_decoded_token'])} ({config.n_experts_used} of {config.n_experts} experts)")
     print(f"KV cache ({args.kv_type}): {human_bytes(kv_per_token)} per token, "
           f"{human_bytes(kv_per_token * args.n_ctx)} at n_ctx {args.n_ctx}")
+    m = info["machine"]
+    print(f"machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), "
+          f"{human_bytes(m['ram_bytes'])} memory, {human_bytes(m['available_bytes'])} available")
     print(f"kernels (numba backend): {kernels['chosen']}; this CPU runs {', '.join(kernels['cpu_runs'])}")
     return 0
 

@@ -479,34 +479,17 @@ def _describe_source(source) -> tuple[dict, object]:
 def machine_info(backend: str = "auto", threads: int | None = None) -> dict:
     import numba
 
-    from .loader import physical_cores
-    cpu = platform.processor() or platform.machine()
-    ram = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    if ram is None:
-        try:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            ram = None
+    from . import machine
     try:
         from importlib.metadata import version
         mixlocal_version = version("mixlocal")
     except Exception:  # noqa: BLE001 - running from a source tree
         mixlocal_version = "source"
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
-            "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(), "ram_bytes": ram,
+    cores = machine.physical_cores()
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": machine.cpu_model(),
+            "physical_cores": cores, "logical_cpus": os.cpu_count(), "ram_bytes": machine.total_memory(),
             "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-            "mixlocal": mixlocal_version, "backend": backend, "threads": threads or physical_cores(),
+            "mixlocal": mixlocal_version, "backend": backend, "threads": threads or cores,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -1,7 +1,6 @@
 """engine.load: resolve a source, map its weights, pick a backend, build the LLM."""
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from pathlib import Path
@@ -11,29 +10,12 @@ from tokenizer import Tokenizer
 from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
+from .machine import physical_cores
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source", "physical_cores"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR / "model.gguf"  # trained here by tools/train_default_model.py, q8_0 by our quantizer
-
-
-def physical_cores() -> int:
-    """Physical cores (hyperthreads share one core's units, and decode gains nothing from them)."""
-    try:
-        pairs = set()
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-                pairs.add((phys, core))
-        if pairs:
-            return len(pairs)
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // (2 if platform.machine() in ("x86_64", "AMD64") else 1))
 
 
 def open_source(source, backend: str = "numba"):

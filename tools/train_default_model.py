@@ -319,16 +319,6 @@ def plot(curves: dict, baselines: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=620)
@@ -416,6 +406,10 @@ def main() -> None:
     curves["held_out_perplexity"][-1] = (args.steps, float_ppl)  # the last point over the whole held-out set
     plot(curves, baselines, results_dir / "default_model_training.png")
     embed = ARCH["vocab_size"] * ARCH["hidden_size"]
+    # Imported only now: importing engine imports numba and the kernels, which the training itself does not need
+    sys.path.insert(0, str(REPO))
+    from engine import machine
+
     result = {
         "model": {
             "architecture": "MixtralForCausalLM",
@@ -471,7 +465,7 @@ def main() -> None:
             "max_share": float(share.max()),
         },
         "samples": continuations,
-        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": machine.cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "command": "python tools/train_default_model.py " + " ".join(sys.argv[1:]),
     }
