@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process LLM.generate peer")
     ap.add_argument("--out", default=None, help="result file (default bench/results/server_load_<model>.json)")
     args = ap.parse_args(argv)
-    # The server sets this default before its first kernel (engine/server.py, run_serve); the in-process peer
+    # The server sets this default before its first kernel (engine/server/app.py, run_serve); the in-process peer
     # gets the same, so that the ratio measures serving and not the OpenMP wait policy.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -7,9 +7,9 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both also streamed a
 GET /v1/models, GET /v1/models/{id}, GET /health. The /v1 prefix may be left out, as llama.cpp allows.
 
 Starlette on uvicorn. The event loop only parses, validates, tokenizes (in a thread) and writes; the model runs on
-one worker thread (engine.server_worker), requests queue for it in arrival order, and a client that disconnects
-cancels its generation between two tokens. Request checks live in server_requests, prompts and context shift in
-server_prompts, response bodies in server_responses.
+one worker thread (worker.py), requests queue for it in arrival order, and a client that disconnects cancels its
+generation between two tokens. Request checks live in requests.py, prompts and context shift in prompts.py,
+response bodies in responses.py.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .server_prompts import Prompt, chat_prompt, completion_prompt
-from .server_requests import (
+from .prompts import Prompt, chat_prompt, completion_prompt
+from .requests import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -39,8 +39,8 @@ from .server_requests import (
     parse_completion_request,
     parse_json_body,
 )
-from .server_responses import SSE_DONE, ResponseShape, sse
-from .server_worker import (
+from .responses import SSE_DONE, ResponseShape, sse
+from .worker import (
     Cancelled,
     Failed,
     Finished,
@@ -361,7 +361,3 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

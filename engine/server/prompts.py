@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .server_requests import APIError
+from .requests import APIError
 
 __all__ = ["Prompt", "answer_room", "chat_prompt", "completion_prompt"]
 

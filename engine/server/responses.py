@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 
-from .server_worker import TokenLogprob
+from .worker import TokenLogprob
 
 __all__ = ["SSE_DONE", "ResponseShape", "sse", "token_text"]
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import SamplingParams, sampling_fields
+from ..sampling import SamplingParams, sampling_fields
 
 __all__ = [
     "APIError",
