@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -213,35 +212,30 @@ class LLM:
                 return done.value
 
     def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256, stream: bool = False,
-                               **kw):
-        """OpenAI-shaped chat completion: a dict, or an iterator of chunk dicts with stream=True."""
-        prompt_ids = self.tokenizer.encode_chat(messages)
-        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if stream:
-            return self._chat_chunks(prompt_ids, max_tokens, kw, cid, created)
-        res = self.generate(prompt_ids, max_tokens=max_tokens, continuation=False, **kw)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                             "logprobs": None, "finish_reason": res.finish_reason}],
-                "usage": res.usage, "timings": res.timings}
+                               **sampling):
+        """OpenAI-shaped chat completion, in the server's shapes (engine/server/responses.py): a dict, or with
+        stream=True an iterator of chunk dicts whose last one carries the usage."""
+        # Imported here: only this method needs the server's package
+        from .server.responses import ResponseShape
 
-    def _chat_chunks(self, prompt_ids, max_tokens, kw, cid, created):
-        def chunk(delta, finish=None):
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        yield chunk({"role": "assistant", "content": ""})
-        gen = self.stream(prompt_ids, max_tokens=max_tokens, continuation=False, **kw)
+        prompt_ids = self.tokenizer.encode_chat(messages)
+        shape = ResponseShape("chat", self.name, self.tokenizer)
+        if stream:
+            return self._chat_chunks(prompt_ids, max_tokens, sampling, shape)
+        res = self.generate(prompt_ids, max_tokens=max_tokens, continuation=False, **sampling)
+        return shape.complete(res.text, res.finish_reason, res.usage, res.timings, None)
+
+    def _chat_chunks(self, prompt_ids, max_tokens, sampling, shape):
+        yield shape.chunk(None, first=True)
+        gen = self.stream(prompt_ids, max_tokens=max_tokens, continuation=False, **sampling)
         while True:
             try:
                 piece = next(gen)
             except StopIteration as done:
                 res: GenerationResult = done.value
                 break
-            yield chunk({"content": piece})
-        final = chunk({}, res.finish_reason)
-        final["usage"] = res.usage
-        yield final
+            yield shape.chunk(piece)
+        yield {**shape.chunk(None, finish_reason=res.finish_reason), "usage": res.usage}
 
 
 def _stops(stop) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizer import Tokenizer
@@ -11,6 +12,7 @@ from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
 from .machine import physical_cores
+from .weights import ModelWeights
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source"]
 
@@ -53,7 +55,7 @@ def open_source(source, backend: str = "numba"):
 
 def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
          n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None,
-         kernels: str | None = None) -> LLM:
+         kernels: str | None = None, on_weights: Callable[[ModelWeights], None] | None = None) -> LLM:
     """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id.
 
     packed_cache (numba backend): the kernels' repacked form of Q4_0/Q8_0/Q4_K weights is written once to a file in
@@ -61,7 +63,10 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     least 256 MB of such weights; False: repack in memory at every load; True: always.
 
     kernels (numba backend): the kernel family, "avx512vnni", "avxvnni", "avx2" or "portable"; None reads
-    $MIXLOCAL_KERNELS, else takes the fastest this CPU runs. A family the CPU cannot run is a ValueError."""
+    $MIXLOCAL_KERNELS, else takes the fastest this CPU runs. A family the CPU cannot run is a ValueError.
+
+    on_weights: called with the ModelWeights the backend is about to be built from (after quant=), for callers that
+    describe what runs (`mixlocal bench` sizes each level this way): the MLX backend converts them and lets them go."""
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
@@ -77,6 +82,8 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
         weights = quantize_weights(weights, quant)
     if tok.vocab_size > config.vocab_size:
         raise ModelFormatError(f"{name}: tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
+    if on_weights is not None:
+        on_weights(weights)
     if backend == "mlx":
         from .backends.mlx import MLXBackend, MLXKVCache
         return LLM(config, MLXBackend(weights), tok, MLXKVCache(config, n_ctx, kv_type), name=name,

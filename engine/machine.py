@@ -79,6 +79,7 @@ def total_memory() -> int | None:
 
 
 def describe() -> dict:
-    """The machine in one dict: CPU model, physical and logical cores, installed and available memory (bytes)."""
+    """What the machine is, in one dict: CPU model, physical and logical cores, installed memory in bytes. Nothing
+    that changes from one moment to the next (available memory, load), so two reports compare equal."""
     return {"cpu": cpu_model(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
-            "ram_bytes": total_memory(), "available_bytes": meminfo().get("MemAvailable")}
+            "ram_bytes": total_memory()}

@@ -14,7 +14,7 @@ from quant import QStack, QTensor, formats
 from .config import ModelConfig
 from .errors import ModelFormatError
 
-__all__ = ["LayerWeights", "ModelWeights", "assemble", "expected_shapes"]
+__all__ = ["LayerWeights", "ModelWeights", "assemble", "expected_shapes", "weight_stats"]
 
 Matrix = QTensor
 Experts = QTensor | QStack  # (E, rows, cols)
@@ -126,3 +126,40 @@ def assemble(config: ModelConfig, tensors: dict, origin: dict[str, str]) -> Mode
         layers.append(LayerWeights(**kw))
     return ModelWeights(config=config, tok_embd=tensors["token_embd.weight"], layers=layers,
                         norm=small("output_norm.weight"), output=tensors["output.weight"], origin=origin)
+
+
+def weight_stats(weights) -> dict:
+    """Per format: tensor count, elements and bytes; totals; and the bytes one decoded token reads.
+
+    Tensors are counted under their GGUF names (all experts of a block in one tensor). Norms and the router are held
+    as float32 at run time and are counted so. A tensor shared by two names (tied embeddings) counts once.
+    """
+    c = weights.config
+    formats: dict[str, dict] = {}
+    seen: set[int] = set()
+    total_bytes = total_elems = expert_bytes = 0
+    for name, t in weights.tensors().items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, np.ndarray):
+            fmt, nbytes, nelem = t.dtype.name.upper().replace("FLOAT", "F"), int(t.nbytes), int(t.size)
+        else:
+            fmt, nbytes, nelem = t.qtype.name, int(t.nbytes), int(t.n_elements)
+        f = formats.setdefault(fmt, {"tensors": 0, "elements": 0, "bytes": 0})
+        f["tensors"] += 1
+        f["elements"] += nelem
+        f["bytes"] += nbytes
+        total_bytes += nbytes
+        total_elems += nelem
+        if name.endswith("_exps.weight"):
+            expert_bytes += nbytes
+    for f in formats.values():
+        f["bits_per_weight"] = 8.0 * f["bytes"] / f["elements"]
+    # A decoded token reads every non-expert matrix once and n_used of n_experts experts per block; its embedding
+    # row is a lookup, not a read of the whole table.
+    embd = weights.tok_embd.nbytes
+    per_token = total_bytes - expert_bytes - embd + expert_bytes * c.n_experts_used // c.n_experts
+    return {"formats": dict(sorted(formats.items(), key=lambda kv: -kv[1]["bytes"])), "size_bytes": total_bytes,
+            "n_elements": total_elems, "bits_per_weight": 8.0 * total_bytes / total_elems,
+            "expert_bytes": expert_bytes, "bytes_per_decoded_token": per_token}

@@ -1,0 +1,6 @@
+"""`python -m engine.cli`: the `mixlocal` command."""
+import sys
+
+from .main import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""What every `mixlocal` command shares: the one-line usage error, the model and sampling flags, loading, and how
+sizes and progress are shown."""
+from __future__ import annotations
+
+import sys
+
+__all__ = ["KERNELS_HELP", "MODEL_HELP", "UsageError", "add_model_args", "human_bytes", "load_model",
+           "sampling_kwargs", "tqdm_progress"]
+
+MODEL_HELP = ("a Hugging Face or MLX model directory, a .gguf file, or a hub id owner/name[:TAG] already in the "
+              "local cache (default: the embedded model)")
+KERNELS_HELP = ("numba kernel family: avx512vnni, avxvnni, avx2 or portable (default: $MIXLOCAL_KERNELS, else the "
+                "fastest this CPU runs)")
+
+
+class UsageError(Exception):
+    """A bad command line, reported in one line."""
+
+
+def add_model_args(p, *, sampling: bool, n_default: int):
+    p.add_argument("-m", "--model", default=None, metavar="SRC", help=MODEL_HELP)
+    p.add_argument("--quant", default=None, metavar="LEVEL", help="quantize the weights to LEVEL in memory at load")
+    p.add_argument("--backend", default="auto", help="auto (default), numba or mlx")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--n-ctx", type=int, default=32768, metavar="N",
+                   help="context length (default 32768; KV memory is committed only as the context fills)")
+    p.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
+                   help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
+    p.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
+    if sampling:
+        p.add_argument("-n", "--max-tokens", type=int, default=n_default, metavar="N",
+                       help=f"most tokens to generate (default {n_default})")
+        _add_sampling_args(p)
+
+
+def _add_sampling_args(p):
+    """One flag per SamplingParams field; an absent flag is None, which keeps SamplingParams' default."""
+    from ..sampling import sampling_fields
+    for f in sampling_fields():
+        flags = f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+        p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, metavar="X",
+                       help=f"{f.metadata['help']} (default {f.default:g})")
+    p.add_argument("--seed", type=int, default=None, help="seed for a repeatable draw")
+
+
+def load_model(args):
+    import engine
+    return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
+                       n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels)
+
+
+def sampling_kwargs(args) -> dict:
+    from ..sampling import SamplingParams
+    return {name: getattr(args, name) for name in SamplingParams().as_kwargs()}
+
+
+def tqdm_progress(desc: str):
+    def wrap(items):
+        from tqdm.auto import tqdm
+        return tqdm(items, desc=desc, unit="tensor", disable=None, file=sys.stderr)
+    return wrap
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)

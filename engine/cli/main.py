@@ -1,0 +1,287 @@
+"""`mixlocal`: generate, chat, pull, info, quantize, serve and bench, each a thin layer over the engine.
+
+Errors a user can cause (a bad flag, a model that cannot be read, an unknown level) end the program with one line
+on stderr and a non-zero status, never a traceback: usage errors exit 2, failures 1, Ctrl-C 130.
+Heavy modules are imported inside the command that needs them, so `mixlocal --help` and `pull` start at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import bench, chat
+from .common import (
+    KERNELS_HELP,
+    MODEL_HELP,
+    UsageError,
+    add_model_args,
+    human_bytes,
+    load_model,
+    sampling_kwargs,
+    tqdm_progress,
+)
+
+__all__ = ["build_parser", "main"]
+
+EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+PULL_EXAMPLES = """examples:
+  mixlocal pull mistralai/Mixtral-8x7B-Instruct-v0.1                 the official safetensors (about 93 GB)
+  mixlocal pull TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF --include '*Q4_K_M.gguf'
+                                                                      one GGUF file (about 26 GB)
+  mixlocal pull mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit        the MLX 4-bit folder
+
+Files go to the Hugging Face cache (HF_HOME, HF_HUB_CACHE); -m then takes the same id, e.g.
+  mixlocal chat -m TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:Q4_K_M
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load_model(args)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    pieces = llm.stream(prompt, max_tokens=args.max_tokens, **sampling_kwargs(args))  # continues the prompt's text
+    while True:
+        try:
+            sys.stdout.write(next(pieces))
+            sys.stdout.flush()
+        except StopIteration as done:
+            res = done.value
+            break
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    t = res.timings
+    print(f"prefill {t['prefill_tokens']} tokens at {t['prefill_tps']:.1f} tok/s, "
+          f"decode {t['decode_tokens']} tokens at {t['decode_tps']:.1f} tok/s ({res.finish_reason})",
+          file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pull
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _pull(args) -> int:
+    from ..sources.hub import pull
+    folder = pull(args.repo, include=args.include, revision=args.revision, local_dir=args.local_dir)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    print(folder)
+    print(f"{args.repo}: {human_bytes(size)} in {folder}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _info(args) -> int:
+    from .. import machine
+    from ..cache import KV_TYPES, KVCache
+    from ..loader import open_source
+    from ..weights import weight_stats
+    if args.kv_type not in KV_TYPES:
+        raise UsageError(f"mixlocal info: --kv-type must be one of {', '.join(KV_TYPES)}, got {args.kv_type!r}")
+    if args.n_ctx <= 0:
+        raise UsageError(f"mixlocal info: --n-ctx must be positive, got {args.n_ctx}")
+    from quant.kernels import host_families, resolve_family
+    kernels = {"chosen": resolve_family(args.kernels), "cpu_runs": list(host_families())}
+    config, weights, tok, name = open_source(args.model)
+    if args.quant:
+        from ..quantize import quantize_weights
+        weights = quantize_weights(weights, args.quant, progress=tqdm_progress(f"quantizing to {args.quant}"))
+    st = weight_stats(weights)
+    kv_per_token = KVCache(config, 1, args.kv_type).bytes_per_token  # the cache's own accounting, one position
+    info = {"source": str(args.model) if args.model else "embedded default", "name": name,
+            "quant": args.quant, "config": config.to_dict(), "tokenizer_vocab": tok.vocab_size, **st,
+            "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,
+            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['source']} ({name}){' at ' + args.quant if args.quant else ''}")
+    print("config:")
+    for k, v in config.to_dict().items():
+        print(f"  {k:<16} {v}")
+    print(f"  {'tokenizer vocab':<16} {tok.vocab_size}")
+    print("tensors:")
+    print(f"  {'format':<8} {'count':>6} {'weights':>15} {'bytes':>12} {'bits/weight':>12}")
+    for fmt, f in st["formats"].items():
+        print(f"  {fmt:<8} {f['tensors']:>6} {f['elements']:>15,} {human_bytes(f['bytes']):>12} "
+              f"{f['bits_per_weight']:>12.3f}")
+    print(f"  {'total':<8} {sum(f['tensors'] for f in st['formats'].values()):>6} {st['n_elements']:>15,} "
+          f"{human_bytes(st['size_bytes']):>12} {st['bits_per_weight']:>12.3f}")
+    print(f"experts: {human_bytes(st['expert_bytes'])}; a decoded token reads about "
+          f"{human_bytes(st['bytes_per_decoded_token'])} ({config.n_experts_used} of {config.n_experts} experts)")
+    print(f"KV cache ({args.kv_type}): {human_bytes(kv_per_token)} per token, "
+          f"{human_bytes(kv_per_token * args.n_ctx)} at n_ctx {args.n_ctx}")
+    m = info["machine"]
+    print(f"machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), "
+          f"{human_bytes(m['ram_bytes'])} memory")
+    print(f"kernels (numba backend): {kernels['chosen']}; this CPU runs {', '.join(kernels['cpu_runs'])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantize
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _quantize(args) -> int:
+    from ..loader import open_source
+
+    levels = bench.known_levels()
+    if args.type not in levels:
+        raise UsageError(f"mixlocal quantize: unknown level {args.type!r}; choose from {','.join(levels)}")
+    out = Path(args.output)
+    if out.suffix != ".gguf":
+        raise UsageError(f"mixlocal quantize: the output must be a .gguf file, got {out}")
+    if out.exists() and not args.force:
+        raise UsageError(f"mixlocal quantize: {out} exists; add --force to overwrite it")
+    try:
+        from ..export import write_gguf
+    except ImportError as e:
+        raise RuntimeError(f"quantize needs engine.export, which this build lacks ({e})") from None
+    _config, weights, tok, name = open_source(args.model)
+    t0 = time.perf_counter()
+    tmp = out.with_name(out.name + ".part")  # a crash never leaves a truncated file under the real name
+    try:
+        write_gguf(weights, tok, tmp, args.type, name=name, progress=tqdm_progress(f"quantizing to {args.type}"))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"{out}: {human_bytes(out.stat().st_size)} at {args.type} in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# serve: its arguments and its body live in engine.server, imported only when serve is asked for
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _add_serve_parser(sub, wanted: bool):
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on this machine",
+                       description="An OpenAI-compatible HTTP server on this machine.")
+    if not wanted:
+        return
+    try:
+        from ..server import add_serve_arguments, run_serve
+    except ImportError as e:
+        why = str(e)  # `e` itself is unbound once the except block ends
+        p.set_defaults(func=lambda args: _unavailable("serve", why))
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def _unavailable(command: str, why: str) -> int:
+    raise RuntimeError(f"{command} is not available in this build ({why})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog="mixlocal", description="Run quantized Mixtral 8x7B Instruct locally, offline.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt",
+                       description="Stream a continuation of a prompt to stdout; a timing line goes to stderr.")
+    add_model_args(g, sampling=True, n_default=128)
+    g.add_argument("-p", "--prompt", required=True, help="the prompt, or - to read it from stdin")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="an interactive chat in the Mixtral Instruct format",
+                       description=f"An interactive chat in the Mixtral Instruct format. {chat.CHAT_HELP}.")
+    add_model_args(c, sampling=True, n_default=2048)
+    c.add_argument("--system", default=None, help="a system prompt (Mixtral v1 puts it before the first message)")
+    c.set_defaults(func=chat.command)
+
+    pl = sub.add_parser("pull", help="download a model from the Hugging Face hub into the local cache",
+                        description="Download a model repository (or some of its files) through huggingface_hub.",
+                        epilog=PULL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("repo", metavar="REPO", help="owner/name on the hub")
+    pl.add_argument("--include", action="append", metavar="PATTERN",
+                    help="download only files matching this glob (repeatable), e.g. '*Q4_K_M.gguf'")
+    pl.add_argument("--revision", default=None, help="branch, tag or commit (default main)")
+    pl.add_argument("--local-dir", default=None, help="download into this folder instead of the cache")
+    pl.set_defaults(func=_pull)
+
+    i = sub.add_parser("info", help="config, tensor formats, sizes and KV cache cost of a model",
+                       description="Config, tensor formats with counts, bytes, bits per weight, and KV cache bytes.")
+    i.add_argument("model", metavar="SRC", nargs="?", default=None, help=MODEL_HELP)
+    i.add_argument("--quant", default=None, metavar="LEVEL", help="show the sizes after quantizing to LEVEL")
+    i.add_argument("--n-ctx", type=int, default=32768, metavar="N", help="context for the KV total (default 32768)")
+    i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default), f32 or q8_0")
+    i.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=_info)
+
+    q = sub.add_parser("quantize", help="write a model as a GGUF file at a quantization level",
+                       description="Quantize a model and write it as a GGUF file that llama.cpp also loads.")
+    q.add_argument("model", metavar="SRC", help=MODEL_HELP)
+    q.add_argument("output", metavar="OUT.gguf")
+    q.add_argument("--type", required=True, metavar="LEVEL", help="f16, q8_0, q6_k, q4_k_m, q4_0, q4_moe, ...")
+    q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    q.set_defaults(func=_quantize)
+
+    command = next((a for a in (argv or []) if not a.startswith("-")), None)
+    _add_serve_parser(sub, wanted=command == "serve")
+
+    b = sub.add_parser("bench", help="measure quantization levels against each other on this machine",
+                       description="Each level is loaded in its own process and measured for size, load time, "
+                                   "prefill and decode speed, peak memory, and quality against a reference "
+                                   "(perplexity, KL divergence, top-1 agreement).")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.command)
+    return p
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) and e.args:  # str(KeyError) is the repr of the key
+        text = f"missing {e.args[0]!r}"
+    line = text.splitlines()[0] if text else ""
+    return line or type(e).__name__
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemError as e:  # Ctrl-C inside a numba kernel surfaces as this, with the interrupt as its context
+        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+    except (ValueError, OSError, RuntimeError, ImportError, MemoryError) as e:
+        print(f"mixlocal: error: {_first_line(e)}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
