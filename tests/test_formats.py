@@ -175,7 +175,7 @@ def test_dequantize_equals_gguf_bit_for_bit(qtype):
 
 
 def test_q4_0_nibble_order_is_halves_not_interleaved():
-    # ggml-common.h / DESIGN.md: low nibbles are elements 0-15, high nibbles 16-31
+    # ggml-common.h: low nibbles are elements 0-15, high nibbles 16-31
     block = np.zeros(18, dtype=np.uint8)
     block[0:2] = np.frombuffer(np.float16(0.5).tobytes(), dtype=np.uint8)
     block[2:] = np.arange(16, dtype=np.uint8) | (np.uint8(15) - np.arange(16, dtype=np.uint8)) << 4

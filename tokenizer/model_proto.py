@@ -173,7 +173,7 @@ _TYPES = {int(t): t for t in PieceType}
 
 def _parse_piece(data: bytes, index: int) -> Piece:
     # Fast path for the layout sentencepiece writes: text, score, then the type unless it is NORMAL.
-    # Loading a 32000-piece model goes from about 0.3 s to 0.05 s with it.
+    # Loading a 32000-piece model is several times faster with it.
     if len(data) >= 2 and data[0] == 0x0A and data[1] < 0x80:
         end = 2 + data[1]
         if len(data) >= end + 5 and data[end] == 0x15:

@@ -334,9 +334,9 @@ def run_serve(args) -> int:
               file=sys.stderr)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    # The server's event loop needs the GIL once per token; spinning OpenMP threads starved it on a busy machine
-    # (decode 2-13 tokens/s spinning, 30-360 passive, tiny model). The numba backend now bounds the spinning
-    # itself (engine/backends/numba_cpu.py: limit_openmp_spinning); an explicit setting still wins.
+    # The server's event loop needs the GIL once per token, and spinning OpenMP threads starve it on a busy machine.
+    # Nothing to set here: the numba backend bounds the spinning itself (engine/backends/numba_cpu.py:
+    # limit_openmp_spinning), and an explicit setting of the user's still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
                       kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels)
     app = create_app(llm, api_key=args.api_key, aliases=args.alias, context_shift=args.context_shift,

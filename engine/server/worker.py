@@ -2,8 +2,8 @@
 its steps back to the asyncio event loop, which therefore never waits on the model.
 
 One thread, because numba's "workqueue" threading layer (its fallback where no OpenMP runtime is found, as on a
-plain macOS install) aborts the process when two threads enter parallel kernels at once (DESIGN.md). A process-wide
-lock keeps that true even when one process serves several apps (tests do).
+plain macOS install) aborts the process when two threads enter parallel kernels at once (ARCHITECTURE.md, Server).
+A process-wide lock keeps that true even when one process serves several apps (tests do).
 """
 from __future__ import annotations
 
