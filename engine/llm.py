@@ -64,6 +64,18 @@ class LLM:
         self.cache.reset()
         self._history.clear()
 
+    def close(self) -> None:
+        """Release what the backend holds open (the expert reader of a memory budget); the LLM is unusable after."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _check_tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
         if arr.ndim != 1:

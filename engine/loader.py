@@ -11,7 +11,7 @@ from tokenizer import Tokenizer
 from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
-from .machine import physical_cores
+from .machine import meminfo, physical_cores, total_memory
 from .weights import ModelWeights
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source"]
@@ -55,7 +55,8 @@ def open_source(source, backend: str = "numba"):
 
 def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
          n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None,
-         kernels: str | None = None, on_weights: Callable[[ModelWeights], None] | None = None) -> LLM:
+         kernels: str | None = None, on_weights: Callable[[ModelWeights], None] | None = None,
+         mem_budget=None, expert_policy: str = "lru") -> LLM:
     """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id.
 
     packed_cache (numba backend): the kernels' repacked form of Q4_0/Q8_0/Q4_K weights is written once to a file in
@@ -66,7 +67,13 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     $MIXLOCAL_KERNELS, else takes the fastest this CPU runs. A family the CPU cannot run is a ValueError.
 
     on_weights: called with the ModelWeights the backend is about to be built from (after quant=), for callers that
-    describe what runs (`mixlocal bench` sizes each level this way): the MLX backend converts them and lets them go."""
+    describe what runs (`mixlocal bench` sizes each level this way): the MLX backend converts them and lets them go.
+
+    mem_budget (numba backend): the memory the model may use, in bytes or as "16GiB" / "12GB"; None: the memory
+    available now. The KV cache for n_ctx tokens and a margin come off it; if the weights do not fit in the rest,
+    the dense weights stay resident and each block keeps as many experts as fit, reading the others from the file
+    when a token needs them (engine/backends/experts.py; expert_policy "lru", "lfu" or "lfru" picks which leave).
+    A budget too small for the dense weights plus two experts per block is a MemoryBudgetError (a ValueError)."""
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
@@ -85,12 +92,48 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     if on_weights is not None:
         on_weights(weights)
     if backend == "mlx":
+        if mem_budget is not None:
+            raise ValueError("mem_budget is a numba-backend option: MLX keeps the whole model in unified memory")
         from .backends.mlx import MLXBackend, MLXKVCache
         return LLM(config, MLXBackend(weights), tok, MLXKVCache(config, n_ctx, kv_type), name=name,
                    source=str(source))
     from .backends.numba_cpu import NumbaCPUBackend
-    be = NumbaCPUBackend(weights, n_threads or physical_cores(), packed_cache=packed_cache, family=kernels)
-    return LLM(config, be, tok, KVCache(config, n_ctx, kv_type), name=name, source=str(source))
+    cache = KVCache(config, n_ctx, kv_type)  # pages are committed as positions fill, so this costs nothing yet
+    weight_budget, said = weight_budget_for(mem_budget, cache.bytes_per_token * n_ctx)
+    be = NumbaCPUBackend(weights, n_threads or physical_cores(), packed_cache=packed_cache, family=kernels,
+                         weight_budget=weight_budget, expert_policy=expert_policy)
+    if be.store is not None:
+        b = be.budget
+        print(f"mixlocal: memory budget {said}: dense weights {b['dense'] / 2**30:.2f} GiB resident, "
+              f"{b['n_slots']} of {config.n_experts} experts per block in memory "
+              f"({b['n_slots'] * b['slot'] * config.n_layers / 2**30:.2f} GiB), the rest read from "
+              f"{be.store.reader.path} "
+              "when needed", file=sys.stderr, flush=True)
+    return LLM(config, be, tok, cache, name=name, source=str(source))
+
+
+# Left out of a memory budget for what is not weights or KV cache: activations, the tokenizer, Python and numba.
+BUDGET_MARGIN = 512 << 20
+
+
+def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
+    """Bytes the weights may use under mem_budget (None: the memory available now), after the KV cache for the
+    whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known."""
+    from .backends.experts import MemoryBudgetError, parse_size
+    if mem_budget is None:
+        avail = meminfo().get("MemAvailable") or total_memory()
+        if avail is None:
+            return None, "unknown"
+        budget, said = avail, f"{avail / 2**30:.1f} GiB (available now)"
+    else:
+        budget = parse_size(mem_budget)
+        said = f"{budget / 2**30:.1f} GiB"
+    weights = budget - kv_bytes - BUDGET_MARGIN
+    if weights <= 0:
+        raise MemoryBudgetError(f"a memory budget of {budget / 2**30:.2f} GiB leaves nothing for the weights after "
+                                f"the KV cache ({kv_bytes / 2**30:.2f} GiB for n_ctx tokens) and a "
+                                f"{BUDGET_MARGIN >> 20} MiB margin; lower n_ctx or raise the budget")
+    return weights, said
 
 
 def _mlx_importable() -> bool:

@@ -18,12 +18,61 @@ from ..config import ModelConfig
 from ..packed_cache import prepare_weights
 from ..weights import ModelWeights
 from . import numba_ops as ops
+from .experts import ExpertStore, MemoryBudgetError
 
 __all__ = ["NumbaCPUBackend", "RouterTrace"]
 
 # the matrices the kernels multiply by (GGUF name part -> layer attribute); the embedding is only gathered from
 _PREPARED = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate_exps": "w1",
              "ffn_up_exps": "w3", "ffn_down_exps": "w2", "output": "output"}
+_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+
+
+def _runtime_bytes(w, family: str) -> int:
+    """Memory a weight takes in the kernels' runtime form (packed, or the file's bytes)."""
+    if not isinstance(w, (kernels.PackedWeight,)) and getattr(w, "qtype", None) in kernels.packed_types(family):
+        shape = tuple(w.shape)
+        n_exp, n, k = (1,) + shape if len(shape) == 2 else shape
+        return sum(int(np.prod(s)) * d.itemsize
+                   for s, d in kernels.packed_shapes(w.qtype, n_exp, n, k, kernels.layout_of(family)))
+    if isinstance(w, np.ndarray):
+        return w.nbytes
+    return sum(m.data.nbytes for m in w.mats) if hasattr(w, "mats") else w.data.nbytes
+
+
+def plan_budget(weights: ModelWeights, named: dict, family: str, weight_budget: int | None) -> dict:
+    """How the weights fit in weight_budget bytes: {"dense", "experts", "slot", "n_slots", "staging"} (bytes, and
+    expert slots per block). n_slots = n_experts means every expert resident, as without a budget. A budget that
+    cannot hold the dense weights plus the experts one token uses per block raises MemoryBudgetError."""
+    c = weights.config
+    dense = sum(_runtime_bytes(w, family) for k, w in named.items() if k.split(".")[-2] not in _EXPERT_NAMES)
+    dense += sum(lw.router.nbytes + lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
+    layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
+    slot = ExpertStore.slot_bytes(layers[0], family)
+    experts = slot * c.n_experts * c.n_layers
+    plan = {"budget": weight_budget, "dense": dense, "experts": experts, "slot": slot, "n_slots": c.n_experts,
+            "staging": 0}
+    if weight_budget is None or dense + experts <= weight_budget:
+        return plan
+    staging = 4 * (slot + 6 * 4096)  # ExpertStore's read buffers, in file layout (never larger than packed)
+    n_slots = (weight_budget - dense - staging) // (slot * c.n_layers)
+    if n_slots < c.n_experts_used:
+        need = dense + staging + slot * c.n_layers * c.n_experts_used
+        raise MemoryBudgetError(
+            f"a weight budget of {weight_budget / 2**30:.2f} GiB cannot hold the dense weights "
+            f"({dense / 2**30:.2f} GiB) plus {c.n_experts_used} experts per block ({c.n_layers} blocks x "
+            f"{c.n_experts_used} x {slot / 2**20:.0f} MiB): it needs at least {need / 2**30:.2f} GiB")
+    plan.update(n_slots=int(n_slots), staging=staging)
+    return plan
+
+
+def _single_origin(weights: ModelWeights) -> str:
+    files = {weights.origin.get(f"blk.{i}.{name}.weight") for i in range(len(weights.layers))
+             for name in _EXPERT_NAMES}
+    if len(files) != 1 or None in files or not os.path.isfile(next(iter(files))):
+        raise MemoryBudgetError("a memory budget needs every expert in one model file (GGUF); these come from "
+                                f"{sorted(map(str, files))}")
+    return files.pop()
 
 
 @dataclass
@@ -119,7 +168,8 @@ def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarra
                                        f"fit weight {w.shape}")  # a kernel would read or write past them
     if kernels.activation_type(w) == QType.Q8_K:  # as _packed_runs passes them
         arrays = (w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2])
-        args = (*arrays, kq.reshape(-1), kd, kp16 if w.qtype == QType.Q6_K else kp, run_start, run_expert, n)
+        args = (*arrays, kq.reshape(-1), kd, kp16 if w.qtype in kernels.PER16_TYPES else kp, run_start,
+                run_expert, n)
         needs = ops.ROUND_Q8_K
     else:
         arrays = (w.arrays[0].reshape(-1), *w.arrays[1:]) if quads else tuple(w.arrays)
@@ -149,10 +199,12 @@ class NumbaCPUBackend:
     name = "numba"
 
     def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None,
-                 family: str | None = None):
+                 family: str | None = None, weight_budget: int | None = None, expert_policy: str = "lru"):
         """packed_cache: keep repacked weights in a mapped cache file (see engine/packed_cache.py); None decides
         by size. family: the kernel family (quant/kernels/families.py); None: $MIXLOCAL_KERNELS, else the fastest
-        this CPU runs."""
+        this CPU runs. weight_budget: bytes the weights may take in memory (None: no limit); when all experts do
+        not fit, each block keeps as many as fit in slots, read from the model file on demand (experts.py), with
+        expert_policy ("lru", "lfu", "lfru") choosing which leaves."""
         self.kernels = kernels.resolve_family(family)  # before any work: a family the CPU lacks is a clear error
         self.config: ModelConfig = weights.config
         self.n_threads = n_threads
@@ -161,7 +213,18 @@ class NumbaCPUBackend:
         limit_openmp_spinning()
         ops.set_threads(n_threads)  # the repack kernels run on numba's threads too
         named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
-        prepared = prepare_weights(named, weights.origin, use_cache=packed_cache, family=self.kernels)
+        self.store: ExpertStore | None = None
+        self.budget = plan_budget(weights, named, self.kernels, weight_budget)
+        if self.budget["n_slots"] < c.n_experts:
+            dense = {k: v for k, v in named.items() if k.split(".")[-2] not in _EXPERT_NAMES}
+            prepared = prepare_weights(dense, weights.origin, use_cache=packed_cache, family=self.kernels)
+            layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
+            self.store = ExpertStore(layers, _single_origin(weights), c.n_experts, self.budget["n_slots"],
+                                     self.kernels, policy=expert_policy)
+            for i, pool in enumerate(self.store.pools):
+                prepared.update({f"blk.{i}.{name}.weight": pool[attr] for name, attr in _EXPERT_NAMES.items()})
+        else:
+            prepared = prepare_weights(named, weights.origin, use_cache=packed_cache, family=self.kernels)
         self.mats = [{attr: prepared[f"blk.{i}.{name}.weight"] for name, attr in _PREPARED.items()
                       if name != "output"} for i in range(c.n_layers)]
         self.output = prepared["output.weight"]
@@ -228,7 +291,7 @@ class NumbaCPUBackend:
             att = ops.attention(q, cache.k[li], cache.v[li], q_pos0, self.scale, np.empty_like(q))
             x = x + kernels.linear(m["wo"], att.reshape(nq, c.q_dim))
             h = ops.rmsnorm(x, lw.ffn_norm, c.norm_eps, np.empty_like(x))
-            x = x + self.moe(h, lw.router, m)
+            x = x + self.moe(h, lw.router, m, li)
         cache.n_past = pos0 + n_tok
         x = ops.rmsnorm(x, self.w.norm, c.norm_eps, np.empty_like(x))
         return kernels.linear(self.output, x)
@@ -254,6 +317,8 @@ class NumbaCPUBackend:
             _product(b["wo"], threads, n_threads)
             ops.decode_route(x, st.y, lw.ffn_norm, c.norm_eps, st.h, lw.router, st.logits, st.probs, st.ids, st.wts,
                              st.run_start, st.run_expert, st.act_e, b["w1"][2] | b["w3"][2])
+            if self.store is not None:
+                self._fetch_experts(li, st)
             _product(b["w1"], threads, n_threads)
             _product(b["w3"], threads, n_threads)
             ops.decode_silu(st.g, st.u, st.act_f, b["w2"][2])
@@ -266,7 +331,18 @@ class NumbaCPUBackend:
             numba.set_num_threads(n_threads)
         return logits
 
-    def moe(self, h: np.ndarray, router: np.ndarray, m: dict) -> np.ndarray:
+    def _fetch_experts(self, li: int, st: DecodeState) -> None:
+        """Budgeted decode: guess block li+1's experts from this hidden state and start reading them, then make
+        this block's experts resident and switch the step's expert ids to their slots."""
+        store, c = self.store, self.config
+        if li + 1 < c.n_layers:
+            guess = self.w.layers[li + 1].router @ st.h[0]
+            store.prefetch(li + 1, np.argsort(-guess)[:c.n_experts_used])
+        slots = store.ensure(li, st.ids)
+        st.ids[:] = slots
+        st.run_expert[:] = np.sort(slots)
+
+    def moe(self, h: np.ndarray, router: np.ndarray, m: dict, block: int) -> np.ndarray:
         """Route each token to A experts; each expert's weights are read once for all of its tokens."""
         r = route(h, router, self.config.n_experts_used)
         if self.trace is not None:
@@ -274,7 +350,24 @@ class NumbaCPUBackend:
         n_tok, n_act = r.expert_ids.shape
         experts = r.expert_ids.reshape(-1)                                        # (T*A,) token-major
         xa = np.repeat(h, n_act, axis=0)                                          # (T*A, D)
-        g = kernels.expert_linear(m["w1"], xa, experts)                          # (T*A, F)
-        u = kernels.expert_linear(m["w3"], xa, experts)
-        y = kernels.expert_linear(m["w2"], ops.silu_mul(g, u), experts)          # (T*A, D)
+        if self.store is None:
+            y = self._experts(m, xa, experts)                                     # (T*A, D)
+        else:  # the chunk's experts a slot-full at a time, each read once for all of its tokens
+            y = np.empty_like(xa)
+            distinct = np.unique(experts)
+            for g0 in range(0, len(distinct), self.store.n_slots):
+                rows = np.flatnonzero(np.isin(experts, distinct[g0:g0 + self.store.n_slots]))
+                slots = self.store.ensure(block, experts[rows])
+                y[rows] = self._experts(m, np.ascontiguousarray(xa[rows]), slots)
         return np.einsum("tad,ta->td", y.reshape(n_tok, n_act, -1), r.weights)
+
+    @staticmethod
+    def _experts(m: dict, xa: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        g = kernels.expert_linear(m["w1"], xa, ids)                              # (R, F)
+        u = kernels.expert_linear(m["w3"], xa, ids)
+        return kernels.expert_linear(m["w2"], ops.silu_mul(g, u), ids)           # (R, D)
+
+    def close(self) -> None:
+        """Stop the expert reads (if a memory budget made any)."""
+        if self.store is not None:
+            self.store.close()

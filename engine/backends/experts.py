@@ -1,0 +1,478 @@
+"""Experts kept and fetched under a memory budget: a fixed pool of slots per block, filled by large reads.
+
+Why: a 4-bit Mixtral is 25-28 GB and most laptops have 16 GB. Run from a memory map (llama.cpp, ollama), every token
+faults missing expert pages in 4 KiB at a time and the page cache evicts pages without knowing what an expert is.
+Here the dense weights (attention, norms, routers, embedding, head) stay resident, and each block's experts live in
+`n_slots` slots of anonymous memory: a slot holds one expert's three matrices (gate, up, down) in the kernels'
+runtime form. A missing expert is read from the model file with a few large `pread`s (O_DIRECT where the file
+system allows it, so the page cache keeps no second copy; else the pages read are dropped after use) and repacked
+into its slot. Which expert leaves is the eviction policy's choice (POLICIES; bench/bench_expert_cache.py compares
+them on routing traces).
+
+Prefetch: the numba backend asks for block l+1's likely experts (block l+1's router applied to block l's hidden
+state, as mixtral-offloading does) while block l computes; an I/O thread reads them into staging buffers, and the
+block's `ensure` repacks them when they are really needed (a wrong guess costs one read, nothing is evicted for it).
+
+The pools are ordinary stacked weights with n_slots experts, so the kernels run on them unchanged with slot ids in
+place of expert ids: the logits equal the unbudgeted engine's exactly.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quant import QStack, QTensor, kernels
+from quant.tensor import nbytes_for
+
+__all__ = ["POLICIES", "ExpertStore", "MemoryBudgetError", "parse_size"]
+
+_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size; a page covers it
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+class MemoryBudgetError(ValueError):
+    """A memory budget that cannot be parsed, or that cannot hold the dense weights plus the experts one token
+    needs per block."""
+
+
+def parse_size(value) -> int:
+    """Bytes from 17179869184, "16GiB", "16G" (10**9, as disks are sold), "12.5GB", "800MiB"."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise MemoryBudgetError(f"cannot read memory size {value!r}: use bytes or a number with a unit, "
+                                    "e.g. 16GiB, 12GB, 800MiB")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise MemoryBudgetError(f"memory size must be positive, got {value!r}")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eviction policies: each picks the slot to refill among `candidates` (slots whose expert the step does not need)
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Policy:
+    def __init__(self, n_slots: int, n_experts: int):
+        self.clock = 0
+
+    def touch(self, slot: int, expert: int) -> None:
+        self.clock += 1
+
+    def victim(self, candidates: list[int], expert_in: np.ndarray) -> int:
+        raise NotImplementedError
+
+
+class LRU(_Policy):
+    """The slot used longest ago."""
+
+    def __init__(self, n_slots, n_experts):
+        super().__init__(n_slots, n_experts)
+        self.last = np.zeros(n_slots, np.int64)
+
+    def touch(self, slot, expert):
+        super().touch(slot, expert)
+        self.last[slot] = self.clock
+
+    def victim(self, candidates, expert_in):
+        return min(candidates, key=lambda s: (expert_in[s] >= 0, self.last[s]))
+
+
+class LFU(_Policy):
+    """The slot whose expert was used least often since the start (ties: least recently)."""
+
+    def __init__(self, n_slots, n_experts):
+        super().__init__(n_slots, n_experts)
+        self.count = np.zeros(n_experts, np.int64)
+        self.last = np.zeros(n_slots, np.int64)
+
+    def touch(self, slot, expert):
+        super().touch(slot, expert)
+        self.count[expert] += 1
+        self.last[slot] = self.clock
+
+    def victim(self, candidates, expert_in):
+        return min(candidates, key=lambda s: (expert_in[s] >= 0, self.count[expert_in[s]] if expert_in[s] >= 0
+                                              else 0, self.last[s]))
+
+
+class LFRU(_Policy):
+    """Frequency with recency: each use adds 1 to an expert's score, and scores decay by half every `half_life`
+    uses of the block, so old popularity fades (the LRFU family)."""
+
+    def __init__(self, n_slots, n_experts, half_life: int = 64):
+        super().__init__(n_slots, n_experts)
+        self.score = np.zeros(n_experts, np.float64)
+        self.stamp = np.zeros(n_experts, np.int64)
+        self.decay = 0.5 ** (1.0 / half_life)
+
+    def _now(self, expert):
+        return self.score[expert] * self.decay ** (self.clock - self.stamp[expert])
+
+    def touch(self, slot, expert):
+        super().touch(slot, expert)
+        self.score[expert] = self._now(expert) + 1.0
+        self.stamp[expert] = self.clock
+
+    def victim(self, candidates, expert_in):
+        return min(candidates, key=lambda s: (expert_in[s] >= 0, self._now(expert_in[s]) if expert_in[s] >= 0
+                                              else 0.0))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where an expert's bytes lie in the model file
+# ---------------------------------------------------------------------------------------------------------------
+
+def _file_offset(data: np.ndarray, path: str) -> int | None:
+    """Offset of data's first byte in the file `path`, if data is a view of a map of that whole file."""
+    root = data
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(root.base, (mmap.mmap, memoryview)):
+        return None
+    try:
+        if root.nbytes != os.path.getsize(path):
+            return None
+    except OSError:
+        return None
+    off = data.ctypes.data - root.ctypes.data
+    return off if 0 <= off and off + data.nbytes <= root.nbytes else None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One matrix of one expert in the file: rows (N, row_bytes) in the file's layout from `offset`."""
+    offset: int
+    nbytes: int
+    shape: tuple[int, int]  # (N, K)
+
+
+def _expert_pieces(w, path: str) -> list[_Piece] | None:
+    """Where each expert of a stacked (E, N, K) weight lies in its file, or None if it is not read from one."""
+    if isinstance(w, QStack):
+        out = []
+        for m in w.mats:
+            off = _file_offset(m.data, path)
+            if off is None:
+                return None
+            out.append(_Piece(off, m.data.nbytes, tuple(m.shape)))
+        return out
+    if not isinstance(w, QTensor) or len(w.shape) != 3:
+        return None
+    off = _file_offset(w.data, path)
+    if off is None:
+        return None
+    n_exp, n, k = w.shape
+    per = nbytes_for(w.qtype, (n, k))
+    return [_Piece(off + e * per, per, (n, k)) for e in range(n_exp)]
+
+
+class _Reader:
+    """Large reads from one file: O_DIRECT into page-aligned buffers where the file system takes it, else plain
+    reads after which the pages read are dropped from the page cache (so the file is not held twice)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.direct_fd = None
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self.direct_fd = None
+
+    def read_into(self, buf: memoryview, offset: int, nbytes: int) -> memoryview:
+        """Read nbytes at offset; returns a view of them inside buf (sized by window_bytes)."""
+        if self.direct_fd is not None:
+            start = offset - offset % _ALIGN
+            end = -(-(offset + nbytes) // _ALIGN) * _ALIGN
+            try:
+                self._read_fully(self.direct_fd, buf[:end - start], start)
+                return buf[offset - start:offset - start + nbytes]
+            except OSError:  # e.g. EINVAL: this file system refuses O_DIRECT after all
+                os.close(self.direct_fd)
+                self.direct_fd = None
+        got = self._read_fully(self.fd, buf[:nbytes], offset, allow_short=False)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        return got
+
+    @staticmethod
+    def _read_fully(fd: int, view: memoryview, offset: int, allow_short: bool = True) -> memoryview:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                if allow_short and done:  # O_DIRECT past the end of file: the tail is simply shorter
+                    break
+                raise OSError(f"unexpected end of file at {offset + done}")
+            done += n
+        return view
+
+    @staticmethod
+    def window_bytes(nbytes: int) -> int:
+        return nbytes + 2 * _ALIGN
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
+
+
+def _aligned_buffer(nbytes: int) -> memoryview:
+    """Page-aligned anonymous memory (what O_DIRECT needs)."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the store
+# ---------------------------------------------------------------------------------------------------------------
+
+MATS = ("w1", "w3", "w2")  # gate, up, down: a slot holds all three of one expert
+
+
+@dataclass
+class ExpertStats:
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0       # reads started on a guess
+    prefetch_used: int = 0    # ... that the block then needed
+    bytes_read: int = 0
+    wait_s: float = 0.0       # time the compute thread waited for reads
+    pack_s: float = 0.0       # time spent repacking read experts into slots
+    per_block: list = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 1.0
+
+
+class _Staging:
+    """One read in flight or done: an expert's three matrices in file layout."""
+
+    def __init__(self, size: int):
+        self.buf = _aligned_buffer(size)
+        self.future: Future | None = None
+        self.views: dict | None = None
+        self.key: tuple[int, int] | None = None  # (block, expert)
+
+
+class ExpertStore:
+    """Slots for every block's experts, filled on demand (ensure) and on guesses (prefetch)."""
+
+    def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots: int, family: str,
+                 policy: str = "lru", n_staging: int = 4):
+        if policy not in POLICIES:
+            raise MemoryBudgetError(f"unknown eviction policy {policy!r}; choose {', '.join(POLICIES)}")
+        self.family, self.n_experts, self.n_slots = family, n_experts, n_slots
+        self.reader = _Reader(path)
+        self.sources = []   # per block: {mat: [_Piece per expert]}
+        self.pools = []     # per block: {mat: stacked weight with n_slots experts}
+        self.qtypes = []
+        for lw in layers:
+            src, pool, qt = {}, {}, {}
+            for name in MATS:
+                w = lw[name]
+                pieces = _expert_pieces(w, path)
+                if pieces is None:
+                    raise MemoryBudgetError(f"{name} experts are not read from {path}: a memory budget needs the "
+                                            "experts in the model file (not made at load, e.g. by quant=)")
+                src[name], qt[name] = pieces, w.qtype
+                pool[name] = self._make_pool(w.qtype, pieces[0].shape)
+            self.sources.append(src)
+            self.pools.append(pool)
+            self.qtypes.append(qt)
+        self.slot_of = np.full((len(layers), n_experts), -1, np.int64)
+        self.expert_in = np.full((len(layers), n_slots), -1, np.int64)
+        self.policies = [POLICIES[policy](n_slots, n_experts) for _ in layers]
+        self.stats = ExpertStats(per_block=[[0, 0] for _ in layers])
+        largest = max(p.nbytes for s in self.sources for pieces in s.values() for p in pieces)
+        self.staging = [_Staging(_Reader.window_bytes(largest) * len(MATS)) for _ in range(n_staging)]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixlocal-experts")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- sizes ----------------------------------------------------------------------------------------------------
+
+    def _make_pool(self, qtype, shape):
+        n, k = shape
+        if qtype in kernels.packed_types(self.family):
+            arrays = tuple(np.zeros(s, d) for s, d in
+                           kernels.packed_shapes(qtype, self.n_slots, n, k, kernels.layout_of(self.family)))
+            return kernels.PackedWeight(qtype, (self.n_slots, n, k), arrays, self.family)
+        return QTensor(qtype, (self.n_slots, n, k), np.zeros(nbytes_for(qtype, (self.n_slots, n, k)), np.uint8))
+
+    @staticmethod
+    def slot_bytes(layer: dict, family: str) -> int:
+        """Memory one slot takes: one expert's three matrices in the kernels' runtime form."""
+        total = 0
+        for name in MATS:
+            w = layer[name]
+            _, n, k = w.shape
+            if w.qtype in kernels.packed_types(family):
+                total += sum(int(np.prod(s)) * d.itemsize
+                             for s, d in kernels.packed_shapes(w.qtype, 1, n, k, kernels.layout_of(family)))
+            else:
+                total += nbytes_for(w.qtype, (n, k))
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        pools = sum(a.nbytes for p in self.pools for w in p.values()
+                    for a in (w.arrays if isinstance(w, kernels.PackedWeight) else (w.data,)))
+        return pools + sum(len(s.buf) for s in self.staging)
+
+    # -- reads ----------------------------------------------------------------------------------------------------
+
+    def _read(self, st: _Staging, block: int, expert: int) -> dict:
+        """On the I/O thread: the expert's three matrices into st.buf (file layout)."""
+        views, at = {}, 0
+        for name in MATS:
+            piece = self.sources[block][name][expert]
+            room = _Reader.window_bytes(piece.nbytes)
+            views[name] = self.reader.read_into(st.buf[at:at + room], piece.offset, piece.nbytes)
+            at += room
+        with self._lock:
+            self.stats.bytes_read += sum(self.sources[block][n][expert].nbytes for n in MATS)
+        return views
+
+    def _start(self, block: int, expert: int) -> _Staging | None:
+        """Begin reading (block, expert) into a free staging buffer; None if every buffer is busy."""
+        for st in self.staging:
+            if st.key is None:
+                st.key = (block, expert)
+                st.future = self._io.submit(self._read, st, block, expert)
+                return st
+        return None
+
+    def _staged(self, block: int, expert: int) -> _Staging | None:
+        for st in self.staging:
+            if st.key == (block, expert):
+                return st
+        return None
+
+    def prefetch(self, block: int, experts) -> None:
+        """Start reading the experts of `block` that are guessed and not resident (best effort, never blocks)."""
+        if self._closed:
+            return
+        for e in experts:
+            e = int(e)
+            if self.slot_of[block, e] >= 0 or self._staged(block, e) is not None:
+                continue
+            st = self._start(block, e)
+            if st is None:
+                return
+            self.stats.prefetched += 1
+
+    def _drop_stale(self, block: int) -> None:
+        """Free the buffers of finished guesses for blocks other than this one and the next."""
+        keep = (block, (block + 1) % len(self.pools))
+        for st in self.staging:
+            if st.key is not None and st.key[0] not in keep and st.future.done():
+                st.key, st.future = None, None
+
+    def _free_guess(self, block: int, wanted: set) -> bool:
+        """Free one buffer that holds a guess the step does not want (its read finishes first)."""
+        for st in self.staging:
+            if st.key is not None and not (st.key[0] == block and st.key[1] in wanted):
+                st.future.result()
+                st.key, st.future = None, None
+                return True
+        return False
+
+    # -- the step's experts ---------------------------------------------------------------------------------------
+
+    def ensure(self, block: int, experts: np.ndarray) -> np.ndarray:
+        """Make the experts of `block` resident (at most n_slots distinct); returns their slot ids, same shape."""
+        need = np.unique(experts)
+        if len(need) > self.n_slots:
+            raise MemoryBudgetError(f"block {block} needs {len(need)} experts at once, only {self.n_slots} slots")
+        slot_of, expert_in, pol = self.slot_of[block], self.expert_in[block], self.policies[block]
+        self._drop_stale(block)
+        busy = {int(slot_of[e]) for e in need if slot_of[e] >= 0}
+        missing = [int(e) for e in need if slot_of[e] < 0]
+        hits = len(need) - len(missing)
+        self.stats.hits += hits
+        self.stats.misses += len(missing)
+        self.stats.per_block[block][0] += hits
+        self.stats.per_block[block][1] += len(missing)
+        wanted = set(missing)
+        inflight, queue = [], []
+        for e in missing:
+            st = self._staged(block, e)
+            if st is not None:
+                inflight.append((e, st))
+                self.stats.prefetch_used += 1
+            else:
+                queue.append(e)
+
+        def top_up():  # keep the I/O thread busy while earlier experts are repacked
+            while queue:
+                st = self._start(block, queue[0])
+                if st is None:
+                    if not self._free_guess(block, wanted):
+                        return
+                    continue
+                inflight.append((queue.pop(0), st))
+
+        top_up()
+        while inflight:
+            e, st = inflight.pop(0)
+            t0 = time.perf_counter()
+            views = st.future.result()
+            t1 = time.perf_counter()
+            slot = pol.victim([s for s in range(self.n_slots) if s not in busy], expert_in)
+            old = expert_in[slot]
+            if old >= 0:
+                slot_of[old] = -1
+            self._fill(block, slot, views)
+            st.key, st.future = None, None
+            slot_of[e], expert_in[slot] = slot, e
+            busy.add(slot)
+            self.stats.wait_s += t1 - t0
+            self.stats.pack_s += time.perf_counter() - t1
+            top_up()
+        for e in need:
+            pol.touch(int(slot_of[e]), int(e))
+        return slot_of[experts]
+
+    def _fill(self, block: int, slot: int, views: dict) -> None:
+        """Repack one expert's file-layout matrices into slot `slot` of the block's pools."""
+        for name in MATS:
+            pool, qtype = self.pools[block][name], self.qtypes[block][name]
+            n, k = pool.shape[1], pool.shape[2]
+            raw = np.frombuffer(views[name], np.uint8)
+            if isinstance(pool, kernels.PackedWeight):
+                src = QTensor(qtype, (n, k), raw)
+                slots = iter([a[slot:slot + 1] for a in pool.arrays])
+                kernels.prepare(src, alloc=lambda shape, dtype, s=slots: next(s), family=self.family)
+            else:
+                per = nbytes_for(qtype, (n, k))
+                pool.data[slot * per:(slot + 1) * per] = raw
+
+    def close(self) -> None:
+        """Stop the I/O thread (reads in flight finish) and close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):  # a store dropped without close(): still let its thread go
+            self.close()

@@ -1,0 +1,183 @@
+"""Experts under a memory budget (engine/backends/experts.py): the same logits as with every expert resident, with
+slots few enough to force evictions; budgets that cannot work fail at load with the numbers; reads bypass or drop
+the page cache; the I/O thread stops on close and on Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gguf
+import numpy as np
+import pytest
+
+import engine
+from engine.backends.experts import (
+    LFRU,
+    LFU,
+    LRU,
+    MemoryBudgetError,
+    _Reader,
+    parse_size,
+)
+from engine.loader import BUDGET_MARGIN
+
+N_CTX = 256
+
+
+def budget_for(llm, n_slots: int) -> int:
+    """The mem_budget that leaves exactly n_slots expert slots per block for llm's model."""
+    b = llm.backend.budget
+    kv = llm.cache.bytes_per_token * N_CTX
+    staging = 4 * (b["slot"] + 6 * 4096)
+    return b["dense"] + staging + n_slots * b["slot"] * llm.config.n_layers + kv + BUDGET_MARGIN + 1
+
+
+@pytest.fixture(scope="module")
+def full():
+    llm = engine.load(n_ctx=N_CTX, kv_type="f32")
+    assert llm.backend.store is None  # the embedded model fits: no budget path
+    return llm
+
+
+def prompt(llm) -> list[int]:
+    return llm.tokenizer.encode("Once upon a time, a small dragon found a book of spells in the library")
+
+
+@pytest.mark.parametrize("n_slots", [2, 3, 6])
+def test_budgeted_logits_equal_unbudgeted(full, n_slots):
+    ids = prompt(full)
+    full.reset()
+    want_prefill = full.eval(ids)
+    want_steps = [full.eval([t]) for t in ids[:8]]
+    with engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget_for(full, n_slots)) as llm:
+        store = llm.backend.store
+        assert store is not None and store.n_slots == n_slots
+        assert llm.backend.fused_decode
+        assert np.array_equal(llm.eval(ids), want_prefill)
+        for t, want in zip(ids[:8], want_steps):
+            assert np.array_equal(llm.eval([t]), want)
+        s = store.stats
+        assert s.misses > 0 and s.bytes_read >= s.misses * llm.backend.budget["slot"] // 2
+        if n_slots < 8:
+            # the prompt's tokens use more experts per block than there are slots: experts were evicted
+            assert s.misses > n_slots * llm.config.n_layers
+        assert 0 <= s.prefetch_used <= s.prefetched
+
+
+def test_budget_on_file_layout_and_per_expert_tensors(hf_model_dir, tmp_path):
+    """A format the kernels do not repack (Q4_1: slots hold file bytes) in an early-Mixtral GGUF (one tensor per
+    expert), written by gguf-py."""
+    from gguf_fixtures import write_gguf_with_gguf_py
+    path = write_gguf_with_gguf_py(hf_model_dir, tmp_path / "q4_1.gguf", gguf.GGMLQuantizationType.Q4_1,
+                                   per_expert=True)
+    ref = engine.load(path, n_ctx=N_CTX, kv_type="f32")
+    ids = list(range(3, 40))
+    want = ref.eval(ids)
+    with engine.load(path, n_ctx=N_CTX, kv_type="f32", mem_budget=budget_for(ref, 2)) as llm:
+        assert llm.backend.store.n_slots == 2
+        assert np.array_equal(llm.eval(ids), want)
+        assert llm.backend.store.stats.misses > 0
+
+
+def test_too_small_budget_is_a_clear_error(full):
+    with pytest.raises(MemoryBudgetError, match="cannot hold the dense weights"):
+        engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget_for(full, 1))
+    with pytest.raises(MemoryBudgetError, match="KV cache"):
+        engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget="100MiB")
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        engine.load(n_ctx=N_CTX, mem_budget="sixteen gigs")
+
+
+def test_quantized_at_load_cannot_be_budgeted():
+    """Weights made at load (quant=) are not in any file, so nothing could read an evicted expert back."""
+    q4 = engine.load(n_ctx=N_CTX, kv_type="f32", quant="q4_0")
+    with pytest.raises(MemoryBudgetError, match="model file"):
+        engine.load(n_ctx=N_CTX, kv_type="f32", quant="q4_0", mem_budget=budget_for(q4, 2))
+
+
+def test_parse_size():
+    assert parse_size("16GiB") == 16 << 30
+    assert parse_size("12GB") == 12 * 10**9
+    assert parse_size("800MiB") == 800 << 20
+    assert parse_size(" 1.5 gib ") == 3 << 29
+    assert parse_size(4096) == 4096
+    for bad in ("", "GiB", "-1GiB", "12 parsecs", 0, True):
+        with pytest.raises(MemoryBudgetError):
+            parse_size(bad)
+
+
+def test_eviction_policies_pick_as_documented():
+    expert_in = np.array([0, 1, 2], np.int64)
+    lru, lfu, lfru = LRU(3, 8), LFU(3, 8), LFRU(3, 8, half_life=2)
+    # expert 0 used three times long ago, 1 once long ago, 2 once just now
+    for slot, e in [(0, 0), (0, 0), (0, 0), (1, 1), (2, 2)]:
+        for p in (lru, lfu, lfru):
+            p.touch(slot, e)
+    assert lru.victim([0, 1, 2], expert_in) == 0    # least recently used
+    assert lfu.victim([0, 1, 2], expert_in) == 1    # least often (tie with 2 broken by age)
+    for _ in range(12):                             # expert 2 becomes busy; 0's old count decays away
+        lfru.touch(2, 2)
+    assert lfru.victim([0, 1], expert_in) == 1       # decayed: 0 (three uses) still outweighs 1 (one use)
+    empty = np.array([0, -1, 2], np.int64)
+    assert all(p.victim([0, 1, 2], empty) == 1 for p in (lru, lfu, lfru))  # an empty slot first
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_reader_returns_the_file_bytes(tmp_path, direct):
+    """O_DIRECT where the file system allows it; plain reads that then drop the pages where it does not."""
+    from engine.backends.experts import _aligned_buffer
+    path = tmp_path / "data.bin"
+    data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
+    data.tofile(path)
+    r = _Reader(str(path))
+    if direct and r.direct_fd is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    if not direct and r.direct_fd is not None:
+        os.close(r.direct_fd)
+        r.direct_fd = None
+    buf = _aligned_buffer(_Reader.window_bytes(len(data)))
+    for off, n in [(0, 4096), (17, 5000), (4095, 2), (len(data) - 300, 300)]:
+        got = np.frombuffer(r.read_into(buf, off, n), np.uint8)
+        assert np.array_equal(got, data[off:off + n]), (off, n)
+    assert (r.direct_fd is not None) == direct
+    r.close()
+
+
+def test_io_thread_stops_on_close(full):
+    llm = engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget_for(full, 2))
+    llm.eval(prompt(full)[:6])
+    llm.close()
+    llm.close()  # twice is fine
+    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("mixlocal-experts")]
+
+
+def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
+    budget = budget_for(full, 2)
+    script = textwrap.dedent(f"""
+        import sys, engine
+        llm = engine.load(n_ctx={N_CTX}, kv_type="f32", mem_budget={budget})
+        print("loaded", flush=True)
+        try:
+            for _ in range(100000):
+                llm.reset()
+                llm.eval(list(range(3, 60)))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert p.stdout.readline().strip() == "loaded"
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 3, err
+    assert "interrupted" in out
