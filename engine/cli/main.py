@@ -2,7 +2,7 @@
 
 Errors a user can cause (a bad flag, a model that cannot be read, an unknown level) end the program with one line
 on stderr and a non-zero status, never a traceback: usage errors exit 2, failures 1, Ctrl-C 130.
-Heavy modules are imported inside the command that needs them, so `mixlocal --help` and `pull` start at once.
+The server, the hub client, the exporter and the quantizer are imported inside the command that needs them.
 """
 from __future__ import annotations
 
