@@ -56,7 +56,7 @@ def open_source(source, backend: str = "numba"):
 def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
          n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None,
          kernels: str | None = None, on_weights: Callable[[ModelWeights], None] | None = None,
-         mem_budget=None, expert_policy: str = "lru") -> LLM:
+         mem_budget=None, expert_policy: str = "lfru") -> LLM:
     """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id.
 
     packed_cache (numba backend): the kernels' repacked form of Q4_0/Q8_0/Q4_K weights is written once to a file in
@@ -72,7 +72,7 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     mem_budget (numba backend): the memory the model may use, in bytes or as "16GiB" / "12GB"; None: the memory
     available now. The KV cache for n_ctx tokens and a margin come off it; if the weights do not fit in the rest,
     the dense weights stay resident and each block keeps as many experts as fit, reading the others from the file
-    when a token needs them (engine/backends/experts.py; expert_policy "lru", "lfu" or "lfru" picks which leave).
+    when a token needs them (engine/backends/experts.py; expert_policy "lfru", "lfu" or "lru" picks which leave).
     A budget too small for the dense weights plus two experts per block is a MemoryBudgetError (a ValueError)."""
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")

@@ -6,8 +6,10 @@ Here the dense weights (attention, norms, routers, embedding, head) stay residen
 `n_slots` slots of anonymous memory: a slot holds one expert's three matrices (gate, up, down) in the kernels'
 runtime form. A missing expert is read from the model file with a few large `pread`s (O_DIRECT where the file
 system allows it, so the page cache keeps no second copy; else the pages read are dropped after use) and repacked
-into its slot. Which expert leaves is the eviction policy's choice (POLICIES; bench/bench_expert_cache.py compares
-them on routing traces).
+into its slot. Which expert leaves is the eviction policy's choice (POLICIES). bench/bench_expert_cache.py replays
+them on routing traces: on the trained default model's held-out routing, frequency-based policies keep more of the
+experts a block keeps coming back to than LRU does, and LFRU's decay lets that popularity follow the text; it is
+the default.
 
 Prefetch: the numba backend asks for block l+1's likely experts (block l+1's router applied to block l's hidden
 state, as mixtral-offloading does) while block l computes; an I/O thread reads them into staging buffers, and the
@@ -276,7 +278,7 @@ class ExpertStore:
     """Slots for every block's experts, filled on demand (ensure) and on guesses (prefetch)."""
 
     def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots: int, family: str,
-                 policy: str = "lru", n_staging: int = 4):
+                 policy: str = "lfru", n_staging: int = 4):
         if policy not in POLICIES:
             raise MemoryBudgetError(f"unknown eviction policy {policy!r}; choose {', '.join(POLICIES)}")
         self.family, self.n_experts, self.n_slots = family, n_experts, n_slots

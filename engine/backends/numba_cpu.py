@@ -199,12 +199,12 @@ class NumbaCPUBackend:
     name = "numba"
 
     def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None,
-                 family: str | None = None, weight_budget: int | None = None, expert_policy: str = "lru"):
+                 family: str | None = None, weight_budget: int | None = None, expert_policy: str = "lfru"):
         """packed_cache: keep repacked weights in a mapped cache file (see engine/packed_cache.py); None decides
         by size. family: the kernel family (quant/kernels/families.py); None: $MIXLOCAL_KERNELS, else the fastest
         this CPU runs. weight_budget: bytes the weights may take in memory (None: no limit); when all experts do
         not fit, each block keeps as many as fit in slots, read from the model file on demand (experts.py), with
-        expert_policy ("lru", "lfu", "lfru") choosing which leaves."""
+        expert_policy ("lfru", "lfu", "lru") choosing which leaves."""
         self.kernels = kernels.resolve_family(family)  # before any work: a family the CPU lacks is a clear error
         self.config: ModelConfig = weights.config
         self.n_threads = n_threads
