@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import engine  # noqa: E402
-from engine.backends.experts import POLICIES  # noqa: E402
-from engine.machine import describe  # noqa: E402
+import engine
+from engine.backends.experts import POLICIES
+from engine.machine import describe
 
 
 def replay(sets: np.ndarray, n_experts: int, n_slots: int, policy: str) -> float:
