@@ -46,7 +46,8 @@ SHAPES = [(14336, 4096), (4096, 14336)]
 PREFILL_ROWS = 128
 
 # f16 scale fields per block and a typical magnitude (random codes with these scales look like real weights)
-_SCALE_FIELDS = {QType.Q4_0: ((0, 0.0025),), QType.Q8_0: ((0, 0.0003),), QType.Q4_K: ((0, 0.0004), (2, 0.0004)),
+_SCALE_FIELDS = {QType.Q4_0: ((0, 0.0025),), QType.Q8_0: ((0, 0.0003),), QType.Q2_K: ((80, 0.001), (82, 0.001)),
+                 QType.Q3_K: ((108, 0.0003),), QType.Q4_K: ((0, 0.0004), (2, 0.0004)),
                  QType.Q5_K: ((0, 0.0002), (2, 0.0002)),
                  QType.Q6_K: ((208, 0.0005),)}
 
@@ -84,8 +85,8 @@ def median_time(fn, repeats: int, inner: int = 1) -> float:
 def random_stack(qtype: QType, n: int, k: int, rng) -> QTensor:
     shape = (N_EXPERTS, n, k)
     raw = rng.integers(0, 256, nbytes_for(qtype, shape), dtype=np.uint8)
-    _, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q4_K: (256, 144), QType.Q5_K: (256, 176),
-             QType.Q6_K: (256, 210)}[qtype]
+    _, ts = {QType.Q4_0: (32, 18), QType.Q8_0: (32, 34), QType.Q2_K: (256, 84), QType.Q3_K: (256, 110),
+             QType.Q4_K: (256, 144), QType.Q5_K: (256, 176), QType.Q6_K: (256, 210)}[qtype]
     blocks = raw.reshape(-1, ts)
     for off, mag in _SCALE_FIELDS[qtype]:
         blocks[:, off:off + 2] = (rng.random((blocks.shape[0], 1)) * mag + mag / 2).astype(np.float16).view(np.uint8)

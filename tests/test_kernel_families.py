@@ -76,7 +76,7 @@ _CHILD = textwrap.dedent("""
     family = sys.argv[1]
     report = {"families": list(kernels.host_families()), "checked": []}
     rng = np.random.default_rng(3)
-    for name in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+    for name in ("Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         qtype = QType[name]
         w, ref = make_weight(qtype, (2, 70, cols_for(qtype)), seed=4)
         p = kernels.prepare(w)
@@ -112,7 +112,7 @@ def test_256_bit_families_run_on_a_cpu_without_avx512(family, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["families"][0] == family  # nothing faster is offered to the emulated CPU
-    assert report["checked"] == ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+    assert report["checked"] == ["Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
     assert not report["zmm"], "a 256-bit family compiled to 512-bit registers"
     if family == "avx2":
         assert report["vpmaddubsw"] and not report["vpdpbusd"]

@@ -290,17 +290,19 @@ def test_blas_path_follows_numba_thread_count():
     from quant.kernels import blas as kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
-    big, ref_big = make_weight(QType.Q3_K, (2048, 256))   # 40 rows: 21M multiply-adds
-    small, ref_small = make_weight(QType.Q3_K, (20, 256))  # 40 rows: 0.2M
+    unpacked = QType.Q5_1  # no family packs it: prefill decodes tiles for BLAS
+    assert unpacked not in kernels.packed_types(kernels.resolve_family())
+    big, ref_big = make_weight(unpacked, (2048, 256))   # 40 rows: 21M multiply-adds
+    small, ref_small = make_weight(unpacked, (20, 256))  # 40 rows: 0.2M
     assert 40 * 20 * 256 < kernels.SERIAL_MAX_MACS <= 40 * 2048 * 256
     before = numba.get_num_threads()
     try:
         for n in sorted({1, before}):
             numba.set_num_threads(n)
             x = np.random.default_rng(n).standard_normal((40, 256)).astype(np.float32)
-            assert_matches(kernels.linear(kernels.prepare(big), x), ref_big, x, f"Q3_K threads={n}")
+            assert_matches(kernels.linear(kernels.prepare(big), x), ref_big, x, f"{unpacked.name} threads={n}")
             assert kernels_blas.blas_threads() == n
-            assert_matches(kernels.linear(kernels.prepare(small), x), ref_small, x, f"Q3_K small threads={n}")
+            assert_matches(kernels.linear(kernels.prepare(small), x), ref_small, x, f"{unpacked.name} small threads={n}")
             assert kernels_blas.blas_threads() == 1
             assert numba.get_num_threads() == n
     finally:

@@ -8,7 +8,8 @@ The API the engine uses:
 
 Kernel families by instruction set (families.py), chosen once per load: engine.load(kernels=...), else
 $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers its family.
-  * avx512vnni, avxvnni, avx2 (one module each, the kernels themselves in quads.py): Q4_0, Q8_0, Q4_K, Q5_K, Q6_K.
+  * avx512vnni, avxvnni, avx2 (one module each, the kernels themselves in quads.py): Q4_0, Q8_0, and the
+    K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
     Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
@@ -40,6 +41,7 @@ from .families import FAMILIES, KernelFamilyError
 __all__ = [
     "FAMILIES",
     "PACK_LAYOUT_VERSION",
+    "PER16_TYPES",
     "SUPPORTED_TYPES",
     "KernelFamilyError",
     "KernelInputError",
@@ -51,6 +53,7 @@ __all__ = [
     "linear",
     "packed_shapes",
     "packed_types",
+    "packer",
     "prepare",
     "quantizes_activations",
     "resolve_family",
@@ -106,7 +109,8 @@ resolve_family = families.resolve
 # The integer families' kernels by format: (decode, prefill). They share the quads layout; portable has its own.
 _RUNS = {"avx512vnni": avx512vnni.RUNS, "avxvnni": avxvnni.RUNS, "avx2": avx2.RUNS,
          "portable": {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2}}
-_LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K}),
+_LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
+                                     QType.Q6_K}),
                  "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})}
 
 
@@ -175,13 +179,27 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
         chunks = 5 if qtype == QType.Q5_K else 4
         codes = (n_exp, g, k // 256, chunks, 4, 8, 16, 4) if quads_ else (n_exp, g, k // 256, 128, rows)
         return [(codes, u8), ((n_exp, g, k // 256, 16, rows), u8), ((n_exp, g, k // 256, 2, rows), u16)]
+    if qtype == QType.Q2_K:
+        return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), u8),
+                ((n_exp, g, k // 256, 2, rows), u16)]
+    if qtype == QType.Q3_K:
+        return [((n_exp, g, k // 256, 4, 24, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
+                ((n_exp, g, k // 256, rows), u16)]
     return [((n_exp, g, k // 256, 8, 4, 6, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
             ((n_exp, g, k // 256, rows), u16)]  # Q6_K
 
 
-_PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q4_K: quads.pack_q4_k,
-                      QType.Q5_K: quads.pack_q5_k, QType.Q6_K: quads.pack_q6_k},
+_PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q2_K: quads.pack_q2_k,
+                      QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
+                      QType.Q6_K: quads.pack_q6_k},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k}}
+
+
+def packer(qtype: QType, layout: str):
+    """The numba function that repacks file rows of `qtype` into `layout` for one expert: pack(rows, *arrays), the
+    arrays as packed_shapes gives them less the expert axis (int8 ones viewed as uint8). prepare() calls it; so
+    does the memory-budget path, from its I/O thread."""
+    return _PACKERS[layout][qtype]
 
 
 def prepare(w, alloc=np.empty, *, family: str | None = None):
@@ -358,7 +376,7 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         (act.quantize_q8_k if m > 4 else act.quantize_q8_k_serial)(x, xq, xd, pairs, pairs16)
         # the intrinsics take flat code, scale and activation arrays (free views)
         kernel(w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2], xq.reshape(-1), xd,
-               pairs16 if w.qtype == QType.Q6_K else pairs, run_start, run_expert, n, out)
+               pairs16 if w.qtype in PER16_TYPES else pairs, run_start, run_expert, n, out)
         return
     xd = np.empty((m, k // 32), np.float32)
     xs = np.empty((m, k // 32), np.int32)
@@ -431,11 +449,18 @@ def quantizes_activations(w, n_rows: int) -> bool:
     return isinstance(w, PackedWeight) and n_rows > 0
 
 
+_K_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
+
+# K-quants whose kernels take the activations' sums per 16 values (pairs16 of activations.py), not per 32 (pairs):
+# their sub-blocks are 16 wide
+PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K})
+
+
 def activation_type(w) -> QType | None:
     """How linear/expert_linear round x on w: QType.Q8_0 (8 bits per 32 values, float32 scale), QType.Q8_K (per
     256, as llama.cpp does for K-quants: activations.py) or None (x stays float)."""
     if not isinstance(w, PackedWeight):
         return None
-    if w.layout == "quads" and w.qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+    if w.layout == "quads" and w.qtype in _K_TYPES:
         return QType.Q8_K
     return QType.Q8_0

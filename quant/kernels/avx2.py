@@ -6,6 +6,7 @@ ymm halves of 8 rows.
 vpmaddubsw saturates at +-32767, so 16-bit partial sums are only added while they cannot reach it: nibbles (<= 15)
 by int8 activations (|x| <= 127) give at most 3810 per lane, so a whole Q4_0 block (8 products) is summed in 16
 bits and widened once; 5-bit codes take 4, 6-bit codes 2, and signed int8 (Q8_0, |w| <= 128) 1 per widening.
+Q2_K/Q3_K sub-blocks (4 products of 2- or 3-bit codes) are each summed in 16 bits, then widened by their scale.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .avxvnni import abs_and_sign
 from .simd import (
     B32,
     V8,
+    V16,
     W16,
     ByteDot,
     family_key,
@@ -69,6 +71,12 @@ class _Avx2(ByteDot):
 
     def scaled_dot(self, builder, acc, pairs, bound, scale):
         return self.dot(builder, acc, pairs, bound, scale)
+
+    def pair_scaled_dot(self, builder, acc, pairs_lo, pairs_hi, bound, scale_pair):
+        # the scales go into the widening vpmaddwd, as in scaled_dot: each half sign-extended to its own lane
+        sixteen = ir.Constant(V16, [16] * 16)
+        acc = self.dot(builder, acc, pairs_lo, bound, builder.ashr(builder.shl(scale_pair, sixteen), sixteen))
+        return self.dot(builder, acc, pairs_hi, bound, builder.ashr(scale_pair, sixteen))
 
     def word_dot(self, builder, acc, a, b):
         return join(builder, *(builder.add(c, _pmaddwd(builder, u, v))

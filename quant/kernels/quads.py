@@ -9,14 +9,17 @@ one multiply-add instruction serves 16 rows against 4 broadcast activation bytes
   Q4_K  (G, nsb, 4 chunks, 4 quarters, 8 quads, 16 rows, 4 bytes)  chunk c: low nibbles sub-block 2c, high 2c+1
   Q5_K  (G, nsb, 5 chunks, ...)  as Q4_K, chunk 4 holds the 32 bytes of high bits (bit 2c: sub-block 2c, 2c+1: 2c+1)
   Q6_K  (G, nsb, 8 chunks, 4 quarters, 6 quads, 16 rows, 4 bytes)  see pack_q6_k; 210 bytes per 256 as in the file
+  Q2_K  (G, nsb, 4 quarters, 16 quads, 16 rows, 4 bytes)  the file's 2-bit codes as they are (4 quads per word, one
+        shift apart; _k23_sb16); with the file's scale bytes as int16 pairs, 84 bytes per 256 as in the file
+  Q3_K  (G, nsb, 4 quarters, 24 quads, 16 rows, 4 bytes)  as Q2_K, then the 32 bytes of high bits; 114 bytes per 256
 Scales are the arrays of portable.py (f16 bits, and for Q4_K/Q5_K the unpacked 6-bit scales and mins). Packed
 weights are the file's size but for K-quant scales unpacked to a byte each (Q4_K 148 bytes per 256, Q5_K 180).
 
 A family is one module (avx512vnni.py, avxvnni.py, avx2.py) that says how to multiply unsigned by signed bytes
 (simd.ByteDot) and registers it under its key; make_runs(key) then builds this module's kernels for it. The
 intrinsics below take that key as a compile-time literal, so each family gets its own compiled (and cached) kernels
-from the one source. Codes are unsigned (nibbles 0..15, Q5 0..31, Q6 0..63) against signed int8 activations, so the
-ggml offsets (-8, -16, -32) come off as offset * sum(x) per block; Q8_0 codes are signed on both sides and each
+from the one source. Codes are unsigned (nibbles 0..15, Q5 0..31, Q6 0..63, Q2 0..3, Q3 0..7) against signed int8
+activations, so the ggml offsets (-8, -16, -32, Q3_K's -4) come off as offset * sum(x) per block; Q8_0 codes are signed on both sides and each
 family has its own trick for that (signed_dot). Every sum stays far inside int32.
 
 Shapes are checked by the caller (quant/kernels/__init__.py) before anything here runs; an intrinsic that reads past
@@ -38,7 +41,8 @@ B16 = ir.VectorType(I8, 16)  # one scale byte for each of a quarter's 16 rows
 B32 = ir.VectorType(I8, 32)  # one min pair (2 bytes) for each of 16 rows
 W32 = ir.VectorType(I16, 32)  # ... widened to 16 bits
 
-__all__ = ["QUARTER", "make_runs", "pack_q4_0", "pack_q4_k", "pack_q5_k", "pack_q6_k", "pack_q8_0", "register"]
+__all__ = ["QUARTER", "make_runs", "pack_q2_k", "pack_q3_k", "pack_q4_0", "pack_q4_k", "pack_q5_k", "pack_q6_k",
+           "pack_q8_0", "register"]
 
 QUARTER = 16  # rows per logical register
 
@@ -220,6 +224,74 @@ def _q6_sb16(typingctx, fam, n, w, w_off, sp, sp_off, x, x_off, x_stride, xp, xp
         for j in range(n_x):
             _store_rows(context, builder, signature.args[12], ia, oo, j, accs[j])
             _store_rows(context, builder, signature.args[13], oa, oo, j, offs[j])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, osum,
+              out_off):
+    """Q2_K (bits = 2) or Q3_K (bits = 3) super-block, 16 rows (one quarter), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 16 sub-blocks s of scale_rs * (codes_rs . x_js), codes unsigned (0..3,
+    Q3_K 0..7), and osum[...] = sum over s of m_rs * (sum of x_js), where m is Q2_K's min and Q3_K's scale (its
+    offset of 4 comes off as 4 osum).
+
+    w: the quarter's 16 quads of 2-bit codes at w_off (quad q = 8 h + i: byte l of row r is the file's qs byte
+    32 h + 4 i + l, whose bits 2 p..2 p+1 hold element 128 h + 32 p + 4 i + l), then for Q3_K the 8 quads of high
+    bits (quad 16 + i: hmask bytes 4 i..4 i+3, bit 4 h + p for the same elements). So one shift and one mask give
+    the codes of 4 consecutive elements, and sub-block pair t = 4 h + p takes quads 8 h .. 8 h + 7 at shift 2 p.
+    sp: the scales as int16-pair bytes, pair t (sub-blocks 2t, 2t+1) at sp_off + 128 t: Q2_K the file's bytes (scale
+    in the low nibble, min in the high one), Q3_K int8 scales; xp: each activation row's per-16 sums as int16 pairs
+    (activations.py) from xp_off + j*xp_stride."""
+    lits = _literals(fam, bits, n)
+    if lits is None:
+        return None
+    dot, q_bits, n_x = _BYTE_DOTS[lits[0]], lits[1], lits[2]
+    sig = types.void(fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, osum,
+                     out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, _, wa, wo, sa, so, xa, xo, xst, pa, po, pst, ia, oa, oo) = args
+        wp = data_ptr(context, builder, signature.args[3], wa, wo, V16)
+        scp = data_ptr(context, builder, signature.args[5], sa, so, B32)
+        xps = _x_ptrs(context, builder, signature.args[7], xa, xo, xst, n_x)
+        pps = _x_ptrs(context, builder, signature.args[10], pa, po, pst, n_x)
+
+        def const(v):
+            return splat(builder, ir.Constant(I32, v))
+
+        bound = 2 * ((1 << q_bits) - 1) * 127
+        quads_ = [_load(builder, wp, q) for q in range(16)]
+        highs = [_load(builder, wp, 16 + i) for i in range(8)] if q_bits == 3 else None
+        accs = [ir.Constant(V16, None)] * n_x
+        offs = [ir.Constant(V16, None)] * n_x
+        for t in range(8):
+            h, p = divmod(t, 4)
+            codes = []
+            for i in range(8):
+                v = quads_[8 * h + i]
+                c = builder.and_(builder.lshr(v, const(2 * p)) if p else v, const(0x03030303))
+                if q_bits == 3:  # bit 4h + p of the hmask bytes, moved to bit 2
+                    hb, k = highs[i], 4 * h + p
+                    hb = builder.lshr(hb, const(k - 2)) if k > 2 else builder.shl(hb, const(2 - k)) if k < 2 else hb
+                    c = builder.or_(c, builder.and_(hb, const(0x04040404)))
+                codes.append(c)
+            raw = _load(builder, scp, 4 * t)
+            if q_bits == 2:
+                w16 = builder.bitcast(builder.zext(raw, W32), V16)
+                sc_pair = builder.and_(w16, const(0x000F000F))
+                m_pair = builder.and_(builder.lshr(w16, const(4)), const(0x000F000F))
+            else:
+                sc_pair = m_pair = builder.bitcast(builder.sext(raw, W32), V16)
+            for j, (xp_, pp) in enumerate(zip(xps, pps)):
+                xs_ = [splat(builder, _load(builder, xp_, 32 * h + 8 * p + i)) for i in range(8)]
+                accs[j] = dot.pair_scaled_dot(builder, accs[j], list(zip(codes[:4], xs_[:4])),
+                                              list(zip(codes[4:], xs_[4:])), bound, sc_pair)
+                offs[j] = dot.word_dot(builder, offs[j], m_pair, splat(builder, _load(builder, pp, t)))
+        for j in range(n_x):
+            _store_rows(context, builder, signature.args[13], ia, oo, j, accs[j])
+            _store_rows(context, builder, signature.args[14], oa, oo, j, offs[j])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -408,6 +480,78 @@ def pack_q6_k(rows, qs, sc, d):
 
 
 
+@njit(parallel=True, cache=True)
+def pack_q2_k(rows, qs, scm, dd):
+    """rows (N, nsb*84) -> qs (G, nsb, 4, 16 quads, 16, 4) (the file's 64 qs bytes, _k23_sb16), scm (G, nsb, 16,
+    ROWS) (the file's 16 scale bytes as int16-pair bytes, _put_pair), dd (G, nsb, 2, ROWS) (d, dmin).
+
+    Block layout: ggml-common.h block_q2_K and ggml/src/ggml-quants.c dequantize_row_q2_K (scales[16], qs[64], d,
+    dmin; element 128 h + 32 p + l is bits 2p of qs[32 h + l], sub-block 8 h + 2 p + l // 16)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 84
+            for r in range(ROWS):
+                rq, rr = r // QUARTER, r % QUARTER
+                if r < r_end:
+                    src = rows[g * ROWS + r]
+                    dd[g, b, 0, r] = _f16_bits(src, o + 80)
+                    dd[g, b, 1, r] = _f16_bits(src, o + 82)
+                    for s in range(16):
+                        _put_pair(scm, g, b, 0, s, r, src[o + s])
+                    for q in range(16):
+                        for jj in range(4):
+                            qs[g, b, rq, q, rr, jj] = src[o + 16 + 4 * q + jj]
+                else:
+                    dd[g, b, 0, r] = 0
+                    dd[g, b, 1, r] = 0
+                    for s in range(16):
+                        _put_pair(scm, g, b, 0, s, r, 0)
+                    for q in range(16):
+                        for jj in range(4):
+                            qs[g, b, rq, q, rr, jj] = 0
+
+
+@njit(parallel=True, cache=True)
+def pack_q3_k(rows, qs, sc, d):
+    """rows (N, nsb*110) -> qs (G, nsb, 4, 24 quads, 16, 4) (the file's 64 qs bytes, then its 32 hmask bytes;
+    _k23_sb16), sc (G, nsb, 16, ROWS) int8 scales (6-bit, less 32) as int16-pair bytes, d (G, nsb, ROWS).
+
+    Block layout: ggml-common.h block_q3_K and ggml/src/ggml-quants.c dequantize_row_q3_K (hmask[32], qs[64],
+    scales[12], d; scale s has its low 4 bits in byte s % 8 (high nibble from s = 8) and its high 2 bits in byte
+    8 + s % 4 at bit 2 (s // 4))."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 110
+            for r in range(ROWS):
+                rq, rr = r // QUARTER, r % QUARTER
+                if r < r_end:
+                    src = rows[g * ROWS + r]
+                    d[g, b, r] = _f16_bits(src, o + 108)
+                    for s in range(16):
+                        lo = (src[o + 96 + s % 8] >> (4 * (s // 8))) & 15
+                        hi = (src[o + 104 + s % 4] >> (2 * (s // 4))) & 3
+                        _put_pair(sc, g, b, 0, s, r, np.uint8(((lo | (hi << 4)) - 32) & 255))
+                    for q in range(16):
+                        for jj in range(4):
+                            qs[g, b, rq, q, rr, jj] = src[o + 32 + 4 * q + jj]
+                    for q in range(8):
+                        for jj in range(4):
+                            qs[g, b, rq, 16 + q, rr, jj] = src[o + 4 * q + jj]
+                else:
+                    d[g, b, r] = 0
+                    for s in range(16):
+                        _put_pair(sc, g, b, 0, s, r, 0)
+                    for q in range(24):
+                        for jj in range(4):
+                            qs[g, b, rq, q, rr, jj] = 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kernels over runs of activation rows that share an expert (the contract of portable.py), built per family
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,6 +580,23 @@ def _kquant_sb_out(a, isum, msum, o, dsup, dmin, xd):
 def _q6_k_sb_out(a, isum, osum, o, dsup, xd):
     for r in range(ROWS):
         a[r] += xd * dsup[r] * np.float32(np.int32(isum[o + r] - 32 * osum[o + r]))
+
+
+@njit(inline="always")
+def _q2_k_scales(dd, e, g, b, dsup, dmin):
+    _halves_to_float(dd[e, g, b, 0], dsup)
+    _halves_to_float(dd[e, g, b, 1], dmin)
+
+
+@njit(inline="always")
+def _q3_k_scales(d, e, g, b, dsup, dmin):
+    _halves_to_float(d[e, g, b], dsup)
+
+
+@njit(inline="always")
+def _q3_k_sb_out(a, isum, osum, o, dsup, dmin, xd):
+    for r in range(ROWS):
+        a[r] += xd * dsup[r] * np.float32(np.int32(isum[o + r] - 4 * osum[o + r]))
 
 
 def make_runs(F: int) -> dict[str, tuple]:
@@ -477,7 +638,7 @@ def make_runs(F: int) -> dict[str, tuple]:
     q5_k = _make_kquant_runs(F, 5)
     q6_k = _make_q6_k_runs(F)
     return {"Q4_0": (_make_block32_decode(F, False), q4_0_runs_x4), "Q8_0": (_make_block32_decode(F, True),) * 2,
-            "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
+            "Q2_K": _make_k23_runs(F, 2), "Q3_K": _make_k23_runs(F, 3), "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 
 
 def _make_block32_decode(F: int, SIGNED: bool):
@@ -637,3 +798,70 @@ def _make_q6_k_runs(F: int) -> tuple:
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return q6_k_runs, q6_k_runs_x4
+
+
+def _make_k23_runs(F: int, BITS: int) -> tuple:
+    """Q2_K (BITS = 2) or Q3_K (BITS = 3): (decode, prefill) kernels on Q8_K activations (xq, xd per 256, xp the
+    per-16 sums as pairs). Each super-block is summed in integers (_k23_sb16), then meets its float scales once per
+    row: Q2_K a[r] += xd * (d_r * isum_r - dmin_r * msum_r), Q3_K a[r] += xd * d_r * (isum_r - 4 osum_r)."""
+    QUAD_BYTES = 1024 if BITS == 2 else 1536  # one quarter's codes per super-block
+    scales = _q2_k_scales if BITS == 2 else _q3_k_scales
+    sb_out = _kquant_sb_out if BITS == 2 else _q3_k_sb_out
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def k23_runs(qs, sc, dd, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = dd.shape[1], dd.shape[2]
+        k = nsb * 256
+        block = 4 * QUAD_BYTES
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            dmin = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            osum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                scales(dd, e, g, b, dsup, dmin)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
+                prefetch_ahead(qs, base, block)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _k23_sb16(F, BITS, 1, qs, base + rq * QUAD_BYTES, sc, sb * 1024 + rq * 32, xq,
+                                  m * k + b * 256, 0, xp, m * (k // 32) + b * 8, 0, isum, osum, rq * QUARTER)
+                    sb_out(accf[m - m0], isum, osum, 0, dsup, dmin, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def k23_runs_x4(qs, sc, dd, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = dd.shape[1], dd.shape[2]
+        k = nsb * 256
+        block = 4 * QUAD_BYTES
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            dmin = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            osum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                scales(dd, e, g, b, dsup, dmin)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * block
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _k23_sb16(F, BITS, 4, qs, base + rq * QUAD_BYTES, sc, sb * 1024 + rq * 32, xq,
+                                      m * k + b * 256, k, xp, m * (k // 32) + b * 8, k // 32, isum, osum,
+                                      rq * QUARTER)
+                        else:
+                            _k23_sb16(F, BITS, 1, qs, base + rq * QUAD_BYTES, sc, sb * 1024 + rq * 32, xq,
+                                      m * k + b * 256, 0, xp, m * (k // 32) + b * 8, 0, isum, osum, rq * QUARTER)
+                    for j in range(n_x):
+                        sb_out(accf[m + j - m0], isum, osum, j * ROWS, dsup, dmin, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return k23_runs, k23_runs_x4

@@ -98,6 +98,18 @@ class ByteDot:
         """acc + a.lo * b.lo + a.hi * b.hi per 32-bit lane, the halves signed 16-bit (vpmaddwd / vpdpwssd)."""
         raise NotImplementedError
 
+    def pair_scaled_dot(self, builder, acc, pairs_lo, pairs_hi, bound, scale_pair):
+        """acc + scale_pair.lo * dot(pairs_lo) + scale_pair.hi * dot(pairs_hi) per lane, the halves of scale_pair
+        signed 16-bit (two sub-blocks' scales of a row as int16 pair), for sub-blocks whose dot products fit int16
+        (Q2_K, Q3_K: 16 codes of at most 7 by |x| <= 127). Here the two int32 sums become the halves of one lane and
+        a single 16-bit multiply-add (word_dot) scales and adds both, instead of two 32-bit multiplies."""
+        zero = ir.Constant(V16, None)
+        lo = self.dot(builder, zero, pairs_lo, bound)
+        hi = self.dot(builder, zero, pairs_hi, bound)
+        both = builder.or_(builder.and_(lo, ir.Constant(V16, [0xFFFF] * 16)),
+                           builder.shl(hi, ir.Constant(V16, [16] * 16)))
+        return self.word_dot(builder, acc, both, scale_pair)
+
 
 def family_key(*paths: Path | str) -> int:
     """The integer that names a family inside compiled kernels: a checksum of the modules that generate its code.
