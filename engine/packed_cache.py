@@ -32,7 +32,7 @@ import numpy as np
 
 from quant import kernels
 
-__all__ = ["MIN_CACHED_BYTES", "cache_dir", "prepare_weights"]
+__all__ = ["MIN_CACHED_BYTES", "cache_dir", "cached_weights", "prepare_weights"]
 
 MAGIC = b"MIXLPACK"
 FILE_VERSION = 1
@@ -121,9 +121,30 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
 
     if use_cache is False or not entries or (use_cache is None and total < MIN_CACHED_BYTES):
         return in_memory()
+    found = _cached(named, origin, family, entries, total)
+    if found is None:
+        return in_memory()
+    packed, _ = found
+    return {name: packed[name] if name in packed else kernels.prepare(w, family=family) for name, w in named.items()}
+
+
+def cached_weights(named: dict, origin: dict[str, str], family: str) -> tuple[dict, Path] | None:
+    """The packed form of every packable weight in `named`, mapped from the cache file (built now if missing), and
+    that file's path; None when there can be no cache file (weights not from files, no room on disk). Never packs
+    in memory: the memory budget path (backends/experts.py) reads experts from this file, or else from the model
+    file, but must not hold a packed copy of them all."""
+    family = kernels.resolve_family(family)
+    entries, total = _plan(named, family)
+    if not entries:
+        return None
+    return _cached(named, origin, family, entries, total)
+
+
+def _cached(named: dict, origin: dict[str, str], family: str, entries: list[dict],
+            total: int) -> tuple[dict, Path] | None:
     sources = _sources(named, origin, entries)
     if sources is None:
-        return in_memory()
+        return None
     descriptor = {"file_version": FILE_VERSION, "layout_version": kernels.PACK_LAYOUT_VERSION,
                   "layout": kernels.layout_of(family),
                   "sources": sources, "entries": entries}
@@ -131,9 +152,7 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
     packed = _open(path, descriptor, named, total, family)
     if packed is None:
         packed = _build(path, descriptor, named, total, family)
-    if packed is None:
-        return in_memory()
-    return {name: packed[name] if name in packed else kernels.prepare(w, family=family) for name, w in named.items()}
+    return None if packed is None else (packed, path)
 
 
 def _file_name(sources: list, descriptor: dict) -> str:

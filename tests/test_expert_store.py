@@ -19,6 +19,7 @@ from engine.backends.experts import (
     LFRU,
     LFU,
     LRU,
+    ExpertStore,
     MemoryBudgetError,
     _Reader,
     parse_size,
@@ -32,7 +33,7 @@ def budget_for(llm, n_slots: int) -> int:
     """The mem_budget that leaves exactly n_slots expert slots per block for llm's model."""
     b = llm.backend.budget
     kv = llm.cache.bytes_per_token * N_CTX
-    staging = 4 * (b["slot"] + 6 * 4096)
+    staging = ExpertStore.staging_bytes(b["slot"], b["slot"])
     return b["dense"] + staging + n_slots * b["slot"] * llm.config.n_layers + kv + BUDGET_MARGIN + 1
 
 
@@ -66,6 +67,19 @@ def test_budgeted_logits_equal_unbudgeted(full, n_slots):
             # the prompt's tokens use more experts per block than there are slots: experts were evicted
             assert s.misses > n_slots * llm.config.n_layers
         assert 0 <= s.prefetch_used <= s.prefetched
+
+
+def test_budget_reads_experts_already_packed_from_the_cache_file(full, tmp_path, monkeypatch):
+    """With a packed-weight cache file, a missing expert's bytes are read from it as they are: no repack."""
+    monkeypatch.setenv("MIXLOCAL_CACHE_DIR", str(tmp_path))
+    ids = prompt(full)
+    full.reset()
+    want = full.eval(ids)
+    with engine.load(n_ctx=N_CTX, kv_type="f32", packed_cache=True, mem_budget=budget_for(full, 3)) as llm:
+        store = llm.backend.store
+        assert not store.repack and store.reader.path.startswith(str(tmp_path))
+        assert np.array_equal(llm.eval(ids), want)
+        assert store.stats.misses > 0
 
 
 def test_budget_on_file_layout_and_per_expert_tensors(hf_model_dir, tmp_path):

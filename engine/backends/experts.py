@@ -28,7 +28,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
+from numba import njit
 
 from quant import QStack, QTensor, kernels
 from quant.tensor import nbytes_for
@@ -145,32 +147,34 @@ def _file_offset(data: np.ndarray, path: str) -> int | None:
         root = root.base
     if not isinstance(root.base, (mmap.mmap, memoryview)):
         return None
+    whole = np.frombuffer(root.base, np.uint8)  # the map itself, from its first byte
     try:
-        if root.nbytes != os.path.getsize(path):
+        if whole.nbytes != os.path.getsize(path):
             return None
     except OSError:
         return None
-    off = data.ctypes.data - root.ctypes.data
-    return off if 0 <= off and off + data.nbytes <= root.nbytes else None
+    off = data.ctypes.data - whole.ctypes.data
+    return off if 0 <= off and off + data.nbytes <= whole.nbytes else None
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """One matrix of one expert in the file: rows (N, row_bytes) in the file's layout from `offset`."""
-    offset: int
-    nbytes: int
-    shape: tuple[int, int]  # (N, K)
-
-
-def _expert_pieces(w, path: str) -> list[_Piece] | None:
-    """Where each expert of a stacked (E, N, K) weight lies in its file, or None if it is not read from one."""
+def _expert_reads(w, path: str) -> list[list[tuple[int, int]]] | None:
+    """Per expert of a stacked (E, N, K) weight, the (offset, nbytes) of each array to read from `path`: the file
+    layout's rows (one read), or a packed cache's arrays (one read per array); None if w is not mapped from path."""
+    if isinstance(w, kernels.PackedWeight):
+        per_array = []
+        for a in w.arrays:
+            off = _file_offset(a, path)
+            if off is None:
+                return None
+            per_array.append((off, a[0].nbytes))
+        return [[(off + e * n, n) for off, n in per_array] for e in range(w.shape[0])]
     if isinstance(w, QStack):
         out = []
         for m in w.mats:
             off = _file_offset(m.data, path)
             if off is None:
                 return None
-            out.append(_Piece(off, m.data.nbytes, tuple(m.shape)))
+            out.append([(off, m.data.nbytes)])
         return out
     if not isinstance(w, QTensor) or len(w.shape) != 3:
         return None
@@ -179,7 +183,7 @@ def _expert_pieces(w, path: str) -> list[_Piece] | None:
         return None
     n_exp, n, k = w.shape
     per = nbytes_for(w.qtype, (n, k))
-    return [_Piece(off + e * per, per, (n, k)) for e in range(n_exp)]
+    return [[(off + e * per, per)] for e in range(n_exp)]
 
 
 class _Reader:
@@ -245,6 +249,7 @@ def _aligned_buffer(nbytes: int) -> memoryview:
 # ---------------------------------------------------------------------------------------------------------------
 
 MATS = ("w1", "w3", "w2")  # gate, up, down: a slot holds all three of one expert
+_IO_THREADS = 2
 
 
 @dataclass
@@ -254,8 +259,8 @@ class ExpertStats:
     prefetched: int = 0       # reads started on a guess
     prefetch_used: int = 0    # ... that the block then needed
     bytes_read: int = 0
-    wait_s: float = 0.0       # time the compute thread waited for reads
-    pack_s: float = 0.0       # time spent repacking read experts into slots
+    wait_s: float = 0.0       # time the compute thread waited for reads (and their repacking)
+    copy_s: float = 0.0       # time the compute thread spent copying staged experts into slots
     per_block: list = field(default_factory=list)
 
     @property
@@ -265,17 +270,43 @@ class ExpertStats:
 
 
 class _Staging:
-    """One read in flight or done: an expert's three matrices in file layout."""
+    """One expert read (and repacked) ahead of its slot: each matrix in the pool's runtime form, one expert deep."""
 
-    def __init__(self, size: int):
-        self.buf = _aligned_buffer(size)
+    def __init__(self, pools: dict):
+        self.arrays = {name: tuple(_aligned_array((1,) + a.shape[1:], a.dtype) for a in _pool_arrays(w))
+                       for name, w in pools.items()}
         self.future: Future | None = None
-        self.views: dict | None = None
         self.key: tuple[int, int] | None = None  # (block, expert)
 
 
+def _pool_arrays(w) -> tuple[np.ndarray, ...]:
+    """A pool's arrays, each with the slot axis first (a file-layout pool is one (n_slots, bytes) array)."""
+    if isinstance(w, kernels.PackedWeight):
+        return w.arrays
+    return (w.data.reshape(w.shape[0], -1),)
+
+
+def _aligned_array(shape, dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(_aligned_buffer(nbytes), np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+@njit(nogil=True, cache=True)
+def _pack2(pack, rows, a, b):
+    pack(rows, a, b)
+
+
+@njit(nogil=True, cache=True)
+def _pack3(pack, rows, a, b, c):
+    pack(rows, a, b, c)
+
+
 class ExpertStore:
-    """Slots for every block's experts, filled on demand (ensure) and on guesses (prefetch)."""
+    """Slots for every block's experts, filled on demand (ensure) and on guesses (prefetch).
+
+    layers: per block {"w1", "w3", "w2"}: the stacked expert weights to read from, either the model file's QTensor
+    (or QStack) of `path`, or the PackedWeight mapped from the packed-weight cache file `path`, whose bytes are
+    already in the kernels' form (nothing to repack)."""
 
     def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots: int, family: str,
                  policy: str = "lfru", n_staging: int = 4):
@@ -283,29 +314,34 @@ class ExpertStore:
             raise MemoryBudgetError(f"unknown eviction policy {policy!r}; choose {', '.join(POLICIES)}")
         self.family, self.n_experts, self.n_slots = family, n_experts, n_slots
         self.reader = _Reader(path)
-        self.sources = []   # per block: {mat: [_Piece per expert]}
+        self.sources = []   # per block: {mat: per expert, [(offset, nbytes)] of each array to read}
         self.pools = []     # per block: {mat: stacked weight with n_slots experts}
         self.qtypes = []
         for lw in layers:
             src, pool, qt = {}, {}, {}
             for name in MATS:
                 w = lw[name]
-                pieces = _expert_pieces(w, path)
-                if pieces is None:
+                src[name] = _expert_reads(w, path)
+                if src[name] is None:
                     raise MemoryBudgetError(f"{name} experts are not read from {path}: a memory budget needs the "
                                             "experts in the model file (not made at load, e.g. by quant=)")
-                src[name], qt[name] = pieces, w.qtype
-                pool[name] = self._make_pool(w.qtype, pieces[0].shape)
+                qt[name] = w.qtype
+                pool[name] = self._make_pool(w.qtype, tuple(w.shape[1:]))
             self.sources.append(src)
             self.pools.append(pool)
             self.qtypes.append(qt)
+        self.repack = not isinstance(layers[0]["w1"], kernels.PackedWeight)
         self.slot_of = np.full((len(layers), n_experts), -1, np.int64)
         self.expert_in = np.full((len(layers), n_slots), -1, np.int64)
         self.policies = [POLICIES[policy](n_slots, n_experts) for _ in layers]
         self.stats = ExpertStats(per_block=[[0, 0] for _ in layers])
-        largest = max(p.nbytes for s in self.sources for pieces in s.values() for p in pieces)
-        self.staging = [_Staging(_Reader.window_bytes(largest) * len(MATS)) for _ in range(n_staging)]
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixlocal-experts")
+        largest = max(n for s in self.sources for per in s.values() for reads in per for _, n in reads)
+        self._window_bytes = _Reader.window_bytes(largest)
+        self._local = threading.local()  # each I/O thread's read buffer
+        self.staging = [_Staging(self.pools[0]) for _ in range(n_staging)]
+        # two I/O threads, so that one reads while the other repacks what it read (each repack on one core)
+        self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="mixlocal-experts",
+                                      initializer=numba.set_num_threads, initargs=(1,))
         self._lock = threading.Lock()
         self._closed = False
 
@@ -333,25 +369,43 @@ class ExpertStore:
                 total += nbytes_for(w.qtype, (n, k))
         return total
 
+    @staticmethod
+    def staging_bytes(slot: int, largest_read: int, n_staging: int = 4) -> int:
+        """Memory besides the slots: the staged experts and the I/O threads' read windows."""
+        return n_staging * slot + _IO_THREADS * _Reader.window_bytes(largest_read)
+
     @property
     def nbytes(self) -> int:
-        pools = sum(a.nbytes for p in self.pools for w in p.values()
-                    for a in (w.arrays if isinstance(w, kernels.PackedWeight) else (w.data,)))
-        return pools + sum(len(s.buf) for s in self.staging)
+        pools = sum(a.nbytes for p in self.pools for w in p.values() for a in _pool_arrays(w))
+        staged = sum(a.nbytes for st in self.staging for arrays in st.arrays.values() for a in arrays)
+        return pools + staged + _IO_THREADS * self._window_bytes
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
-    def _read(self, st: _Staging, block: int, expert: int) -> dict:
-        """On the I/O thread: the expert's three matrices into st.buf (file layout)."""
-        views, at = {}, 0
+    def _read(self, st: _Staging, block: int, expert: int) -> None:
+        """On the I/O thread: the expert's three matrices into st, repacked for the kernels if read from the model
+        file (the repack runs here, without the GIL, on one thread, while the compute thread goes on)."""
+        window = getattr(self._local, "window", None)
+        if window is None:
+            window = self._local.window = _aligned_buffer(self._window_bytes)
+        n_read = 0
         for name in MATS:
-            piece = self.sources[block][name][expert]
-            room = _Reader.window_bytes(piece.nbytes)
-            views[name] = self.reader.read_into(st.buf[at:at + room], piece.offset, piece.nbytes)
-            at += room
+            reads, dst = self.sources[block][name][expert], st.arrays[name]
+            if self.repack and isinstance(self.pools[block][name], kernels.PackedWeight):
+                (offset, nbytes), = reads
+                raw = np.frombuffer(self.reader.read_into(window, offset, nbytes), np.uint8)
+                pool = self.pools[block][name]
+                rows = raw.reshape(pool.shape[1], -1)
+                pack = kernels.packer(self.qtypes[block][name], kernels.layout_of(self.family))
+                outs = [a[0].view(np.uint8) if a.dtype == np.int8 else a[0] for a in dst]
+                (_pack2 if len(outs) == 2 else _pack3)(pack, rows, *outs)
+            else:  # bytes already in the pool's form: the packed cache's arrays, or a file-layout pool
+                for (offset, nbytes), a in zip(reads, dst):
+                    a.reshape(-1).view(np.uint8)[:] = np.frombuffer(
+                        self.reader.read_into(window, offset, nbytes), np.uint8)
+            n_read += sum(n for _, n in reads)
         with self._lock:
-            self.stats.bytes_read += sum(self.sources[block][n][expert].nbytes for n in MATS)
-        return views
+            self.stats.bytes_read += n_read
 
     def _start(self, block: int, expert: int) -> _Staging | None:
         """Begin reading (block, expert) into a free staging buffer; None if every buffer is busy."""
@@ -436,36 +490,28 @@ class ExpertStore:
         while inflight:
             e, st = inflight.pop(0)
             t0 = time.perf_counter()
-            views = st.future.result()
+            st.future.result()
             t1 = time.perf_counter()
             slot = pol.victim([s for s in range(self.n_slots) if s not in busy], expert_in)
             old = expert_in[slot]
             if old >= 0:
                 slot_of[old] = -1
-            self._fill(block, slot, views)
+            self._fill(block, slot, st)
             st.key, st.future = None, None
             slot_of[e], expert_in[slot] = slot, e
             busy.add(slot)
             self.stats.wait_s += t1 - t0
-            self.stats.pack_s += time.perf_counter() - t1
+            self.stats.copy_s += time.perf_counter() - t1
             top_up()
         for e in need:
             pol.touch(int(slot_of[e]), int(e))
         return slot_of[experts]
 
-    def _fill(self, block: int, slot: int, views: dict) -> None:
-        """Repack one expert's file-layout matrices into slot `slot` of the block's pools."""
+    def _fill(self, block: int, slot: int, st: _Staging) -> None:
+        """Copy a staged expert into slot `slot` of the block's pools."""
         for name in MATS:
-            pool, qtype = self.pools[block][name], self.qtypes[block][name]
-            n, k = pool.shape[1], pool.shape[2]
-            raw = np.frombuffer(views[name], np.uint8)
-            if isinstance(pool, kernels.PackedWeight):
-                src = QTensor(qtype, (n, k), raw)
-                slots = iter([a[slot:slot + 1] for a in pool.arrays])
-                kernels.prepare(src, alloc=lambda shape, dtype, s=slots: next(s), family=self.family)
-            else:
-                per = nbytes_for(qtype, (n, k))
-                pool.data[slot * per:(slot + 1) * per] = raw
+            for pool_array, staged in zip(_pool_arrays(self.pools[block][name]), st.arrays[name]):
+                pool_array[slot] = staged[0].reshape(pool_array.shape[1:])
 
     def close(self) -> None:
         """Stop the I/O thread (reads in flight finish) and close the file."""

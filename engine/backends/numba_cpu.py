@@ -15,7 +15,7 @@ from quant import QType, formats, kernels
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..packed_cache import prepare_weights
+from ..packed_cache import MIN_CACHED_BYTES, cached_weights, prepare_weights
 from ..weights import ModelWeights
 from . import numba_ops as ops
 from .experts import ExpertStore, MemoryBudgetError
@@ -54,7 +54,7 @@ def plan_budget(weights: ModelWeights, named: dict, family: str, weight_budget: 
             "staging": 0}
     if weight_budget is None or dense + experts <= weight_budget:
         return plan
-    staging = 4 * (slot + 6 * 4096)  # ExpertStore's read buffers, in file layout (never larger than packed)
+    staging = ExpertStore.staging_bytes(slot, slot)  # a read is at most one slot's bytes
     n_slots = (weight_budget - dense - staging) // (slot * c.n_layers)
     if n_slots < c.n_experts_used:
         need = dense + staging + slot * c.n_layers * c.n_experts_used
@@ -217,10 +217,21 @@ class NumbaCPUBackend:
         self.budget = plan_budget(weights, named, self.kernels, weight_budget)
         if self.budget["n_slots"] < c.n_experts:
             dense = {k: v for k, v in named.items() if k.split(".")[-2] not in _EXPERT_NAMES}
-            prepared = prepare_weights(dense, weights.origin, use_cache=packed_cache, family=self.kernels)
+            path = _single_origin(weights)
             layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
-            self.store = ExpertStore(layers, _single_origin(weights), c.n_experts, self.budget["n_slots"],
-                                     self.kernels, policy=expert_policy)
+            found = None
+            if packed_cache is not False and (packed_cache or self.budget["experts"] >= MIN_CACHED_BYTES):
+                found = cached_weights(named, weights.origin, self.kernels)  # experts stay on disk there
+            if found is not None:  # read experts already packed: nothing to repack on a miss
+                cached, path = found
+                prepared = {k: cached[k] if k in cached else kernels.prepare(w, family=self.kernels)
+                            for k, w in dense.items()}
+                layers = [{attr: cached.get(f"blk.{i}.{name}.weight", layers[i][attr])
+                           for name, attr in _EXPERT_NAMES.items()} for i in range(c.n_layers)]
+            else:
+                prepared = prepare_weights(dense, weights.origin, use_cache=packed_cache, family=self.kernels)
+            self.store = ExpertStore(layers, str(path), c.n_experts, self.budget["n_slots"], self.kernels,
+                                     policy=expert_policy)
             for i, pool in enumerate(self.store.pools):
                 prepared.update({f"blk.{i}.{name}.weight": pool[attr] for name, attr in _EXPERT_NAMES.items()})
         else:
