@@ -11,7 +11,7 @@ from tokenizer import Tokenizer
 from .cache import KVCache
 from .errors import ModelFormatError
 from .llm import LLM
-from .machine import meminfo, physical_cores, total_memory
+from .machine import available_memory, physical_cores
 from .weights import ModelWeights
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source"]
@@ -121,7 +121,7 @@ def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
     whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known."""
     from .backends.experts import MemoryBudgetError, parse_size
     if mem_budget is None:
-        avail = meminfo().get("MemAvailable") or total_memory()
+        avail = available_memory()
         if avail is None:
             return None, "unknown"
         budget, said = avail, f"{avail / 2**30:.1f} GiB (available now)"

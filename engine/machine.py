@@ -10,7 +10,8 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_flags", "cpu_model", "describe", "meminfo", "physical_cores", "total_memory"]
+__all__ = ["available_memory", "cgroup_memory", "cpu_flags", "cpu_model", "describe", "meminfo", "physical_cores",
+           "total_memory"]
 
 
 def _lines(path: str) -> list[str]:
@@ -83,3 +84,49 @@ def describe() -> dict:
     that changes from one moment to the next (available memory, load), so two reports compare equal."""
     return {"cpu": cpu_model(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
             "ram_bytes": total_memory()}
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, usage) in bytes of the memory cgroup this process runs in (a container, systemd-run -p MemoryMax,
+    a bench), or None when there is no limit or no cgroup to read. Linux only: cgroup v2's memory.max, else v1's
+    memory.limit_in_bytes; /proc/meminfo does not see either."""
+    for line in _lines("/proc/self/cgroup"):
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                limit = _first_line(f"{root}{path}/memory.max")
+                if limit is not None:
+                    usage = _first_line(f"{root}{path}/memory.current")
+                    return _limited(limit, usage)
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            return _limited(_first_line(f"{base}/memory.limit_in_bytes"), _first_line(f"{base}/memory.usage_in_bytes"))
+    return None
+
+
+def _first_line(path: str) -> str | None:
+    lines = _lines(path)
+    return lines[0].strip() if lines else None
+
+
+def _limited(limit: str | None, usage: str | None) -> tuple[int, int] | None:
+    if limit is None or not limit.isdigit():  # "max" (v2) or nothing to read
+        return None
+    n = int(limit)
+    if n >= 1 << 60:  # v1's "unlimited" is the largest page-aligned long
+        return None
+    return n, int(usage) if usage and usage.isdigit() else 0
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: MemAvailable (else installed memory), and no more than what its memory
+    cgroup leaves; None if nothing is known."""
+    avail = meminfo().get("MemAvailable") or total_memory()
+    group = cgroup_memory()
+    if group is not None:
+        room = max(0, group[0] - group[1])
+        avail = room if avail is None else min(avail, room)
+    return avail

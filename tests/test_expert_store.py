@@ -33,7 +33,8 @@ def budget_for(llm, n_slots: int) -> int:
     """The mem_budget that leaves exactly n_slots expert slots per block for llm's model."""
     b = llm.backend.budget
     kv = llm.cache.bytes_per_token * N_CTX
-    staging = ExpertStore.staging_bytes(b["slot"], b["slot"])
+    layer = {m: getattr(llm.backend.w.layers[0], m) for m in ("w1", "w3", "w2")}
+    staging = ExpertStore.staging_bytes(b["slot"], ExpertStore.largest_read(layer, llm.backend.kernels))
     return b["dense"] + staging + n_slots * b["slot"] * llm.config.n_layers + kv + BUDGET_MARGIN + 1
 
 
@@ -195,3 +196,24 @@ def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
             p.kill()
     assert p.returncode == 3, err
     assert "interrupted" in out
+
+
+@pytest.mark.parametrize("files,want", [
+    ({"/proc/self/cgroup": ["4:memory:/bench", "1:cpu:/"],
+      "/sys/fs/cgroup/memory/bench/memory.limit_in_bytes": ["17179869184"],
+      "/sys/fs/cgroup/memory/bench/memory.usage_in_bytes": ["1073741824"]}, (16 << 30, 1 << 30)),
+    ({"/proc/self/cgroup": ["0::/user.slice/app"],
+      "/sys/fs/cgroup/user.slice/app/memory.max": ["12884901888"],
+      "/sys/fs/cgroup/user.slice/app/memory.current": ["0"]}, (12 << 30, 0)),
+    ({"/proc/self/cgroup": ["0::/"], "/sys/fs/cgroup/memory.max": ["max"]}, None),
+    ({"/proc/self/cgroup": ["4:memory:/"],
+      "/sys/fs/cgroup/memory/memory.limit_in_bytes": ["9223372036854771712"]}, None),
+    ({}, None),
+])
+def test_memory_limit_of_the_cgroup(monkeypatch, files, want):
+    """The default budget sees a container's or bench's memory limit, which /proc/meminfo does not show."""
+    from engine import machine
+    monkeypatch.setattr(machine, "_lines", lambda path: files.get(path, []))
+    monkeypatch.setattr(machine, "meminfo", lambda: {"MemAvailable": 20 << 30})
+    assert machine.cgroup_memory() == want
+    assert machine.available_memory() == (20 << 30 if want is None else want[0] - want[1])

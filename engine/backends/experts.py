@@ -309,7 +309,7 @@ class ExpertStore:
     already in the kernels' form (nothing to repack)."""
 
     def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots: int, family: str,
-                 policy: str = "lfru", n_staging: int = 4):
+                 policy: str = "lfru", n_staging: int = 2):
         if policy not in POLICIES:
             raise MemoryBudgetError(f"unknown eviction policy {policy!r}; choose {', '.join(POLICIES)}")
         self.family, self.n_experts, self.n_slots = family, n_experts, n_slots
@@ -370,7 +370,20 @@ class ExpertStore:
         return total
 
     @staticmethod
-    def staging_bytes(slot: int, largest_read: int, n_staging: int = 4) -> int:
+    def largest_read(layer: dict, family: str) -> int:
+        """The most one read brings: one matrix of one expert, in the file's layout or its packed form."""
+        out = 0
+        for name in MATS:
+            w = layer[name]
+            _, n, k = w.shape
+            out = max(out, nbytes_for(w.qtype, (n, k)))
+            if w.qtype in kernels.packed_types(family):
+                out = max(out, max(int(np.prod(s)) * d.itemsize for s, d in
+                                   kernels.packed_shapes(w.qtype, 1, n, k, kernels.layout_of(family))))
+        return out
+
+    @staticmethod
+    def staging_bytes(slot: int, largest_read: int, n_staging: int = 2) -> int:
         """Memory besides the slots: the staged experts and the I/O threads' read windows."""
         return n_staging * slot + _IO_THREADS * _Reader.window_bytes(largest_read)
 
@@ -382,15 +395,16 @@ class ExpertStore:
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
-    def _read(self, st: _Staging, block: int, expert: int) -> None:
-        """On the I/O thread: the expert's three matrices into st, repacked for the kernels if read from the model
-        file (the repack runs here, without the GIL, on one thread, while the compute thread goes on)."""
+    def _read(self, arrays: dict, block: int, expert: int) -> None:
+        """On an I/O thread: the expert's three matrices into `arrays` ({mat: its arrays, expert axis of 1}: a
+        staging buffer, or the slot itself), repacked for the kernels if read from the model file (the repack runs
+        here, without the GIL, on one core, while the compute thread goes on)."""
         window = getattr(self._local, "window", None)
         if window is None:
             window = self._local.window = _aligned_buffer(self._window_bytes)
         n_read = 0
         for name in MATS:
-            reads, dst = self.sources[block][name][expert], st.arrays[name]
+            reads, dst = self.sources[block][name][expert], arrays[name]
             if self.repack and isinstance(self.pools[block][name], kernels.PackedWeight):
                 (offset, nbytes), = reads
                 raw = np.frombuffer(self.reader.read_into(window, offset, nbytes), np.uint8)
@@ -412,7 +426,7 @@ class ExpertStore:
         for st in self.staging:
             if st.key is None:
                 st.key = (block, expert)
-                st.future = self._io.submit(self._read, st, block, expert)
+                st.future = self._io.submit(self._read, st.arrays, block, expert)
                 return st
         return None
 
@@ -442,15 +456,6 @@ class ExpertStore:
             if st.key is not None and st.key[0] not in keep and st.future.done():
                 st.key, st.future = None, None
 
-    def _free_guess(self, block: int, wanted: set) -> bool:
-        """Free one buffer that holds a guess the step does not want (its read finishes first)."""
-        for st in self.staging:
-            if st.key is not None and not (st.key[0] == block and st.key[1] in wanted):
-                st.future.result()
-                st.key, st.future = None, None
-                return True
-        return False
-
     # -- the step's experts ---------------------------------------------------------------------------------------
 
     def ensure(self, block: int, experts: np.ndarray) -> np.ndarray:
@@ -467,42 +472,38 @@ class ExpertStore:
         self.stats.misses += len(missing)
         self.stats.per_block[block][0] += hits
         self.stats.per_block[block][1] += len(missing)
-        wanted = set(missing)
-        inflight, queue = [], []
-        for e in missing:
-            st = self._staged(block, e)
-            if st is not None:
-                inflight.append((e, st))
-                self.stats.prefetch_used += 1
-            else:
-                queue.append(e)
-
-        def top_up():  # keep the I/O thread busy while earlier experts are repacked
-            while queue:
-                st = self._start(block, queue[0])
-                if st is None:
-                    if not self._free_guess(block, wanted):
-                        return
-                    continue
-                inflight.append((queue.pop(0), st))
-
-        top_up()
-        while inflight:
-            e, st = inflight.pop(0)
-            t0 = time.perf_counter()
-            st.future.result()
-            t1 = time.perf_counter()
+        def claim(e: int) -> int:  # the slot expert e will take: the policy's victim among those not needed now
             slot = pol.victim([s for s in range(self.n_slots) if s not in busy], expert_in)
             old = expert_in[slot]
             if old >= 0:
                 slot_of[old] = -1
-            self._fill(block, slot, st)
-            st.key, st.future = None, None
-            slot_of[e], expert_in[slot] = slot, e
+            expert_in[slot] = -1
             busy.add(slot)
+            return slot
+
+        # experts read on a guess are copied from their staging buffer; the rest are read straight into the slot
+        # they take (no copy), all reads started before the first wait
+        pending = []
+        for e in missing:
+            st = self._staged(block, e)
+            if st is not None:
+                self.stats.prefetch_used += 1
+                pending.append((e, claim(e), st, st.future))
+            else:
+                slot = claim(e)
+                target = {name: tuple(a[slot:slot + 1] for a in _pool_arrays(self.pools[block][name]))
+                          for name in MATS}
+                pending.append((e, slot, None, self._io.submit(self._read, target, block, e)))
+        for e, slot, st, future in pending:
+            t0 = time.perf_counter()
+            future.result()
+            t1 = time.perf_counter()
+            if st is not None:
+                self._fill(block, slot, st)
+                st.key, st.future = None, None
+            slot_of[e], expert_in[slot] = slot, e
             self.stats.wait_s += t1 - t0
             self.stats.copy_s += time.perf_counter() - t1
-            top_up()
         for e in need:
             pol.touch(int(slot_of[e]), int(e))
         return slot_of[experts]

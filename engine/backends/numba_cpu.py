@@ -54,7 +54,7 @@ def plan_budget(weights: ModelWeights, named: dict, family: str, weight_budget: 
             "staging": 0}
     if weight_budget is None or dense + experts <= weight_budget:
         return plan
-    staging = ExpertStore.staging_bytes(slot, slot)  # a read is at most one slot's bytes
+    staging = ExpertStore.staging_bytes(slot, ExpertStore.largest_read(layers[0], family))
     n_slots = (weight_budget - dense - staging) // (slot * c.n_layers)
     if n_slots < c.n_experts_used:
         need = dense + staging + slot * c.n_layers * c.n_experts_used
