@@ -264,16 +264,24 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
         bound = 2 * ((1 << q_bits) - 1) * 127
         quads_ = [_load(builder, wp, q) for q in range(16)]
         highs = [_load(builder, wp, 16 + i) for i in range(8)] if q_bits == 3 else None
+        if q_bits == 2:
+            # fewer shifts (the VNNI families' bottleneck): codes at shift 2 and 6 are read in place as 4 x code
+            # (mask 0x0C; their sub-block sums still fit int16) and summed apart, those at 4 and 6 from one shift by
+            # 4; the mins likewise as 16 x min
+            quads4 = [builder.lshr(v, const(4)) for v in quads_]
         accs = [ir.Constant(V16, None)] * n_x
+        accs4 = [ir.Constant(V16, None)] * n_x
         offs = [ir.Constant(V16, None)] * n_x
         for t in range(8):
             h, p = divmod(t, 4)
             codes = []
             for i in range(8):
                 v = quads_[8 * h + i]
-                c = builder.and_(builder.lshr(v, const(2 * p)) if p else v, const(0x03030303))
-                if q_bits == 3:  # bit 4h + p of the hmask bytes, moved to bit 2
-                    hb, k = highs[i], 4 * h + p
+                if q_bits == 2:
+                    c = builder.and_(quads4[8 * h + i] if p >= 2 else v, const(0x0C0C0C0C if p % 2 else 0x03030303))
+                else:
+                    c = builder.and_(builder.lshr(v, const(2 * p)) if p else v, const(0x03030303))
+                    hb, k = highs[i], 4 * h + p  # bit 4h + p of the hmask bytes, moved to bit 2
                     hb = builder.lshr(hb, const(k - 2)) if k > 2 else builder.shl(hb, const(2 - k)) if k < 2 else hb
                     c = builder.or_(c, builder.and_(hb, const(0x04040404)))
                 codes.append(c)
@@ -281,14 +289,21 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
             if q_bits == 2:
                 w16 = builder.bitcast(builder.zext(raw, W32), V16)
                 sc_pair = builder.and_(w16, const(0x000F000F))
-                m_pair = builder.and_(builder.lshr(w16, const(4)), const(0x000F000F))
+                m_pair = builder.and_(w16, const(0x00F000F0))
             else:
                 sc_pair = m_pair = builder.bitcast(builder.sext(raw, W32), V16)
+            times4 = q_bits == 2 and p % 2 == 1
             for j, (xp_, pp) in enumerate(zip(xps, pps)):
                 xs_ = [splat(builder, _load(builder, xp_, 32 * h + 8 * p + i)) for i in range(8)]
-                accs[j] = dot.pair_scaled_dot(builder, accs[j], list(zip(codes[:4], xs_[:4])),
-                                              list(zip(codes[4:], xs_[4:])), bound, sc_pair)
+                lo, hi = list(zip(codes[:4], xs_[:4])), list(zip(codes[4:], xs_[4:]))
+                if times4:
+                    accs4[j] = dot.pair_scaled_dot(builder, accs4[j], lo, hi, 4 * bound, sc_pair)
+                else:
+                    accs[j] = dot.pair_scaled_dot(builder, accs[j], lo, hi, bound, sc_pair)
                 offs[j] = dot.word_dot(builder, offs[j], m_pair, splat(builder, _load(builder, pp, t)))
+        if q_bits == 2:  # exact: the parts are multiples of 4 and 16
+            accs = [builder.add(a, builder.ashr(a4, const(2))) for a, a4 in zip(accs, accs4)]
+            offs = [builder.ashr(o, const(4)) for o in offs]
         for j in range(n_x):
             _store_rows(context, builder, signature.args[13], ia, oo, j, accs[j])
             _store_rows(context, builder, signature.args[14], oa, oo, j, offs[j])
@@ -825,6 +840,7 @@ def _make_k23_runs(F: int, BITS: int) -> tuple:
                 sb = (e * n_groups + g) * nsb + b
                 base = sb * block
                 prefetch_ahead(qs, base, block)
+                prefetch_ahead(sc, sb * 1024, 1024)
                 for m in range(m0, m1):
                     for rq in range(4):
                         _k23_sb16(F, BITS, 1, qs, base + rq * QUAD_BYTES, sc, sb * 1024 + rq * 32, xq,
