@@ -3,6 +3,7 @@ slots few enough to force evictions; budgets that cannot work fail at load with 
 the page cache; the I/O thread stops on close and on Ctrl-C."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -217,3 +218,23 @@ def test_memory_limit_of_the_cgroup(monkeypatch, files, want):
     monkeypatch.setattr(machine, "meminfo", lambda: {"MemAvailable": 20 << 30})
     assert machine.cgroup_memory() == want
     assert machine.available_memory() == (20 << 30 if want is None else want[0] - want[1])
+
+
+def test_cli_shows_and_takes_the_budget(full):
+    """`info --mem-budget` shows the placement engine.load would choose; `generate --mem-budget` gives the same
+    greedy text as without one and says what the budget cost; a too-small budget is one error line."""
+    from test_cli import one_error_line, run_cli
+    budget = budget_for(full, 3)
+    r = run_cli("info", "--json", "--mem-budget", budget, "--n-ctx", N_CTX, "--kv-type", "f32")
+    assert r.returncode == 0, r.stderr
+    mem = json.loads(r.stdout)["memory"]
+    assert mem["n_slots"] == 3 and mem["resident_experts"] == 3 * mem["slot"] * full.config.n_layers
+    args = ("generate", "-p", "Once upon a time", "-n", "12", "--temp", "0", "--n-ctx", N_CTX)
+    free = run_cli(*args)
+    tight = run_cli(*args, "--mem-budget", budget)
+    assert free.returncode == 0 and tight.returncode == 0, tight.stderr
+    assert tight.stdout == free.stdout
+    assert "experts 3/8 per block resident, hit rate" in tight.stderr and "waiting on the disk" in tight.stderr
+    assert "experts" not in free.stderr.splitlines()[-1]
+    line = one_error_line(run_cli(*args, "--mem-budget", budget_for(full, 1)), 1)
+    assert "cannot hold the dense weights" in line

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["KERNELS_HELP", "MODEL_HELP", "UsageError", "add_model_args", "human_bytes", "load_model",
-           "sampling_kwargs", "tqdm_progress"]
+__all__ = ["KERNELS_HELP", "MEM_BUDGET_HELP", "MODEL_HELP", "UsageError", "add_budget_args", "add_model_args",
+           "expert_counters", "expert_line", "human_bytes", "load_model", "sampling_kwargs", "tqdm_progress"]
 
 MODEL_HELP = ("a Hugging Face or MLX model directory, a .gguf file, or a hub id owner/name[:TAG] already in the "
               "local cache (default: the embedded model)")
+MEM_BUDGET_HELP = ("memory the model may use, e.g. 16GiB or 12GB (default: what is available now, within a "
+                   "container's limit); when the experts do not fit, each block keeps the ones it uses most and "
+                   "reads the others from the file")
 KERNELS_HELP = ("numba kernel family: avx512vnni, avxvnni, avx2 or portable (default: $MIXLOCAL_KERNELS, else the "
                 "fastest this CPU runs)")
 
@@ -27,10 +30,17 @@ def add_model_args(p, *, sampling: bool, n_default: int):
     p.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
                    help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
     p.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
+    add_budget_args(p)
     if sampling:
         p.add_argument("-n", "--max-tokens", type=int, default=n_default, metavar="N",
                        help=f"most tokens to generate (default {n_default})")
         _add_sampling_args(p)
+
+
+def add_budget_args(p):
+    p.add_argument("--mem-budget", default=None, metavar="SIZE", help=MEM_BUDGET_HELP)
+    p.add_argument("--expert-policy", default="lfru", choices=("lfru", "lfu", "lru"),
+                   help="which expert leaves memory first under --mem-budget (default lfru: least used, recently)")
 
 
 def _add_sampling_args(p):
@@ -46,7 +56,31 @@ def _add_sampling_args(p):
 def load_model(args):
     import engine
     return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
-                       n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels)
+                       n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels,
+                       mem_budget=args.mem_budget, expert_policy=args.expert_policy)
+
+
+def expert_line(llm, before: dict | None) -> str:
+    """What a memory budget cost since `before` (expert_counters taken then): "" without a budget."""
+    now = expert_counters(llm)
+    if now is None or before is None:
+        return ""
+    d = {k: now[k] - before[k] for k in now}
+    used = d["hits"] + d["misses"]
+    rate = d["hits"] / used if used else 1.0
+    share = d["wait_s"] / d["wall_s"] if d["wall_s"] > 0 else 0.0
+    return (f"; experts {llm.backend.store.n_slots}/{llm.config.n_experts} per block resident, hit rate {rate:.2f}, "
+            f"{human_bytes(d['bytes_read'])} read, {share:.0%} of the time waiting on the disk")
+
+
+def expert_counters(llm) -> dict | None:
+    import time
+    store = getattr(llm.backend, "store", None)
+    if store is None:
+        return None
+    s = store.stats
+    return {"hits": s.hits, "misses": s.misses, "bytes_read": s.bytes_read, "wait_s": s.wait_s,
+            "wall_s": time.perf_counter()}
 
 
 def sampling_kwargs(args) -> dict:

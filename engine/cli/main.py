@@ -16,9 +16,12 @@ from pathlib import Path
 from . import bench, chat
 from .common import (
     KERNELS_HELP,
+    MEM_BUDGET_HELP,
     MODEL_HELP,
     UsageError,
     add_model_args,
+    expert_counters,
+    expert_line,
     human_bytes,
     load_model,
     sampling_kwargs,
@@ -56,6 +59,7 @@ def _generate(args) -> int:
     llm = load_model(args)
     sys.stdout.write(prompt)
     sys.stdout.flush()
+    before = expert_counters(llm)
     pieces = llm.stream(prompt, max_tokens=args.max_tokens, **sampling_kwargs(args))  # continues the prompt's text
     while True:
         try:
@@ -68,8 +72,8 @@ def _generate(args) -> int:
     sys.stdout.flush()
     t = res.timings
     print(f"prefill {t['prefill_tokens']} tokens at {t['prefill_tps']:.1f} tok/s, "
-          f"decode {t['decode_tokens']} tokens at {t['decode_tps']:.1f} tok/s ({res.finish_reason})",
-          file=sys.stderr)
+          f"decode {t['decode_tokens']} tokens at {t['decode_tps']:.1f} tok/s ({res.finish_reason})"
+          f"{expert_line(llm, before)}", file=sys.stderr)
     return 0
 
 
@@ -110,7 +114,8 @@ def _info(args) -> int:
     info = {"source": str(args.model) if args.model else "embedded default", "name": name,
             "quant": args.quant, "config": config.to_dict(), "tokenizer_vocab": tok.vocab_size, **st,
             "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,
-            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe()}
+            "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe(),
+            "memory": _memory_plan(weights, kernels["chosen"], args.mem_budget, kv_per_token * args.n_ctx)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -130,6 +135,14 @@ def _info(args) -> int:
           f"{human_bytes(st['bytes_per_decoded_token'])} ({config.n_experts_used} of {config.n_experts} experts)")
     print(f"KV cache ({args.kv_type}): {human_bytes(kv_per_token)} per token, "
           f"{human_bytes(kv_per_token * args.n_ctx)} at n_ctx {args.n_ctx}")
+    mem = info["memory"]
+    if mem["n_slots"] >= config.n_experts:
+        print(f"memory: all weights resident ({human_bytes(mem['dense'] + mem['experts'])} in the kernels' form) "
+              f"within {mem['budget_said']}")
+    else:
+        print(f"memory: within {mem['budget_said']}, dense weights {human_bytes(mem['dense'])} resident and "
+              f"{mem['n_slots']} of {config.n_experts} experts per block ({human_bytes(mem['resident_experts'])}); "
+              f"the others are read from the file when a token needs them")
     m = info["machine"]
     print(f"machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), "
           f"{human_bytes(m['ram_bytes'])} memory")
@@ -194,6 +207,17 @@ def _unavailable(command: str, why: str) -> int:
     raise RuntimeError(f"{command} is not available in this build ({why})")
 
 
+def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
+    """How engine.load would place the weights under mem_budget (numba backend): the same plan, without loading."""
+    from ..backends.numba_cpu import _PREPARED, plan_budget
+    from ..loader import weight_budget_for
+    budget, said = weight_budget_for(mem_budget, kv_bytes)
+    named = {k: t for k, t in weights.tensors().items() if k.split(".")[-2] in _PREPARED}
+    plan = plan_budget(weights, named, family, budget)
+    return {**plan, "budget_said": said,
+            "resident_experts": plan["n_slots"] * plan["slot"] * weights.config.n_layers}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,6 +255,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     i.add_argument("--n-ctx", type=int, default=32768, metavar="N", help="context for the KV total (default 32768)")
     i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default), f32 or q8_0")
     i.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
+    i.add_argument("--mem-budget", default=None, metavar="SIZE", help=MEM_BUDGET_HELP)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=_info)
 

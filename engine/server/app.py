@@ -308,6 +308,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default=None, metavar="FAMILY",
                         help="numba kernel family: avx512vnni, avxvnni, avx2 or portable (default: $MIXLOCAL_KERNELS, "
                              "else the fastest this CPU runs)")
+    parser.add_argument("--mem-budget", default=None, metavar="SIZE",
+                        help="memory the model may use, e.g. 16GiB (default: what is available now); experts that "
+                             "do not fit are read from the file when needed")
+    parser.add_argument("--expert-policy", default="lfru", choices=("lfru", "lfu", "lru"),
+                        help="which expert leaves memory first under --mem-budget (default lfru)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--quant", default=None)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -338,7 +343,8 @@ def run_serve(args) -> int:
     # Nothing to set here: the numba backend bounds the spinning itself (engine/backends/numba_cpu.py:
     # limit_openmp_spinning), and an explicit setting of the user's still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
-                      kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels)
+                      kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels,
+                      mem_budget=args.mem_budget, expert_policy=args.expert_policy)
     app = create_app(llm, api_key=args.api_key, aliases=args.alias, context_shift=args.context_shift,
                      seed_alias=not args.no_seed_alias, default_max_tokens=args.max_tokens)
     ids = ", ".join(app.state.service.model_ids)
