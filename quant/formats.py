@@ -17,10 +17,11 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 
+from . import iq_grids as _iq
 from .tensor import QType
 
 __all__ = [
-    "BLOCK_DTYPES", "QK_K", "SUPPORTED_TYPES", "UnsupportedTypeError",
+    "BLOCK_DTYPES", "DECODE_ONLY_TYPES", "DECODE_TYPES", "QK_K", "SUPPORTED_TYPES", "UnsupportedTypeError",
     "block_dtype", "dequantize", "quantize", "row_bytes",
 ]
 
@@ -47,6 +48,17 @@ BLOCK_DTYPES: dict[QType, np.dtype] = {
                           ("qs", "u1", QK_K // 2)]),
     QType.Q6_K: np.dtype([("ql", "u1", QK_K // 2), ("qh", "u1", QK_K // 4), ("scales", "i1", QK_K // 16),
                           ("d", "<f2")]),
+    # The IQ formats (decoded, not encoded here).
+    QType.IQ4_NL: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    QType.IQ4_XS: np.dtype([("d", "<f2"), ("scales_h", "<u2"), ("scales_l", "u1", QK_K // 64), ("qs", "u1", QK_K // 2)]),
+    QType.IQ3_XXS: np.dtype([("d", "<f2"), ("qs", "u1", 3 * QK_K // 8)]),  # 64 grid indices, then 8 u32 scale+signs
+    QType.IQ3_S: np.dtype([("d", "<f2"), ("qs", "u1", QK_K // 4), ("qh", "u1", QK_K // 32), ("signs", "u1", QK_K // 8),
+                           ("scales", "u1", QK_K // 64)]),
+    QType.IQ2_XXS: np.dtype([("d", "<f2"), ("qs", "<u2", QK_K // 8)]),
+    QType.IQ2_XS: np.dtype([("d", "<f2"), ("qs", "<u2", QK_K // 8), ("scales", "u1", QK_K // 32)]),
+    QType.IQ2_S: np.dtype([("d", "<f2"), ("qs", "u1", QK_K // 4), ("qh", "u1", QK_K // 32), ("scales", "u1", QK_K // 32)]),
+    QType.IQ1_S: np.dtype([("d", "<f2"), ("qs", "u1", QK_K // 8), ("qh", "<u2", QK_K // 32)]),
+    QType.IQ1_M: np.dtype([("qs", "u1", QK_K // 8), ("qh", "u1", QK_K // 16), ("scales", "u1", QK_K // 32)]),
 }
 
 # (elements per block, bytes per block) as ggml-common.h's static_asserts state them (ggml_half = 2 bytes).
@@ -64,27 +76,43 @@ _GGML_BLOCK = {
     QType.Q4_K: (QK_K, 2 * 2 + 12 + QK_K // 2),
     QType.Q5_K: (QK_K, 2 * 2 + 12 + QK_K // 2 + QK_K // 8),
     QType.Q6_K: (QK_K, 2 + QK_K // 16 + 3 * QK_K // 4),
+    QType.IQ4_NL: (32, 2 + 32 // 2),
+    QType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
+    QType.IQ3_XXS: (QK_K, 2 + 3 * (QK_K // 8)),
+    QType.IQ3_S: (QK_K, 2 + 13 * (QK_K // 32) + QK_K // 64),
+    QType.IQ2_XXS: (QK_K, 2 + QK_K // 8 * 2),
+    QType.IQ2_XS: (QK_K, 2 + QK_K // 8 * 2 + QK_K // 32),
+    QType.IQ2_S: (QK_K, 2 + QK_K // 4 + QK_K // 16),
+    QType.IQ1_S: (QK_K, 2 + QK_K // 8 + QK_K // 16),
+    QType.IQ1_M: (QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),
 }
 
 for _q, _dt in BLOCK_DTYPES.items():
     assert _dt.itemsize == _GGML_BLOCK[_q][1], f"{_q.name}: struct is {_dt.itemsize} bytes, ggml says {_GGML_BLOCK[_q][1]}"
     assert GGML_QUANT_SIZES[_q] == _GGML_BLOCK[_q], f"{_q.name}: gguf-py disagrees with ggml-common.h"
 
-SUPPORTED_TYPES: tuple[QType, ...] = tuple(BLOCK_DTYPES)
+# Formats decoded only: no encoder here yet (ggml's IQ quantizers need an importance matrix to be worth having).
+DECODE_ONLY_TYPES: tuple[QType, ...] = (QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS,
+                                        QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M)
+# Formats both decoded and encoded, and every format decoded.
+SUPPORTED_TYPES: tuple[QType, ...] = tuple(q for q in BLOCK_DTYPES if q not in DECODE_ONLY_TYPES)
+DECODE_TYPES: tuple[QType, ...] = tuple(BLOCK_DTYPES)
 
 
 class UnsupportedTypeError(ValueError, NotImplementedError):
     """A ggml type that this package does not decode or encode (the IQ family, for example)."""
 
 
-def _check_type(qtype) -> QType:
+def _check_type(qtype, encode: bool = False) -> QType:
     try:
         qtype = QType(qtype)
     except ValueError:
         raise UnsupportedTypeError(f"unknown ggml type id {qtype!r}") from None
-    if qtype not in BLOCK_DTYPES:
-        raise UnsupportedTypeError(f"ggml type {qtype.name} is not supported (supported: "
-                                   f"{', '.join(q.name for q in SUPPORTED_TYPES)})")
+    known = SUPPORTED_TYPES if encode else DECODE_TYPES
+    if qtype not in known:
+        raise UnsupportedTypeError(f"ggml type {qtype.name} is not supported for "
+                                   f"{'quantizing' if encode else 'decoding'} (supported: "
+                                   f"{', '.join(q.name for q in known)})")
     return qtype
 
 
@@ -293,10 +321,128 @@ def _deq_q6_k(b):
     return (d * q.reshape(nb, 16, 16).astype(_F32)).reshape(nb, QK_K)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Dequantize, the IQ formats: ggml's dequantize_row_iq* (ggml/src/ggml-quants.c), the same float32 products in the
+# same order. The lattice tables are quant/iq_grids.py.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_SIGN_BITS = np.arange(8, dtype=np.uint8)
+
+
+def _signs8(masks: np.ndarray) -> np.ndarray:
+    """(...) uint8 sign masks -> (..., 8) float32 +-1: bit j set makes element j negative."""
+    return np.where((masks[..., None] >> _SIGN_BITS) & 1, _F32(-1), _F32(1))
+
+
+def _u32(a: np.ndarray) -> np.ndarray:
+    """A (nb, 4k) uint8 / (nb, 2k) uint16 field read as (nb, k) little-endian uint32."""
+    return np.ascontiguousarray(a).view("<u4")
+
+
+def _iq2_db(d: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """IQ2_XS/IQ2_S: d * (0.5 + nibble) * 0.25 per 16 values, (nb, 8 sub-blocks, 2): low nibble first."""
+    nib = np.stack([scales & 0xF, scales >> 4], axis=-1).astype(_F32)
+    return d[:, None, None] * (_F32(0.5) + nib) * _F32(0.25)
+
+
+def _deq_iq4_nl(b):
+    return b["d"].astype(_F32)[:, None] * _iq.KVALUES_IQ4NL[_nibbles(b["qs"])].astype(_F32)
+
+
+def _deq_iq4_xs(b):
+    nb = b.shape[0]
+    ib = np.arange(QK_K // 32)
+    low = (b["scales_l"][:, ib // 2].astype(np.int32) >> (4 * (ib % 2))) & 0xF
+    high = (b["scales_h"].astype(np.int32)[:, None] >> (2 * ib)) & 3
+    dl = b["d"].astype(_F32)[:, None] * ((low | (high << 4)) - 32).astype(_F32)
+    q = _nibbles(b["qs"].reshape(nb * 8, 16)).reshape(nb, 8, 32)
+    return (dl[:, :, None] * _iq.KVALUES_IQ4NL[q].astype(_F32)).reshape(nb, QK_K)
+
+
+def _deq_iq2_xxs(b):
+    nb = b.shape[0]
+    aux = _u32(b["qs"]).reshape(nb, 8, 2)  # per 32 values: 4 grid indices (bytes), then 4 x 7 sign bits + scale
+    idx = np.ascontiguousarray(aux[:, :, 0]).view(np.uint8).reshape(nb, 8, 4)
+    db = b["d"].astype(_F32)[:, None] * (_F32(0.5) + (aux[:, :, 1] >> 28).astype(_F32)) * _F32(0.25)
+    signs = _iq.KSIGNS[(aux[:, :, 1, None] >> (7 * np.arange(4, dtype=np.uint32))) & 127]
+    grid = _iq.IQ2XXS_GRID[idx].astype(_F32)
+    return (db[:, :, None, None] * grid * _signs8(signs)).reshape(nb, QK_K)
+
+
+def _deq_iq2_xs(b):
+    nb = b.shape[0]
+    qs = b["qs"].reshape(nb, 8, 2, 2)  # (sub-block, scale half, pair)
+    db = _iq2_db(b["d"].astype(_F32), b["scales"])
+    grid = _iq.IQ2XS_GRID[qs & 511].astype(_F32)
+    return (db[..., None, None] * grid * _signs8(_iq.KSIGNS[qs >> 9])).reshape(nb, QK_K)
+
+
+def _deq_iq2_s(b):
+    nb = b.shape[0]
+    low = b["qs"][:, :QK_K // 8].reshape(nb, 8, 4).astype(np.int32)
+    high = (b["qh"].astype(np.int32)[:, :, None] >> (2 * np.arange(4))) & 3
+    idx = (low | (high << 8)).reshape(nb, 8, 2, 2)
+    signs = b["qs"][:, QK_K // 8:].reshape(nb, 8, 2, 2)
+    db = _iq2_db(b["d"].astype(_F32), b["scales"])
+    grid = _iq.IQ2S_GRID[idx].astype(_F32)
+    return (db[..., None, None] * grid * _signs8(signs)).reshape(nb, QK_K)
+
+
+def _deq_iq3_xxs(b):
+    nb = b.shape[0]
+    idx = b["qs"][:, :QK_K // 4].reshape(nb, 8, 4, 2)  # 2 grid entries of 4 values per 8 values
+    aux = _u32(b["qs"][:, QK_K // 4:])  # (nb, 8): 4 x 7 sign bits, scale in the top 4
+    db = b["d"].astype(_F32)[:, None] * (_F32(0.5) + (aux >> 28).astype(_F32)) * _F32(0.5)
+    signs = _iq.KSIGNS[(aux[:, :, None] >> (7 * np.arange(4, dtype=np.uint32))) & 127]
+    grid = _iq.IQ3XXS_GRID[idx].astype(_F32).reshape(nb, 8, 4, 8)
+    return (db[:, :, None, None] * grid * _signs8(signs)).reshape(nb, QK_K)
+
+
+def _deq_iq3_s(b):
+    nb = b.shape[0]
+    high = np.unpackbits(b["qh"], axis=1, bitorder="little").astype(np.int32)  # 9th bit of grid index k
+    idx = b["qs"].astype(np.int32) | (high << 8)
+    grid = _iq.IQ3S_GRID[idx].astype(_F32).reshape(nb, 8, 32)
+    ib = np.arange(QK_K // 32)
+    sc = (b["scales"][:, ib // 2].astype(np.int32) >> (4 * (ib % 2))) & 0xF
+    db = b["d"].astype(_F32)[:, None] * (1 + 2 * sc).astype(_F32)
+    signs = _signs8(b["signs"]).reshape(nb, 8, 32)
+    return (db[:, :, None] * grid * signs).reshape(nb, QK_K)
+
+
+def _deq_iq1_s(b):
+    nb = b.shape[0]
+    qh = b["qh"].astype(np.int32)  # (nb, 8): 4 x 3 index bits, 3 scale bits, the delta's sign
+    dl = b["d"].astype(_F32)[:, None] * (2 * ((qh >> 12) & 7) + 1).astype(_F32)
+    delta = np.where(qh & 0x8000, -_iq.IQ1S_DELTA, _iq.IQ1S_DELTA)
+    idx = b["qs"].reshape(nb, 8, 4).astype(np.int32) | (((qh[:, :, None] >> (3 * np.arange(4))) & 7) << 8)
+    grid = _iq.IQ1S_GRID[idx].astype(_F32)
+    return (dl[:, :, None, None] * (grid + delta[:, :, None, None])).reshape(nb, QK_K)
+
+
+def _deq_iq1_m(b):
+    nb = b.shape[0]
+    sc = np.ascontiguousarray(b["scales"]).view("<u2").astype(np.int32)  # (nb, 4)
+    bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
+    d = bits.astype(np.uint16).view(np.float16).astype(_F32)  # the f16 scale, spread over the top nibbles
+    ib = np.arange(QK_K // 32)
+    shift = (6 * (ib % 2))[:, None] + np.array([0, 3])  # (8, 2): two 3-bit scales per 32 values
+    s = (sc[:, ib // 2, None] >> shift) & 7
+    dl = d[:, None, None] * (2 * s + 1).astype(_F32)  # (nb, 8, 2)
+    qh = (b["qh"].reshape(nb, 8, 2, 1).astype(np.int32) >> np.array([0, 4])).reshape(nb, 8, 4)
+    idx = b["qs"].reshape(nb, 8, 4).astype(np.int32) | ((qh & 7) << 8)
+    delta = np.where(qh & 8, -_iq.IQ1S_DELTA, _iq.IQ1S_DELTA)
+    grid = _iq.IQ1S_GRID[idx].astype(_F32)
+    return (np.repeat(dl, 2, axis=2)[..., None] * (grid + delta[..., None])).reshape(nb, QK_K)
+
+
 _DEQUANTIZERS = {
     QType.Q8_0: _deq_q8_0, QType.Q4_0: _deq_q4_0, QType.Q4_1: _deq_q4_1, QType.Q5_0: _deq_q5_0,
     QType.Q5_1: _deq_q5_1, QType.Q2_K: _deq_q2_k, QType.Q3_K: _deq_q3_k, QType.Q4_K: _deq_q4_k,
     QType.Q5_K: _deq_q5_k, QType.Q6_K: _deq_q6_k,
+    QType.IQ4_NL: _deq_iq4_nl, QType.IQ4_XS: _deq_iq4_xs, QType.IQ2_XXS: _deq_iq2_xxs, QType.IQ2_XS: _deq_iq2_xs,
+    QType.IQ2_S: _deq_iq2_s, QType.IQ3_XXS: _deq_iq3_xxs, QType.IQ3_S: _deq_iq3_s, QType.IQ1_S: _deq_iq1_s,
+    QType.IQ1_M: _deq_iq1_m,
 }
 
 
@@ -634,7 +780,7 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
 
 def quantize(qtype: QType, x: np.ndarray) -> np.ndarray:
     """Encode float values shaped (..., cols) into raw bytes shaped (..., row_bytes), as ggml's reference does."""
-    qtype = _check_type(qtype)
+    qtype = _check_type(qtype, encode=True)
     x = np.asarray(x)
     if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"quantize needs a float array with at least one axis, got {x.dtype} with shape {x.shape}")

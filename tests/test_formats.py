@@ -258,8 +258,8 @@ def test_quantize_keeps_leading_axes():
 # ----------------------------------------------------------------------------------------------------------------------
 
 def test_unsupported_type_is_named():
-    with pytest.raises(UnsupportedTypeError, match="IQ4_XS"):
-        dequantize(QType.IQ4_XS, np.zeros((1, 136), np.uint8))
+    with pytest.raises(UnsupportedTypeError, match="TQ2_0"):
+        dequantize(QType.TQ2_0, np.zeros((1, 66), np.uint8))
     with pytest.raises(ValueError, match="IQ2_XXS"):
         quantize(QType.IQ2_XXS, np.zeros((1, 256), np.float32))
     with pytest.raises(ValueError, match="9999"):

@@ -146,9 +146,9 @@ def test_unknown_type_id(gguf_q8, tmp_path):
         engine.load(p)
 
 
-def test_iq_type_named_in_error(gguf_q4, tmp_path):
-    p = _patch_tensor_info(gguf_q4, tmp_path / "iq.gguf", "blk.0.attn_q.weight", type_id=int(Q.IQ4_NL))
-    with pytest.raises(engine.ModelFormatError, match=r"iq.gguf: tensor blk\.0\.attn_q\.weight has type IQ4_NL"):
+def test_unsupported_type_named_in_error(gguf_q4, tmp_path):
+    p = _patch_tensor_info(gguf_q4, tmp_path / "tq.gguf", "blk.0.attn_q.weight", type_id=int(Q.TQ2_0))
+    with pytest.raises(engine.ModelFormatError, match=r"tq.gguf: tensor blk\.0\.attn_q\.weight has type TQ2_0"):
         engine.load(p)
 
 

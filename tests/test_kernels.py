@@ -151,9 +151,9 @@ def test_bad_inputs_raise_value_errors():
         kernels.linear(p2, np.zeros((1, 64), np.float32), out=np.zeros((1, 5), np.float64))
     with pytest.raises(ValueError, match="stacked"):
         kernels.expert_linear(p2, np.zeros((1, 64), np.float32), np.array([0]))
-    iq = QTensor(QType.IQ4_XS, (2, 256), np.zeros(2 * GGML_QUANT_SIZES[QType.IQ4_XS][1], np.uint8))
-    with pytest.raises(ValueError, match="IQ4_XS"):
-        kernels.prepare(iq)
+    tq = QTensor(QType.TQ2_0, (2, 256), np.zeros(2 * GGML_QUANT_SIZES[QType.TQ2_0][1], np.uint8))
+    with pytest.raises(ValueError, match="TQ2_0"):
+        kernels.prepare(tq)
 
 
 def test_empty_batches():

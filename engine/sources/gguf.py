@@ -21,6 +21,8 @@ __all__ = ["SUPPORTED_TYPES", "load_gguf", "read_gguf"]
 SUPPORTED_TYPES = frozenset({
     QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+    QType.IQ4_NL, QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S,
+    QType.IQ1_M,
 })
 _OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 

@@ -13,6 +13,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..iq_grids import (
+    IQ1S_DELTA,
+    IQ1S_GRID,
+    IQ2S_GRID,
+    IQ2XS_GRID,
+    IQ2XXS_GRID,
+    IQ3S_GRID,
+    IQ3XXS_GRID,
+    KSIGNS,
+    KVALUES_IQ4NL,
+)
 from ..tensor import QType
 
 __all__ = ["F16_TABLE", "FORMAT_CODE", "dequantize_rows", "matmul_rows"]
@@ -22,6 +33,8 @@ FORMAT_CODE = {
     QType.F32: 0, QType.F16: 1, QType.BF16: 2,
     QType.Q8_0: 3, QType.Q4_0: 4, QType.Q4_1: 5, QType.Q5_0: 6, QType.Q5_1: 7,
     QType.Q2_K: 8, QType.Q3_K: 9, QType.Q4_K: 10, QType.Q5_K: 11, QType.Q6_K: 12,
+    QType.IQ4_NL: 13, QType.IQ4_XS: 14, QType.IQ3_XXS: 15, QType.IQ3_S: 16, QType.IQ2_XXS: 17, QType.IQ2_XS: 18,
+    QType.IQ2_S: 19, QType.IQ1_S: 20, QType.IQ1_M: 21,
 }
 
 # Exact half -> float for every bit pattern; numba has no float16 on the CPU and a 256 KiB table is exact and fast.
@@ -171,6 +184,171 @@ def _row_q6_k(src, dst, tab, n16):  # ql[128] | qh[64] | scales int8[16] | d    
                     dst[base + l + 96] = s3 * np.float32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
 
 
+# The IQ formats: ggml's dequantize_row_iq* (ggml/src/ggml-quants.c). The lattice tables (quant/iq_grids.py) are
+# module globals, which numba compiles in as constant arrays. A sign mask byte's bit j negates element j of 8.
+
+@njit(inline="always")
+def _sign(mask, j):
+    return np.float32(-1.0) if (mask >> j) & 1 else np.float32(1.0)
+
+
+@njit(inline="always")
+def _u16(src, o):
+    return np.int64(src[o]) | (np.int64(src[o + 1]) << 8)
+
+
+@njit(inline="always")
+def _u32le(src, o):
+    return _u16(src, o) | (_u16(src, o + 2) << 16)
+
+
+@njit(inline="always")
+def _row_iq4_nl(src, dst, tab):  # d | qs[16]: low nibbles elements 0-15, high 16-31           (18 bytes)
+    for b in range(dst.shape[0] // 32):
+        o = b * 18
+        d = _h(tab, src, o)
+        for j in range(16):
+            v = np.int32(src[o + 2 + j])
+            dst[b * 32 + j] = d * np.float32(KVALUES_IQ4NL[v & 15])
+            dst[b * 32 + 16 + j] = d * np.float32(KVALUES_IQ4NL[v >> 4])
+
+
+@njit(inline="always")
+def _row_iq4_xs(src, dst, tab):  # d | scales_h u16 | scales_l[4] | qs[128]                    (136 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 136
+        d = _h(tab, src, o)
+        sh = _u16(src, o + 2)
+        for ib in range(8):
+            ls = ((np.int64(src[o + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+            dl = d * np.float32(ls - 32)
+            oq = o + 8 + ib * 16
+            base = b * 256 + ib * 32
+            for j in range(16):
+                v = np.int32(src[oq + j])
+                dst[base + j] = dl * np.float32(KVALUES_IQ4NL[v & 15])
+                dst[base + 16 + j] = dl * np.float32(KVALUES_IQ4NL[v >> 4])
+
+
+@njit(inline="always")
+def _row_iq3_xxs(src, dst, tab):  # d | qs[64] grid indices | 8 x u32 (4 x 7 sign bits, 4-bit scale)   (98 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 98
+        d = _h(tab, src, o)
+        for ib in range(8):
+            aux = _u32le(src, o + 66 + 4 * ib)
+            db = d * (np.float32(0.5) + np.float32(aux >> 28)) * np.float32(0.5)
+            for l in range(4):
+                signs = KSIGNS[(aux >> (7 * l)) & 127]
+                g1 = np.int64(src[o + 2 + 8 * ib + 2 * l])
+                g2 = np.int64(src[o + 2 + 8 * ib + 2 * l + 1])
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(4):
+                    dst[base + j] = db * np.float32(IQ3XXS_GRID[g1, j]) * _sign(signs, j)
+                    dst[base + 4 + j] = db * np.float32(IQ3XXS_GRID[g2, j]) * _sign(signs, j + 4)
+
+
+@njit(inline="always")
+def _row_iq3_s(src, dst, tab):  # d | qs[64] | qh[8] (9th index bits) | signs[32] | scales[4]      (110 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 110
+        d = _h(tab, src, o)
+        for ib in range(8):
+            sc = (np.int64(src[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15
+            db = d * np.float32(1 + 2 * sc)
+            qh = np.int64(src[o + 66 + ib])
+            for k in range(8):  # 8 grid entries of 4 values
+                g = np.int64(src[o + 2 + 8 * ib + k]) | (((qh >> k) & 1) << 8)
+                signs = np.int64(src[o + 74 + 4 * ib + k // 2])
+                base = b * 256 + ib * 32 + k * 4
+                for j in range(4):
+                    dst[base + j] = db * np.float32(IQ3S_GRID[g, j]) * _sign(signs, 4 * (k % 2) + j)
+
+
+@njit(inline="always")
+def _row_iq2_xxs(src, dst, tab):  # d | 8 x (u32 4 grid indices, u32 4 x 7 sign bits + 4-bit scale)   (66 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 66
+        d = _h(tab, src, o)
+        for ib in range(8):
+            aux = _u32le(src, o + 2 + 8 * ib + 4)
+            db = d * (np.float32(0.5) + np.float32(aux >> 28)) * np.float32(0.25)
+            for l in range(4):
+                g = np.int64(src[o + 2 + 8 * ib + l])
+                signs = KSIGNS[(aux >> (7 * l)) & 127]
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(8):
+                    dst[base + j] = db * np.float32(IQ2XXS_GRID[g, j]) * _sign(signs, j)
+
+
+@njit(inline="always")
+def _row_iq2_xs(src, dst, tab):  # d | qs u16[32] (9-bit index, 7 sign bits) | scales[8]            (74 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 74
+        d = _h(tab, src, o)
+        for ib in range(8):
+            sc = np.int64(src[o + 66 + ib])
+            for l in range(4):
+                db = d * (np.float32(0.5) + np.float32((sc >> (4 * (l // 2))) & 15)) * np.float32(0.25)
+                q = _u16(src, o + 2 + 8 * ib + 2 * l)
+                signs = KSIGNS[q >> 9]
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(8):
+                    dst[base + j] = db * np.float32(IQ2XS_GRID[q & 511, j]) * _sign(signs, j)
+
+
+@njit(inline="always")
+def _row_iq2_s(src, dst, tab):  # d | qs[32] | signs[32] | qh[8] (2 index bits each) | scales[8]  (82 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 82
+        d = _h(tab, src, o)
+        for ib in range(8):
+            sc = np.int64(src[o + 74 + ib])
+            qh = np.int64(src[o + 66 + ib])
+            for l in range(4):
+                db = d * (np.float32(0.5) + np.float32((sc >> (4 * (l // 2))) & 15)) * np.float32(0.25)
+                g = np.int64(src[o + 2 + 4 * ib + l]) | (((qh >> (2 * l)) & 3) << 8)
+                signs = np.int64(src[o + 34 + 4 * ib + l])
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(8):
+                    dst[base + j] = db * np.float32(IQ2S_GRID[g, j]) * _sign(signs, j)
+
+
+@njit(inline="always")
+def _row_iq1_s(src, dst, tab):  # d | qs[32] | qh u16[8] (4 x 3 index bits, 3-bit scale, delta sign)   (50 bytes)
+    for b in range(dst.shape[0] // 256):
+        o = b * 50
+        d = _h(tab, src, o)
+        for ib in range(8):
+            qh = _u16(src, o + 34 + 2 * ib)
+            dl = d * np.float32(2 * ((qh >> 12) & 7) + 1)
+            delta = -IQ1S_DELTA if qh & 0x8000 else IQ1S_DELTA
+            for l in range(4):
+                g = np.int64(src[o + 2 + 4 * ib + l]) | (((qh >> (3 * l)) & 7) << 8)
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(8):
+                    dst[base + j] = dl * (np.float32(IQ1S_GRID[g, j]) + delta)
+
+
+@njit(inline="always")
+def _row_iq1_m(src, dst, tab):  # qs[32] | qh[16] | scales u16[4] (3-bit scales; the f16 d in the top nibbles) (56)
+    for b in range(dst.shape[0] // 256):
+        o = b * 56
+        s0, s1, s2, s3 = _u16(src, o + 48), _u16(src, o + 50), _u16(src, o + 52), _u16(src, o + 54)
+        bits = (s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)
+        d = tab[bits]
+        for ib in range(8):
+            sc = _u16(src, o + 48 + 2 * (ib // 2))
+            for l in range(4):
+                dl = d * np.float32(2 * ((sc >> (6 * (ib % 2) + 3 * (l // 2))) & 7) + 1)
+                qh = np.int64(src[o + 32 + 2 * ib + l // 2]) >> (4 * (l % 2))
+                g = np.int64(src[o + 4 * ib + l]) | ((qh & 7) << 8)
+                delta = -IQ1S_DELTA if qh & 8 else IQ1S_DELTA
+                base = b * 256 + ib * 32 + l * 8
+                for j in range(8):
+                    dst[base + j] = dl * (np.float32(IQ1S_GRID[g, j]) + delta)
+
+
 @njit(cache=True)
 def _decode_row(fmt, src, dst, tab, n16):
     """Decode one row of blocks src (uint8, row_bytes) into dst (float32, cols)."""
@@ -206,6 +384,24 @@ def _decode_row(fmt, src, dst, tab, n16):
         _row_q45_k(src, dst, tab, n16, True)
     elif fmt == 12:
         _row_q6_k(src, dst, tab, n16)
+    elif fmt == 13:
+        _row_iq4_nl(src, dst, tab)
+    elif fmt == 14:
+        _row_iq4_xs(src, dst, tab)
+    elif fmt == 15:
+        _row_iq3_xxs(src, dst, tab)
+    elif fmt == 16:
+        _row_iq3_s(src, dst, tab)
+    elif fmt == 17:
+        _row_iq2_xxs(src, dst, tab)
+    elif fmt == 18:
+        _row_iq2_xs(src, dst, tab)
+    elif fmt == 19:
+        _row_iq2_s(src, dst, tab)
+    elif fmt == 20:
+        _row_iq1_s(src, dst, tab)
+    elif fmt == 21:
+        _row_iq1_m(src, dst, tab)
 
 
 @njit(inline="always")
