@@ -32,6 +32,8 @@ import numpy as np
 
 from quant import kernels
 
+from .machine import available_memory
+
 __all__ = ["MIN_CACHED_BYTES", "cache_dir", "cached_weights", "prepare_weights"]
 
 MAGIC = b"MIXLPACK"
@@ -54,16 +56,6 @@ def cache_dir() -> Path:
 
 def _note(msg: str) -> None:
     print(f"mixlocal: {msg}", file=sys.stderr, flush=True)
-
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _plan(named: dict, family: str) -> tuple[list[dict], int]:
@@ -111,7 +103,7 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
     entries, total = _plan(named, family)
 
     def in_memory():
-        avail = _mem_available()
+        avail = available_memory()
         if avail is not None and total > 0.8 * avail:
             # a second copy of the weights would bring in the OOM killer: the file-layout kernels read the map as is
             _note(f"the packed weights ({total / 1e9:.1f} GB) would not fit in the {avail / 1e9:.1f} GB of free "

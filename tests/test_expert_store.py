@@ -171,6 +171,7 @@ def test_io_thread_stops_on_close(full):
     assert not [t for t in __import__("threading").enumerate() if t.name.startswith("mixlocal-experts")]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers no SIGINT to a child process")
 def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
     budget = budget_for(full, 2)
     script = textwrap.dedent(f"""

@@ -127,7 +127,7 @@ def test_full_disk_packs_in_memory(q4_model, cache_dir, in_memory, monkeypatch, 
 
 def test_weights_that_would_not_fit_twice_stay_in_the_file_layout(q4_model, cache_dir, in_memory, monkeypatch,
                                                                     capsys):
-    monkeypatch.setattr(packed_cache, "_mem_available", lambda: 1 << 20)
+    monkeypatch.setattr(packed_cache, "available_memory", lambda: 1 << 20)
     llm = _load(q4_model, packed_cache=False)
     assert "would not fit" in capsys.readouterr().err
     assert not _packed_arrays(llm)

@@ -192,8 +192,11 @@ class _Reader:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self.direct_fd = None
+        # Windows has no positional reads: one file object, seek + readinto under a lock
+        self._file = None if hasattr(os, "preadv") else open(path, "rb", buffering=0)  # noqa: SIM115
+        self._file_lock = threading.Lock()
         if hasattr(os, "O_DIRECT"):
             try:
                 self.direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -216,11 +219,17 @@ class _Reader:
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         return got
 
-    @staticmethod
-    def _read_fully(fd: int, view: memoryview, offset: int, allow_short: bool = True) -> memoryview:
+    def _pread(self, fd: int, view: memoryview, offset: int) -> int:
+        if self._file is None:
+            return os.preadv(fd, [view], offset)
+        with self._file_lock:
+            self._file.seek(offset)
+            return self._file.readinto(view)
+
+    def _read_fully(self, fd: int, view: memoryview, offset: int, allow_short: bool = True) -> memoryview:
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = self._pread(fd, view[done:], offset + done)
             if n == 0:
                 if allow_short and done:  # O_DIRECT past the end of file: the tail is simply shorter
                     break
@@ -237,6 +246,8 @@ class _Reader:
             if fd is not None:
                 os.close(fd)
         self.fd = self.direct_fd = None
+        if self._file is not None:
+            self._file.close()
 
 
 def _aligned_buffer(nbytes: int) -> memoryview:

@@ -62,8 +62,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def _peak_rss_bytes() -> int:
-    import resource
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory, or None where the OS does not report it (Windows has no `resource`)."""
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux kibibytes
 
