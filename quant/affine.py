@@ -195,8 +195,9 @@ def quantize_affine(x: np.ndarray, bits: int = 4, group_size: int = 64, scale_dt
 EXACT_BITS = {QType.Q4_0: 4, QType.Q4_1: 4, QType.Q5_0: 5, QType.Q5_1: 5, QType.Q8_0: 8, QType.Q4_K: 4,
               QType.Q5_K: 5}
 EXACT_GGML = tuple(EXACT_BITS)
-# Formats whose 16-element sub-blocks no MLX group size expresses: dequantized and requantized to these widths.
-REQUANT_BITS = {QType.Q2_K: 4, QType.Q3_K: 4, QType.Q6_K: 8}
+# Formats no MLX affine group expresses, dequantized and requantized to these widths: the K formats with 16-element
+# sub-blocks, and IQ4_NL / IQ4_XS, whose 16 levels are not evenly spaced (4-bit groups of 32 keep their size class).
+REQUANT_BITS = {QType.Q2_K: 4, QType.Q3_K: 4, QType.Q6_K: 8, QType.IQ4_NL: 4, QType.IQ4_XS: 4}
 
 
 def _ggml_groups(qtype: QType, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

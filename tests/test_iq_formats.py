@@ -9,6 +9,8 @@ tables are also checked against entries read from ggml's ggml-common.h.
 """
 from __future__ import annotations
 
+import logging
+
 import gguf
 import numpy as np
 import pytest
@@ -218,8 +220,9 @@ def test_iq_model_matches_float64_reference(iq_files, qtype):
     assert llm.backend.mats[0]["w1"].qtype == qtype
     ours = llm.eval(IDS)
     ref = numpy_forward(path, IDS)  # no activation rounding: IQ weights run in float on the file layout
-    assert rel_err(ours, ref) < 1e-3
-    assert mean_kl(ref, ours) < 1e-5
+    # float32 kernels against float64: measured rel err 2e-7 and KL 3e-14 (IQ3_XXS, IQ1_M); logits have std ~1
+    assert rel_err(ours, ref) < 1e-5
+    assert mean_kl(ref, ours) < 1e-9
 
 
 def test_damaged_iq_tensor_is_a_model_format_error(iq_files, tmp_path):
@@ -236,3 +239,31 @@ def test_damaged_iq_tensor_is_a_model_format_error(iq_files, tmp_path):
     cut.write_bytes(raw[:len(raw) - 1000])
     with pytest.raises(engine.ModelFormatError, match="cut.gguf"):
         engine.load(cut)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The MLX backend: IQ4 requantized with a notice, lower IQ formats refused by name
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", [QType.IQ4_XS, QType.IQ4_NL], ids=lambda q: q.name)
+def test_mlx_requantizes_iq4_with_a_notice(qtype, caplog):
+    pytest.importorskip("mlx.core")
+    from engine.backends.mlx import to_affine
+    w, ref = make_iq_weight(qtype, (24, 512), seed=5)
+    with caplog.at_level(logging.WARNING, logger="mixlocal.mlx"):
+        a = to_affine(w, "blk.0.test.weight")
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and qtype.name in notices[0] and "requantized" in notices[0]
+    assert a.bits == 4
+    err = np.abs(a.dequantize() - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.1
+
+
+@pytest.mark.parametrize("qtype", [q for q in IQ_TYPES if q not in (QType.IQ4_XS, QType.IQ4_NL)],
+                         ids=lambda q: q.name)
+def test_mlx_refuses_lower_iq_formats_by_name(qtype):
+    pytest.importorskip("mlx.core")
+    from engine.backends.mlx import to_affine
+    w, _ = make_iq_weight(qtype, (4, 256), seed=6)
+    with pytest.raises(ValueError, match=rf"blk\.0\.test\.weight: {qtype.name} has no MLX form.*backend='numba'"):
+        to_affine(w, "blk.0.test.weight")

@@ -4,10 +4,12 @@ Letters: T tokens in this call, D model width, H query heads, Hkv KV heads, Dh h
 A active experts per token, F expert hidden width, V vocabulary, L cached positions.
 
 Weights are prepared once. Quantized ggml blocks that MLX's affine groups express exactly (Q4_0, Q4_1, Q8_0, Q5_0,
-Q5_1, Q4_K, Q5_K) become affine triplets with groups of 32; Q2_K, Q3_K and Q6_K (16-element sub-blocks) are
-dequantized and requantized, with a notice. Dense layers run mx.quantized_matmul; stacked experts run
-mx.gather_qmm, with tokens sorted by expert in prefill so each expert's weights are read once. Float weights (HF
-checkpoints) stay float and run matmul / gather_mm. The whole forward pass is one lazy graph, evaluated once.
+Q5_1, Q4_K, Q5_K) become affine triplets with groups of 32; Q2_K, Q3_K and Q6_K (16-element sub-blocks) and IQ4_NL /
+IQ4_XS (non-linear levels) are dequantized and requantized, with a notice. The IQ formats below 4 bits are refused
+with a ValueError naming the format and tensor (requantizing them would about double their memory). Dense layers run
+mx.quantized_matmul; stacked experts run mx.gather_qmm, with tokens sorted by expert in prefill so each expert's
+weights are read once. Float weights (HF checkpoints) stay float and run matmul / gather_mm. The whole forward pass
+is one lazy graph, evaluated once.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ from .numba_cpu import RouterTrace
 __all__ = ["MLXBackend", "MLXKVCache", "Precision", "choose_precision"]
 
 log = logging.getLogger("mixlocal.mlx")
+
+# The IQ formats below 4 bits: neither mapped nor requantized (see to_affine).
+NO_MLX_FORM = frozenset({QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S,
+                         QType.IQ1_M})
 
 SORT_MIN_ROWS = 64  # token-expert pairs from which sorting by expert pays (mlx-lm's threshold too)
 
@@ -92,10 +98,16 @@ def to_affine(t, name: str, scale_dtype: str = "F32") -> AffineTensor:
     products d * sc that float16 cannot hold stay float32 here and are rounded only by the backend's params dtype."""
     if isinstance(t, AffineTensor):
         return t
+    if t.qtype in NO_MLX_FORM:
+        raise ValueError(f"{name}: {t.qtype.name} has no MLX form yet: its lattice codes have no affine equivalent, "
+                         f"and requantizing to MLX's 4-bit groups would about double its memory; "
+                         f"run this file with backend='numba' (mixlocal --backend numba)")
     if t.qtype in REQUANT_BITS:
         bits = REQUANT_BITS[t.qtype]
-        log.warning("mixlocal: %s: %s has 16-element sub-blocks that MLX's groups (32+) cannot hold; "
-                    "dequantized and requantized to %d-bit groups of 32", name, t.qtype.name, bits)
+        why = ("has non-linear levels that MLX's affine groups cannot hold" if t.qtype in (QType.IQ4_NL, QType.IQ4_XS)
+               else "has 16-element sub-blocks that MLX's groups (32+) cannot hold")
+        log.warning("mixlocal: %s: %s %s; dequantized and requantized to %d-bit groups of 32", name, t.qtype.name,
+                    why, bits)
         from quant import formats
         mats = list(t.mats) if isinstance(t, QStack) else ([t.expert(e) for e in range(t.shape[0])]
                                                            if len(t.shape) == 3 else [t])
