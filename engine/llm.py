@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from .cache import KVCache
 from .config import ModelConfig
 from .errors import ContextOverflowError
 from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 __all__ = ["LLM", "GenerationResult"]
 
@@ -128,7 +132,8 @@ class LLM:
         return [int(t) for t in self._check_tokens(prompt)]
 
     def _steps(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-               stop: list[str] | None, stats: dict, continuation: bool = True) -> Iterator[_Step]:
+               stop: list[str] | None, stats: dict, continuation: bool = True,
+               constraint: Constraint | None = None, bias: np.ndarray | None = None) -> Iterator[_Step]:
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         sampler = Sampler(params)
@@ -147,10 +152,18 @@ class LLM:
         matcher = StopMatcher(list(stop or []))
         eos = self.tokenizer.eos_id
         for _ in range(max_tokens):
-            tok = sampler.sample(logits, self._history)
+            z = logits if bias is None else logits + bias
+            if constraint is not None:
+                if constraint.finished:  # the output is complete: only EOS could follow
+                    stats["finish_reason"] = "stop"
+                    break
+                z = constraint.mask(z)
+            tok = sampler.sample(z, self._history)
             if tok == eos:
                 stats["finish_reason"] = "stop"
                 break
+            if constraint is not None:
+                constraint.advance(tok)
             stats["completion_tokens"] += 1
             emit, stopped = matcher.feed(detok.feed(tok))
             yield _Step(emit, tok, logits)
@@ -163,6 +176,8 @@ class LLM:
             logits = self.eval([tok], logits="last")[-1]
             stats["decode_s"] += time.perf_counter() - t
             stats["decoded"] += 1
+        if constraint is not None:
+            stats["mask_s"], stats["masks"] = constraint.mask_s, constraint.masks
         tail, _ = matcher.feed(detok.flush())
         tail += matcher.flush()
         if tail:
@@ -177,21 +192,34 @@ class LLM:
                    "prefill_tps": stats["prefilled"] / stats["prefill_s"] if stats["prefill_s"] > 0 else 0.0,
                    "decode_s": stats["decode_s"], "decode_tokens": stats["decoded"],
                    "decode_tps": stats["decoded"] / stats["decode_s"] if stats["decode_s"] > 0 else 0.0}
+        if stats.get("masks"):
+            timings["grammar_mask_ms_per_token"] = 1000 * stats["mask_s"] / stats["masks"]
         return usage, timings
 
     def stream_steps(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
-                     continuation: bool = True, **sampling) -> Iterator[_Step]:
+                     continuation: bool = True, response_format: dict | None = None, grammar=None,
+                     logit_bias: dict | None = None, **sampling) -> Iterator[_Step]:
         """Every step of a generation: `.text` (possibly empty), `.token` (None for the final flush of held-back
         text) and `.logits`, the raw logits the token was drawn from, valid only until the next step. For callers
         that need per-token data (the server's logprobs). Returns the GenerationResult.
 
         sampling: SamplingParams fields by name (temperature, top_k, top_p, min_p, repeat_penalty, ...); None keeps
         the default. continuation=True means the text continues the prompt and keeps the space before its first
-        word; chat answers pass False."""
+        word; chat answers pass False.
+
+        response_format (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+        "schema"}}) or grammar (a Lark string, {"lark": ...} or {"regex": ...}) constrains the output token by token
+        (engine/constraints.py); the timings then carry grammar_mask_ms_per_token. logit_bias: {token id: bias in
+        [-100, 100]} added to the logits before every draw, as OpenAI's."""
         params = SamplingParams().with_(**sampling)
+        from .constraints import Constraint, grammar_for
+        spec = grammar_for(response_format, grammar)
+        constraint = Constraint(self.tokenizer, spec, self.config.vocab_size) if spec is not None else None
+        bias = _bias_vector(logit_bias, self.config.vocab_size)
         stats: dict = {}
         pieces, tokens = [], []
-        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats, continuation):
+        for step in self._steps(self._encode_prompt(prompt), params, max_tokens, _stops(stop), stats, continuation,
+                                constraint, bias):
             if step.token is not None:
                 tokens.append(step.token)
             pieces.append(step.text)
@@ -202,7 +230,7 @@ class LLM:
     def stream(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
                continuation: bool = True, **sampling) -> Iterator[str]:
         """Yield text pieces as they are made. The generator's return value is the GenerationResult. sampling:
-        SamplingParams fields by name, as for stream_steps."""
+        SamplingParams fields by name, and response_format, grammar, logit_bias, as for stream_steps."""
         steps = self.stream_steps(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation, **sampling)
         while True:
             try:
@@ -215,7 +243,7 @@ class LLM:
     def generate(self, prompt, *, max_tokens: int = 256, stop: list[str] | str | None = None,
                  continuation: bool = True, **sampling) -> GenerationResult:
         """Generate up to max_tokens after prompt (text or token ids); temperature=0 is greedy. sampling:
-        SamplingParams fields by name, as for stream_steps."""
+        SamplingParams fields by name, and response_format, grammar, logit_bias, as for stream_steps."""
         steps = self.stream(prompt, max_tokens=max_tokens, stop=stop, continuation=continuation, **sampling)
         while True:
             try:
@@ -248,6 +276,26 @@ class LLM:
                 break
             yield shape.chunk(piece)
         yield {**shape.chunk(None, finish_reason=res.finish_reason), "usage": res.usage}
+
+
+def _bias_vector(logit_bias, n: int) -> np.ndarray | None:
+    """OpenAI's logit_bias ({token id (int or its string): bias in [-100, 100]}) as a vector over the vocabulary."""
+    if not logit_bias:
+        return None
+    if not isinstance(logit_bias, dict):
+        raise ValueError("logit_bias must map token ids to numbers")  # noqa: TRY004 (bad input: a ValueError)
+    bias = np.zeros(n, np.float32)
+    for key, value in logit_bias.items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= tok < n:
+            raise ValueError(f"logit_bias token id {tok} is outside the vocabulary of {n}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias value for token {tok} must be a number in [-100, 100], got {value!r}")
+        bias[tok] = value
+    return bias
 
 
 def _stops(stop) -> list[str]:

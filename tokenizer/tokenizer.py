@@ -147,6 +147,20 @@ class Tokenizer:
         token_id = self._sp.piece_to_id(piece)
         return token_id if self._piece_texts[token_id] == piece else None
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for in decoded text, as a grammar engine matches them: "▁" is a space, a byte
+        piece its byte; control and unknown pieces are 0xFF followed by their text (llguidance's mark for tokens
+        that never appear in text)."""
+        out = []
+        for text, kind, byte in zip(self._piece_texts, self._piece_types, self._piece_bytes):
+            if kind == PieceType.BYTE:
+                out.append(bytes([byte]))
+            elif kind in (PieceType.CONTROL, PieceType.UNKNOWN):
+                out.append(b"\xff" + text.encode("utf-8"))
+            else:
+                out.append(text.replace("\u2581", " ").encode("utf-8"))
+        return out
+
     def is_control(self, token_id: int) -> bool:
         return self._piece_types[self._check_id(token_id)] == PieceType.CONTROL
 
