@@ -306,8 +306,12 @@ CHAT_ERRORS = [
      "assistant"),
     ("tools", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
                "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("JSON mode", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "response_format": {"type": "json_object"}},
-     400, "response_format"),
+    ("schema that does not compile", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ("bad regex grammar", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "grammar": {"regex": "(a"}}, 400,
+     "grammar"),
+    ("bad logit_bias", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "logit_bias": {"x": 1}}, 400,
+     "logit_bias"),
     ("top_logprobs alone", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("stream_options alone", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
@@ -548,3 +552,39 @@ def test_create_app_in_process(hf_model_dir, model_name):
         assert tc.post("/v1/chat/completions", json={"model": "house-model", "messages": SEED_MESSAGES}).status_code == 401
         assert tc.get("/v1/models", headers=auth).json()["data"][0]["id"] == llm.name
         assert tc.get("/health").json()["finished"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Structured output through the openai SDK
+# ---------------------------------------------------------------------------------------------------------------------
+
+VERDICT = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                            "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+           "required": ["answer", "n"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_response_format(client, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+    kw = {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "max_tokens": 40, "seed": 3, "response_format": fmt}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    else:
+        resp = client.chat.completions.create(**kw)
+        text, finish = resp.choices[0].message.content, resp.choices[0].finish_reason
+    assert finish == "stop", text
+    out = json.loads(text)
+    assert set(out) == {"answer", "n"} and out["answer"] in ("yes", "no") and 0 <= out["n"] <= 9
+
+
+def test_completions_take_response_format_and_logit_bias(client, spm):
+    resp = client.completions.create(model=SEED_MODEL_ID, prompt="The verdict:", max_tokens=40, seed=1,
+                                     extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                         "name": "verdict", "schema": VERDICT}}})
+    assert set(json.loads(resp.choices[0].text)) == {"answer", "n"}
+    plain = client.completions.create(model=SEED_MODEL_ID, prompt="Once upon a time", max_tokens=1, temperature=0)
+    pushed = client.completions.create(model=SEED_MODEL_ID, prompt="Once upon a time", max_tokens=1,
+                                       temperature=0, logit_bias={"42": 100})
+    assert pushed.choices[0].text == spm.decode([42]) != plain.choices[0].text

@@ -1,6 +1,6 @@
 """OpenAI request bodies, checked: every field the server reads is validated here, before any model call.
 
-A value the server cannot honour (n=2, tools, a JSON response format, logit_bias ...) is a 400 that names the
+A value the server cannot honour (n=2, tools ...) is a 400 that names the
 field, never silently ignored. Fields this server does not know at all (`user`, `metadata`, OpenRouter's
 `provider` or `transforms` ...) are ignored, as llama.cpp's server ignores them, so that clients written for
 hosted APIs keep working.
@@ -61,9 +61,10 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     top_logprobs: int | None = None         # None: no logprobs; 0..N: logprobs with that many alternatives
+    structure: dict = field(default_factory=dict)  # response_format / grammar / logit_bias, for LLM.stream_steps
 
     def sampling_kwargs(self) -> dict:
-        return {**self.sampling.as_kwargs(), "stop": self.stop}
+        return {**self.sampling.as_kwargs(), "stop": self.stop, **self.structure}
 
 
 @dataclass
@@ -149,7 +150,6 @@ def _common(body: dict) -> dict:
     if n is not None and not (_is_int(n) and n == 1):
         raise bad_request(f"'n' must be 1: this server makes one choice per request (got {json.dumps(n)}); "
                           f"send several requests instead", "n", "unsupported_parameter")
-    _unsupported(body, "logit_bias", (), "the sampler has no per-token bias")
 
     # max_completion_tokens is the newer name for max_tokens in OpenAI's chat API
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -161,6 +161,7 @@ def _common(body: dict) -> dict:
         "stream": _boolean(body, "stream", False),
     }
 
+    kw["structure"] = _structure(body)
     options = body.get("stream_options")
     if options is not None:
         if not kw["stream"]:
@@ -170,6 +171,39 @@ def _common(body: dict) -> dict:
         kw["include_usage"] = _boolean(options, "include_usage", False)
 
     return kw
+
+
+def _structure(body: dict) -> dict:
+    """response_format (OpenAI's), grammar (a Lark string, or {"lark"} / {"regex"}) and logit_bias, checked here
+    so that a schema or grammar that cannot be compiled is a 400 naming the problem, not a failed generation."""
+    from llguidance import LLMatcher
+
+    from ..constraints import ConstraintError, grammar_for
+    out = {}
+    fmt, grammar = body.get("response_format"), body.get("grammar")
+    param = "grammar" if grammar is not None else "response_format"
+    try:
+        spec = grammar_for(fmt, grammar)
+        if spec is not None:
+            error = LLMatcher.validate_grammar(spec)
+            if error:
+                raise ConstraintError(f"cannot compile the grammar: {error}")
+    except ConstraintError as e:
+        raise bad_request(f"'{param}': {e}", param) from None
+    if spec is not None:
+        out["response_format" if grammar is None else "grammar"] = fmt if grammar is None else grammar
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad_request("'logit_bias' must map token ids to numbers", "logit_bias", "invalid_type")
+        for key, value in bias.items():
+            if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise bad_request(f"'logit_bias' maps token ids to numbers in [-100, 100]; got {key!r}: "
+                                  f"{json.dumps(value)}", "logit_bias")
+        if bias:
+            out["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+    return out
 
 
 def api_sampling(body: dict) -> SamplingParams:
@@ -231,10 +265,6 @@ def parse_chat_request(body: dict) -> ChatRequest:
         _unsupported(body, name, (), "this server has no tool calling")
     for name in ("tool_choice", "function_call"):
         _unsupported(body, name, "none", "this server has no tool calling")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported by this server: "
-                          "it does not constrain output to JSON", "response_format", "unsupported_parameter")
     _unsupported(body, "modalities", ["text"], "text output only")
     _unsupported(body, "audio", (), "text output only")
 
