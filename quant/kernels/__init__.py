@@ -183,7 +183,7 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
         return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), u8),
                 ((n_exp, g, k // 256, 2, rows), u16)]
     if qtype == QType.Q3_K:
-        return [((n_exp, g, k // 256, 4, 24, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
+        return [((n_exp, g, k // 256, 4, 8, 3, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
                 ((n_exp, g, k // 256, rows), u16)]
     return [((n_exp, g, k // 256, 8, 4, 6, 16, 4), u8), ((n_exp, g, k // 256, 16, rows), np.dtype(np.int8)),
             ((n_exp, g, k // 256, rows), u16)]  # Q6_K

@@ -11,7 +11,8 @@ one multiply-add instruction serves 16 rows against 4 broadcast activation bytes
   Q6_K  (G, nsb, 8 chunks, 4 quarters, 6 quads, 16 rows, 4 bytes)  see pack_q6_k; 210 bytes per 256 as in the file
   Q2_K  (G, nsb, 4 quarters, 16 quads, 16 rows, 4 bytes)  the file's 2-bit codes as they are (4 quads per word, one
         shift apart; _k23_sb16); with the file's scale bytes as int16 pairs, 84 bytes per 256 as in the file
-  Q3_K  (G, nsb, 4 quarters, 24 quads, 16 rows, 4 bytes)  as Q2_K, then the 32 bytes of high bits; 114 bytes per 256
+  Q3_K  (G, nsb, 4 quarters, 8 pairs, 3 words, 16 rows, 4 bytes)  8 3-bit codes in 3 bytes (pack_q3_k); 114 bytes
+        per 256 with the scales as int16 pairs (the file: 110)
 Scales are the arrays of portable.py (f16 bits, and for Q4_K/Q5_K the unpacked 6-bit scales and mins). Packed
 weights are the file's size but for K-quant scales unpacked to a byte each (Q4_K 148 bytes per 256, Q5_K 180).
 
@@ -237,10 +238,10 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
     Q3_K 0..7), and osum[...] = sum over s of m_rs * (sum of x_js), where m is Q2_K's min and Q3_K's scale (its
     offset of 4 comes off as 4 osum).
 
-    w: the quarter's 16 quads of 2-bit codes at w_off (quad q = 8 h + i: byte l of row r is the file's qs byte
-    32 h + 4 i + l, whose bits 2 p..2 p+1 hold element 128 h + 32 p + 4 i + l), then for Q3_K the 8 quads of high
-    bits (quad 16 + i: hmask bytes 4 i..4 i+3, bit 4 h + p for the same elements). So one shift and one mask give
-    the codes of 4 consecutive elements, and sub-block pair t = 4 h + p takes quads 8 h .. 8 h + 7 at shift 2 p.
+    w: the quarter's codes at w_off. Q2_K: 16 quads (quad q = 8 h + i: byte l of row r is the file's qs byte
+    32 h + 4 i + l, whose bits 2 p..2 p+1 hold element 128 h + 32 p + 4 i + l), so one shift and one mask give the
+    codes of 4 consecutive elements, and sub-block pair t = 4 h + p takes quads 8 h .. 8 h + 7 at shift 2 p. Q3_K:
+    pair t (elements 32 t..32 t+31) in quads 3 t..3 t+2, 8 codes of 3 bits per 3 bytes (pack_q3_k).
     sp: the scales as int16-pair bytes, pair t (sub-blocks 2t, 2t+1) at sp_off + 128 t: Q2_K the file's bytes (scale
     in the low nibble, min in the high one), Q3_K int8 scales; xp: each activation row's per-16 sums as int16 pairs
     (activations.py) from xp_off + j*xp_stride."""
@@ -262,8 +263,7 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
             return splat(builder, ir.Constant(I32, v))
 
         bound = 2 * ((1 << q_bits) - 1) * 127
-        quads_ = [_load(builder, wp, q) for q in range(16)]
-        highs = [_load(builder, wp, 16 + i) for i in range(8)] if q_bits == 3 else None
+        quads_ = [_load(builder, wp, q) for q in range(24 if q_bits == 3 else 16)]
         if q_bits == 2:
             # fewer shifts (the VNNI families' bottleneck): codes at shift 2 and 6 are read in place as 4 x code
             # (mask 0x0C; their sub-block sums still fit int16) and summed apart, those at 4 and 6 from one shift by
@@ -275,16 +275,19 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
         for t in range(8):
             h, p = divmod(t, 4)
             codes = []
-            for i in range(8):
-                v = quads_[8 * h + i]
-                if q_bits == 2:
-                    c = builder.and_(quads4[8 * h + i] if p >= 2 else v, const(0x0C0C0C0C if p % 2 else 0x03030303))
-                else:
-                    c = builder.and_(builder.lshr(v, const(2 * p)) if p else v, const(0x03030303))
-                    hb, k = highs[i], 4 * h + p  # bit 4h + p of the hmask bytes, moved to bit 2
-                    hb = builder.lshr(hb, const(k - 2)) if k > 2 else builder.shl(hb, const(2 - k)) if k < 2 else hb
-                    c = builder.or_(c, builder.and_(hb, const(0x04040404)))
-                codes.append(c)
+            if q_bits == 2:
+                for i in range(8):
+                    v = quads_[8 * h + i]
+                    codes.append(builder.and_(quads4[8 * h + i] if p >= 2 else v,
+                                              const(0x0C0C0C0C if p % 2 else 0x03030303)))
+            else:  # pack_q3_k: quads 0-5 are the 3-bit fields of the pair's three words, 6 and 7 split over them
+                b0, b1, b2 = quads_[3 * t:3 * t + 3]
+                seven = const(0x07070707)
+                for v in (b0, b1, b2):
+                    codes += [builder.and_(v, seven), builder.and_(builder.lshr(v, const(3)), seven)]
+                for v, k in ((b0, 4), (b1, 5)):
+                    codes.append(builder.or_(builder.and_(builder.lshr(v, const(6)), const(0x03030303)),
+                                             builder.and_(builder.lshr(b2, const(k)), const(0x04040404))))
             raw = _load(builder, scp, 4 * t)
             if q_bits == 2:
                 w16 = builder.bitcast(builder.zext(raw, W32), V16)
@@ -293,8 +296,9 @@ def _k23_sb16(typingctx, fam, bits, n, w, w_off, sp, sp_off, x, x_off, x_stride,
             else:
                 sc_pair = m_pair = builder.bitcast(builder.sext(raw, W32), V16)
             times4 = q_bits == 2 and p % 2 == 1
+            first = 32 * h + 8 * p if q_bits == 2 else 8 * t  # the activation word of quad 0
             for j, (xp_, pp) in enumerate(zip(xps, pps)):
-                xs_ = [splat(builder, _load(builder, xp_, 32 * h + 8 * p + i)) for i in range(8)]
+                xs_ = [splat(builder, _load(builder, xp_, first + i)) for i in range(8)]
                 lo, hi = list(zip(codes[:4], xs_[:4])), list(zip(codes[4:], xs_[4:]))
                 if times4:
                     accs4[j] = dot.pair_scaled_dot(builder, accs4[j], lo, hi, 4 * bound, sc_pair)
@@ -531,16 +535,25 @@ def pack_q2_k(rows, qs, scm, dd):
 
 @njit(parallel=True, cache=True)
 def pack_q3_k(rows, qs, sc, d):
-    """rows (N, nsb*110) -> qs (G, nsb, 4, 24 quads, 16, 4) (the file's 64 qs bytes, then its 32 hmask bytes;
-    _k23_sb16), sc (G, nsb, 16, ROWS) int8 scales (6-bit, less 32) as int16-pair bytes, d (G, nsb, ROWS).
+    """rows (N, nsb*110) -> qs (G, nsb, 4, 8 pairs, 3 words, 16, 4), sc (G, nsb, 16, ROWS) int8 scales (6-bit, less
+    32) as int16-pair bytes, d (G, nsb, ROWS).
+
+    Codes (low | high << 2, 0..7) in element order: pair t of sub-blocks holds elements 32 t..32 t+31, quad k being
+    32 t + 4 k..+3, in three words whose byte l (element 32 t + 4 k + l of each quad k) is
+      word 0: c0 | c1 << 3 | (c6 & 3) << 6,  word 1: c2 | c3 << 3 | (c7 & 3) << 6,
+      word 2: c4 | c5 << 3 | (c6 >> 2) << 6 | (c7 >> 2) << 7
+    so that six quads take a mask (and a shift) each and two take five operations, instead of about five each from
+    the file's 2-bit and 1-bit planes; 96 bytes per 256 as in the file.
 
     Block layout: ggml-common.h block_q3_K and ggml/src/ggml-quants.c dequantize_row_q3_K (hmask[32], qs[64],
-    scales[12], d; scale s has its low 4 bits in byte s % 8 (high nibble from s = 8) and its high 2 bits in byte
-    8 + s % 4 at bit 2 (s // 4))."""
+    scales[12], d; element 128 h + 32 p + l has its low bits at bit 2p of qs[32 h + l] and its high bit at bit
+    4 h + p of hmask[l]; scale s has its low 4 bits in byte s % 8 (high nibble from s = 8) and its high 2 bits in
+    byte 8 + s % 4 at bit 2 (s // 4))."""
     n = rows.shape[0]
     n_groups, nsb = qs.shape[0], qs.shape[1]
     for g in prange(n_groups):
         r_end = min(ROWS, n - g * ROWS)
+        code = np.empty(256, np.uint8)
         for b in range(nsb):
             o = b * 110
             for r in range(ROWS):
@@ -552,19 +565,22 @@ def pack_q3_k(rows, qs, sc, d):
                         lo = (src[o + 96 + s % 8] >> (4 * (s // 8))) & 15
                         hi = (src[o + 104 + s % 4] >> (2 * (s // 4))) & 3
                         _put_pair(sc, g, b, 0, s, r, np.uint8(((lo | (hi << 4)) - 32) & 255))
-                    for q in range(16):
-                        for jj in range(4):
-                            qs[g, b, rq, q, rr, jj] = src[o + 32 + 4 * q + jj]
-                    for q in range(8):
-                        for jj in range(4):
-                            qs[g, b, rq, 16 + q, rr, jj] = src[o + 4 * q + jj]
+                    for h in range(2):
+                        for p in range(4):
+                            for l in range(32):
+                                code[128 * h + 32 * p + l] = ((src[o + 32 + 32 * h + l] >> (2 * p)) & 3) \
+                                    | (((src[o + l] >> (4 * h + p)) & 1) << 2)
                 else:
                     d[g, b, r] = 0
                     for s in range(16):
                         _put_pair(sc, g, b, 0, s, r, 0)
-                    for q in range(24):
-                        for jj in range(4):
-                            qs[g, b, rq, q, rr, jj] = 0
+                    code[:] = 0
+                for t in range(8):
+                    for jj in range(4):
+                        c = code[32 * t + jj:32 * t + 32:4]  # c[k]: element 32 t + 4 k + jj
+                        qs[g, b, rq, t, 0, rr, jj] = c[0] | (c[1] << 3) | ((c[6] & 3) << 6)
+                        qs[g, b, rq, t, 1, rr, jj] = c[2] | (c[3] << 3) | ((c[7] & 3) << 6)
+                        qs[g, b, rq, t, 2, rr, jj] = c[4] | (c[5] << 3) | ((c[6] >> 2) << 6) | ((c[7] >> 2) << 7)
 
 
 # ---------------------------------------------------------------------------------------------------------------
