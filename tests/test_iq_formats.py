@@ -246,6 +246,18 @@ def test_damaged_iq_tensor_is_a_model_format_error(iq_files, tmp_path):
         engine.load(cut)
 
 
+def test_iq_experts_under_a_memory_budget(iq_files):
+    """Experts in an IQ format read from the file into 2 of 8 slots per block: the logits of the unbudgeted load."""
+    from test_expert_store import N_CTX, budget_for
+    path = iq_files(QType.IQ3_XXS)
+    ref = engine.load(path, n_ctx=N_CTX, kv_type="f32", backend="numba")
+    ids = list(range(3, 40))
+    want = ref.eval(ids)
+    with engine.load(path, n_ctx=N_CTX, kv_type="f32", backend="numba", mem_budget=budget_for(ref, 2)) as llm:
+        assert llm.backend.store.n_slots == 2
+        assert np.array_equal(llm.eval(ids), want)
+        assert llm.backend.store.stats.misses > 0
+
 @pytest.mark.skipif(llama_cpp_status() is not None, reason=str(llama_cpp_status()))
 @pytest.mark.parametrize("qtype,ftype", [(QType.IQ4_XS, 30), (QType.IQ4_NL, 25), (QType.IQ3_S, 26)],
                          ids=lambda v: v.name if isinstance(v, QType) else str(v))
