@@ -252,30 +252,61 @@ class LLM:
                 return done.value
 
     def create_chat_completion(self, messages: list[dict], *, max_tokens: int = 256, stream: bool = False,
+                               tools: list[dict] | None = None, tool_choice=None, parallel_tool_calls=None,
                                **sampling):
         """OpenAI-shaped chat completion, in the server's shapes (engine/server/responses.py): a dict, or with
-        stream=True an iterator of chunk dicts whose last one carries the usage."""
+        stream=True an iterator of chunk dicts whose last one carries the usage.
+
+        tools / tool_choice / parallel_tool_calls: OpenAI's; answers come back as message.tool_calls with
+        finish_reason "tool_calls", and "tool" messages in `messages` carry the results back (engine/tools.py says
+        how they are written into the Mixtral prompt). sampling also takes response_format, grammar, logit_bias."""
         # Imported here: only this method needs the server's package
         from .server.responses import ResponseShape
+        from .tools import answer_schema, render_messages, tool_spec
 
-        prompt_ids = self.tokenizer.encode_chat(messages)
+        spec = tool_spec(tools, tool_choice, parallel_tool_calls)
+        if spec.active:
+            if sampling.get("response_format") is not None or sampling.get("grammar") is not None:
+                raise ValueError("tools cannot be combined with response_format or grammar")
+            sampling["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "tool_answer", "schema": answer_schema(spec)}}
+        prompt_ids = self.tokenizer.encode_chat(render_messages(messages, spec))
         shape = ResponseShape("chat", self.name, self.tokenizer)
         if stream:
-            return self._chat_chunks(prompt_ids, max_tokens, sampling, shape)
+            return self._chat_chunks(prompt_ids, max_tokens, sampling, shape, spec.active)
         res = self.generate(prompt_ids, max_tokens=max_tokens, continuation=False, **sampling)
-        return shape.complete(res.text, res.finish_reason, res.usage, res.timings, None)
+        text, calls, finish = res.text, None, res.finish_reason
+        if spec.active:
+            text, calls, finish = _parse_tool_answer(text, finish)
+        return shape.complete(text, finish, res.usage, res.timings, None, calls)
 
-    def _chat_chunks(self, prompt_ids, max_tokens, sampling, shape):
+    def _chat_chunks(self, prompt_ids, max_tokens, sampling, shape, tools_active: bool = False):
         yield shape.chunk(None, first=True)
         gen = self.stream(prompt_ids, max_tokens=max_tokens, continuation=False, **sampling)
+        held = []  # a tool answer is known once it is whole
         while True:
             try:
                 piece = next(gen)
             except StopIteration as done:
                 res: GenerationResult = done.value
                 break
-            yield shape.chunk(piece)
-        yield {**shape.chunk(None, finish_reason=res.finish_reason), "usage": res.usage}
+            if tools_active:
+                held.append(piece)
+            else:
+                yield shape.chunk(piece)
+        finish = res.finish_reason
+        if tools_active:
+            content, calls, finish = _parse_tool_answer("".join(held), finish)
+            if calls:
+                yield shape.chunk(None, tool_calls=calls)
+            elif content:
+                yield shape.chunk(content)
+        yield {**shape.chunk(None, finish_reason=finish), "usage": res.usage}
+
+
+def _parse_tool_answer(text: str, finish_reason: str):
+    from .tools import parse_answer
+    return parse_answer(text, finish_reason)
 
 
 def _bias_vector(logit_bias, n: int) -> np.ndarray | None:

@@ -304,8 +304,14 @@ CHAT_ERRORS = [
     ("unknown role", {"model": SEED_MODEL_ID, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
     ("roles out of order", {"model": SEED_MODEL_ID, "messages": [{"role": "assistant", "content": "x"}]}, 400,
      "assistant"),
-    ("tools", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
-               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("tool_choice naming no tool", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
+                                    "tools": [{"type": "function", "function": {"name": "f"}}],
+                                    "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "'g'"),
+    ("tools and response_format", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
+                                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                                   "response_format": {"type": "json_object"}}, 400, "tools"),
+    ("legacy functions", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES,
+                          "functions": [{"name": "f"}]}, 400, "functions"),
     ("schema that does not compile", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
     ("bad regex grammar", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "grammar": {"regex": "(a"}}, 400,
@@ -588,3 +594,42 @@ def test_completions_take_response_format_and_logit_bias(client, spm):
     pushed = client.completions.create(model=SEED_MODEL_ID, prompt="Once upon a time", max_tokens=1,
                                        temperature=0, logit_bias={"42": 100})
     assert pushed.choices[0].text == spm.decode([42]) != plain.choices[0].text
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+                   "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_through_the_sdk(client, stream):
+    """A named tool_choice: the answer is one call with an id, the function's name and arguments that follow its
+    schema; finish_reason tool_calls; streamed as delta.tool_calls, which the SDK assembles."""
+    kw = {"model": SEED_MODEL_ID, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+          "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+          "max_tokens": 40, "seed": 4}
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        finish = chunks[-1].choices[0].finish_reason
+        assert calls[0].index == 0
+    else:
+        resp = client.chat.completions.create(**kw)
+        calls, finish = resp.choices[0].message.tool_calls, resp.choices[0].finish_reason
+        assert resp.choices[0].message.content is None
+    assert finish == "tool_calls" and len(calls) == 1
+    call = calls[0]
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+
+    # the result goes back as a "tool" message; the next answer may call again or answer in words
+    history = kw["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"}]
+    again = client.chat.completions.create(model=SEED_MODEL_ID, messages=history, tools=[WEATHER_TOOL],
+                                           max_tokens=30, seed=5)
+    choice = again.choices[0]
+    assert choice.finish_reason in ("stop", "tool_calls", "length")
+    assert (choice.message.tool_calls is not None) == (choice.finish_reason == "tool_calls")

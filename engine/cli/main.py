@@ -117,7 +117,8 @@ def _info(args) -> int:
             "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe(),
             "memory": _memory_plan(weights, kernels["chosen"], args.mem_budget, kv_per_token * args.n_ctx)}
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "memory": {k: v for k, v in info["memory"].items() if k != "budget_said"}},
+                         indent=2))
         return 0
     print(f"{info['source']} ({name}){' at ' + args.quant if args.quant else ''}")
     print("config:")
@@ -214,7 +215,10 @@ def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
     budget, said = weight_budget_for(mem_budget, kv_bytes)
     named = {k: t for k, t in weights.tensors().items() if k.split(".")[-2] in _PREPARED}
     plan = plan_budget(weights, named, family, budget)
-    return {**plan, "budget_said": said,
+    # what changes from one moment to the next (the memory available now) stays out of the JSON report, so two
+    # reports on the same model compare equal; the text line says it
+    stable = {k: v for k, v in plan.items() if k != "budget"}
+    return {**stable, "mem_budget": mem_budget, "budget_said": said,
             "resident_experts": plan["n_slots"] * plan["slot"] * weights.config.n_layers}
 
 

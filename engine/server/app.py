@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..tools import parse_answer
 from .prompts import Prompt, chat_prompt, completion_prompt
 from .requests import (
     APIError,
@@ -165,8 +166,10 @@ class _Service:
         finally:
             watcher.cancel()
             job.cancel()
-        return JSONResponse(shape.complete("".join(texts), result.finish_reason, result.usage, result.timings,
-                                           entries))
+        text, calls, finish = "".join(texts), None, result.finish_reason
+        if getattr(req, "tools", None) is not None and req.tools.active:
+            text, calls, finish = parse_answer(text, finish)
+        return JSONResponse(shape.complete(text, finish, result.usage, result.timings, entries, calls))
 
     async def _stream(self, request: Request, req: GenerationRequest, job: GenerationJob, shape: ResponseShape):
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
@@ -174,12 +177,24 @@ class _Service:
         try:
             if shape.kind == "chat":
                 yield sse(shape.chunk(None, first=True, include_usage=usage_too))
+            tools = getattr(req, "tools", None)
+            held = [] if tools is not None and tools.active else None  # a tool answer is known once it is whole
             async for text, lps, result in _texts(job):
                 if result is not None:
                     break
+                if held is not None:
+                    held.append(text)
+                    continue
                 yield sse(shape.chunk(text, entries=lps if req.top_logprobs is not None else None,
                                       include_usage=usage_too))
-            final = shape.chunk(None, finish_reason=result.finish_reason, include_usage=usage_too)
+            finish = result.finish_reason
+            if held is not None:
+                content, calls, finish = parse_answer("".join(held), finish)
+                if calls:
+                    yield sse(shape.chunk(None, tool_calls=calls, include_usage=usage_too))
+                elif content:
+                    yield sse(shape.chunk(content, include_usage=usage_too))
+            final = shape.chunk(None, finish_reason=finish, include_usage=usage_too)
             final["timings"] = result.timings
             yield sse(final)
             if usage_too:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams, sampling_fields
+from ..tools import ToolError, ToolSpec, answer_schema, render_messages, tool_spec
 
 __all__ = [
     "APIError",
@@ -69,7 +70,8 @@ class GenerationRequest:
 
 @dataclass
 class ChatRequest(GenerationRequest):
-    messages: list[dict] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)   # as the Mixtral prompt takes them (engine/tools.py)
+    tools: ToolSpec = field(default_factory=lambda: ToolSpec([], None))
 
 
 @dataclass
@@ -173,15 +175,11 @@ def _common(body: dict) -> dict:
     return kw
 
 
-def _structure(body: dict) -> dict:
-    """response_format (OpenAI's), grammar (a Lark string, or {"lark"} / {"regex"}) and logit_bias, checked here
-    so that a schema or grammar that cannot be compiled is a 400 naming the problem, not a failed generation."""
+def _check_compiles(fmt, param: str, grammar=None) -> str | None:
+    """The llguidance grammar for a response_format or grammar, or a 400 naming `param` if it cannot compile."""
     from llguidance import LLMatcher
 
     from ..constraints import ConstraintError, grammar_for
-    out = {}
-    fmt, grammar = body.get("response_format"), body.get("grammar")
-    param = "grammar" if grammar is not None else "response_format"
     try:
         spec = grammar_for(fmt, grammar)
         if spec is not None:
@@ -190,6 +188,16 @@ def _structure(body: dict) -> dict:
                 raise ConstraintError(f"cannot compile the grammar: {error}")
     except ConstraintError as e:
         raise bad_request(f"'{param}': {e}", param) from None
+    return spec
+
+
+def _structure(body: dict) -> dict:
+    """response_format (OpenAI's), grammar (a Lark string, or {"lark"} / {"regex"}) and logit_bias, checked here
+    so that a schema or grammar that cannot be compiled is a 400 naming the problem, not a failed generation."""
+    out = {}
+    fmt, grammar = body.get("response_format"), body.get("grammar")
+    param = "grammar" if grammar is not None else "response_format"
+    spec = _check_compiles(fmt, param, grammar)
     if spec is not None:
         out["response_format" if grammar is None else "grammar"] = fmt if grammar is None else grammar
     bias = body.get("logit_bias")
@@ -261,10 +269,23 @@ def parse_chat_request(body: dict) -> ChatRequest:
             message = {**message, "role": "system"}
         checked.append(message)
 
-    for name in ("tools", "functions"):
-        _unsupported(body, name, (), "this server has no tool calling")
-    for name in ("tool_choice", "function_call"):
-        _unsupported(body, name, "none", "this server has no tool calling")
+    _unsupported(body, "functions", (), "use 'tools', which replaced it")
+    _unsupported(body, "function_call", "none", "use 'tool_choice', which replaced it")
+    try:
+        tools = tool_spec(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    except ToolError as e:
+        raise bad_request(str(e), "tools") from None
+    if tools.active:
+        if kw["structure"].get("response_format") is not None or "grammar" in kw["structure"]:
+            raise bad_request("'tools' cannot be combined with 'response_format' or 'grammar': tool answers are "
+                              "constrained to their own JSON shape", "tools")
+        kw["structure"]["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "tool_answer", "schema": answer_schema(tools)}}
+        _check_compiles(kw["structure"]["response_format"], "tools")
+    try:
+        checked = render_messages(checked, tools)
+    except ToolError as e:
+        raise bad_request(str(e), "messages") from None
     _unsupported(body, "modalities", ["text"], "text output only")
     _unsupported(body, "audio", (), "text output only")
 
@@ -274,7 +295,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     if logprobs:
         kw["top_logprobs"] = top or 0
-    return ChatRequest(messages=checked, **kw)
+    return ChatRequest(messages=checked, tools=tools, **kw)
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:

@@ -72,12 +72,14 @@ class ResponseShape:
                 "text_offset": offsets}
 
     # ------------------------------------------------------------------ whole responses
-    def complete(self, text: str, finish_reason: str, usage: dict, timings: dict,
-                 entries: list[TokenLogprob] | None) -> dict:
+    def complete(self, text: str | None, finish_reason: str, usage: dict, timings: dict,
+                 entries: list[TokenLogprob] | None, tool_calls: list[dict] | None = None) -> dict:
         logprobs = self.logprobs(entries)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": logprobs, "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -86,12 +88,16 @@ class ResponseShape:
 
     # ------------------------------------------------------------------ streaming
     def chunk(self, text: str | None, *, first: bool = False, finish_reason: str | None = None,
-              entries: list[TokenLogprob] | None = None, include_usage: bool = False) -> dict:
-        """One streamed chunk. For chat, `first` makes the opening chunk that carries the assistant role."""
+              entries: list[TokenLogprob] | None = None, include_usage: bool = False,
+              tool_calls: list[dict] | None = None) -> dict:
+        """One streamed chunk. For chat, `first` makes the opening chunk that carries the assistant role; tool_calls
+        makes one that carries whole calls (delta.tool_calls, each with its index, as the openai SDK assembles)."""
         if self.kind == "chat":
             delta: dict = {}
             if first:
                 delta = {"role": "assistant", "content": ""}
+            elif tool_calls:
+                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}
             elif text is not None:
                 delta = {"content": text}
             choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(entries), "finish_reason": finish_reason}
