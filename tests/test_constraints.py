@@ -117,3 +117,24 @@ def test_a_character_outside_the_vocabulary_comes_from_byte_pieces(llm):
     r = llm.generate("Well,", max_tokens=8, temperature=0, grammar={"regex": "龘{2}"})
     assert r.text == "龘龘" and r.finish_reason == "stop"
     assert all(tok.id_to_piece(t).startswith("<0x") for t in r.tokens)
+
+
+def test_generate_command_takes_a_schema_a_grammar_and_stop(tmp_path):
+    from test_cli import one_error_line, run_cli
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMA))
+    r = run_cli("generate", "-p", "Verdict:", "-n", "30", "--temp", "0", "--json-schema", schema)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout[len("Verdict:"):])
+    assert out["answer"] in ("yes", "no")
+    regex = tmp_path / "g.regex"
+    regex.write_text("(yes|no)!\n")
+    r = run_cli("generate", "-p", "Answer:", "-n", "10", "--grammar", regex)
+    assert r.returncode == 0 and r.stdout.strip() in ("Answer:yes!", "Answer:no!"), r.stdout
+    bad = tmp_path / "b.regex"
+    bad.write_text("(a")
+    assert "cannot compile the grammar" in one_error_line(run_cli("generate", "-p", "x", "--grammar", bad), 2)
+    free = run_cli("generate", "-p", "Once upon a time", "-n", "30", "--temp", "0")
+    cut = run_cli("generate", "-p", "Once upon a time", "-n", "30", "--temp", "0", "--stop", "the")
+    assert "the" in free.stdout[len("Once upon a time"):]
+    assert cut.stdout.rstrip("\n") == free.stdout[:free.stdout.index("the", len("Once upon a time"))]

@@ -54,13 +54,42 @@ class _Parser(argparse.ArgumentParser):
 # generate
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _structure_kwargs(args) -> dict:
+    """--json-schema FILE / --grammar FILE as LLM.stream's response_format / grammar, read before the model loads."""
+    if args.json_schema and args.grammar:
+        raise UsageError("mixlocal generate: give --json-schema or --grammar, not both")
+    try:
+        if args.json_schema:
+            schema = json.loads(Path(args.json_schema).read_text())
+            return {"response_format": {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}}
+        if args.grammar:
+            text = Path(args.grammar).read_text()
+            if args.grammar.endswith((".regex", ".re")):
+                return {"grammar": {"regex": text.strip()}}
+            return {"grammar": text}
+    except OSError as e:
+        raise UsageError(f"mixlocal generate: cannot read {e.filename}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"mixlocal generate: --json-schema {args.json_schema} is not JSON: {e}") from None
+    return {}
+
+
 def _generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    structure = _structure_kwargs(args)
+    if structure:  # a grammar that cannot compile fails here, before the model loads
+        from llguidance import LLMatcher
+
+        from ..constraints import grammar_for
+        error = LLMatcher.validate_grammar(grammar_for(**structure))
+        if error:
+            raise UsageError(f"mixlocal generate: cannot compile the grammar: {error.splitlines()[0]}")
     llm = load_model(args)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     before = expert_counters(llm)
-    pieces = llm.stream(prompt, max_tokens=args.max_tokens, **sampling_kwargs(args))  # continues the prompt's text
+    pieces = llm.stream(prompt, max_tokens=args.max_tokens, stop=args.stop or None, **structure,
+                        **sampling_kwargs(args))  # continues the prompt's text
     while True:
         try:
             sys.stdout.write(next(pieces))
@@ -234,6 +263,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        description="Stream a continuation of a prompt to stdout; a timing line goes to stderr.")
     add_model_args(g, sampling=True, n_default=128)
     g.add_argument("-p", "--prompt", required=True, help="the prompt, or - to read it from stdin")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain the output to JSON that follows this JSON schema")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="constrain the output to this Lark grammar (a .regex or .re file: a regular expression)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="an interactive chat in the Mixtral Instruct format",
