@@ -299,7 +299,7 @@ CHAT_ERRORS = [
     ("message not an object", {"model": SEED_MODEL_ID, "messages": ["hi"]}, 400, "messages[0]"),
     ("wrong type", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "temperature": "hot"}, 400, "temperature"),
     ("negative max_tokens", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "max_tokens": -5}, 400, "max_tokens"),
-    ("n=2", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "n": 2}, 400, "'n'"),
+    ("n=9", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "n": 9}, 400, "'n'"),
     ("top_p out of range", {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "top_p": 1.5}, 400, "top_p"),
     ("unknown role", {"model": SEED_MODEL_ID, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
     ("roles out of order", {"model": SEED_MODEL_ID, "messages": [{"role": "assistant", "content": "x"}]}, 400,
@@ -355,7 +355,7 @@ def test_sdk_errors(client, server):
         client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=-1)
     assert e.value.code == "invalid_value" and "max_tokens" in e.value.message
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, n=2)
+        client.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, n=9)
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="mistralai/mistral-large", messages=SEED_MESSAGES)
     assert e.value.code == "model_not_found"
@@ -633,3 +633,27 @@ def test_tool_calls_through_the_sdk(client, stream):
     choice = again.choices[0]
     assert choice.finish_reason in ("stop", "tool_calls", "length")
     assert (choice.message.tool_calls is not None) == (choice.finish_reason == "tool_calls")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices(client, stream):
+    """n > 1: every choice is a whole generation (seed + i), indexed; the prompt counts once in the usage."""
+    kw = {"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "max_tokens": 8, "seed": 11, "n": 3,
+          "temperature": 1.0}
+    one = client.chat.completions.create(**{**kw, "n": 1})
+    if stream:
+        texts = {}
+        usage = None
+        for c in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+            for ch in c.choices:
+                texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            usage = c.usage or usage
+        got = [texts[i] for i in range(3)]
+    else:
+        resp = client.chat.completions.create(**kw)
+        assert [c.index for c in resp.choices] == [0, 1, 2]
+        got, usage = [c.message.content for c in resp.choices], resp.usage
+    assert got[0] == one.choices[0].message.content      # choice 0 is the n=1 answer with the same seed
+    assert len(set(got)) > 1                              # the others draw with other seeds
+    assert usage.prompt_tokens == one.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens

@@ -143,62 +143,77 @@ class _Service:
         if note:
             log.warning(note["message"])
         shape = ResponseShape(kind, self.llm.name, self.llm.tokenizer, {"context_shift": note} if note else None)
-        job = GenerationJob(prompt.ids, {"max_tokens": self._max_tokens(req, prompt), **req.sampling_kwargs()},
-                            req.top_logprobs, continuation=(kind == "completion"))
-        self.worker.submit(job)   # queued now, so that requests are served in the order they arrived
+        kwargs = {"max_tokens": self._max_tokens(req, prompt), **req.sampling_kwargs()}
+        jobs = []
+        for i in range(req.n):  # choice i draws with seed + i, so that choices differ and each is repeatable
+            seeded = kwargs if i == 0 or kwargs.get("seed") is None else {**kwargs, "seed": kwargs["seed"] + i}
+            jobs.append(GenerationJob(prompt.ids, seeded, req.top_logprobs, continuation=(kind == "completion")))
+        for job in jobs:
+            self.worker.submit(job)   # queued now, so that requests are served in the order they arrived
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             if note:
                 headers["X-Context-Shift"] = f"dropped {note['dropped_messages']} messages"
-            return StreamingResponse(self._stream(request, req, job, shape), media_type="text/event-stream",
+            return StreamingResponse(self._stream(request, req, jobs, shape), media_type="text/event-stream",
                                      headers=headers)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, *jobs))
+        choices, results = [], []
         try:
-            texts, entries = [], ([] if req.top_logprobs is not None else None)
-            async for text, lps, result in _texts(job):
-                if result is not None:
-                    break
-                texts.append(text)
-                if entries is not None:
-                    entries.extend(lps)
+            for index, job in enumerate(jobs):
+                texts, entries = [], ([] if req.top_logprobs is not None else None)
+                async for text, lps, result in _texts(job):
+                    if result is not None:
+                        break
+                    texts.append(text)
+                    if entries is not None:
+                        entries.extend(lps)
+                text, calls, finish = "".join(texts), None, result.finish_reason
+                if getattr(req, "tools", None) is not None and req.tools.active:
+                    text, calls, finish = parse_answer(text, finish)
+                body = shape.complete(text, finish, result.usage, result.timings, entries, calls)
+                choices.append({**body["choices"][0], "index": index})
+                results.append(result)
         except _ClientGone:
             return Response(status_code=499)   # nobody reads it; nginx's code for "client closed request"
         finally:
             watcher.cancel()
-            job.cancel()
-        text, calls, finish = "".join(texts), None, result.finish_reason
-        if getattr(req, "tools", None) is not None and req.tools.active:
-            text, calls, finish = parse_answer(text, finish)
-        return JSONResponse(shape.complete(text, finish, result.usage, result.timings, entries, calls))
+            for job in jobs:
+                job.cancel()
+        return JSONResponse({**body, "choices": choices, "usage": _total_usage(results),
+                             "timings": results[0].timings if len(results) == 1 else [r.timings for r in results]})
 
-    async def _stream(self, request: Request, req: GenerationRequest, job: GenerationJob, shape: ResponseShape):
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    async def _stream(self, request: Request, req: GenerationRequest, jobs: list[GenerationJob],
+                      shape: ResponseShape):
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, *jobs))
         usage_too = req.include_usage
+        results = []
         try:
-            if shape.kind == "chat":
-                yield sse(shape.chunk(None, first=True, include_usage=usage_too))
-            tools = getattr(req, "tools", None)
-            held = [] if tools is not None and tools.active else None  # a tool answer is known once it is whole
-            async for text, lps, result in _texts(job):
-                if result is not None:
-                    break
+            for index, job in enumerate(jobs):
+                if shape.kind == "chat":
+                    yield sse(shape.chunk(None, first=True, include_usage=usage_too, index=index))
+                tools = getattr(req, "tools", None)
+                held = [] if tools is not None and tools.active else None  # a tool answer is known once whole
+                async for text, lps, result in _texts(job):
+                    if result is not None:
+                        break
+                    if held is not None:
+                        held.append(text)
+                        continue
+                    yield sse(shape.chunk(text, entries=lps if req.top_logprobs is not None else None,
+                                          include_usage=usage_too, index=index))
+                finish = result.finish_reason
                 if held is not None:
-                    held.append(text)
-                    continue
-                yield sse(shape.chunk(text, entries=lps if req.top_logprobs is not None else None,
-                                      include_usage=usage_too))
-            finish = result.finish_reason
-            if held is not None:
-                content, calls, finish = parse_answer("".join(held), finish)
-                if calls:
-                    yield sse(shape.chunk(None, tool_calls=calls, include_usage=usage_too))
-                elif content:
-                    yield sse(shape.chunk(content, include_usage=usage_too))
-            final = shape.chunk(None, finish_reason=finish, include_usage=usage_too)
-            final["timings"] = result.timings
-            yield sse(final)
+                    content, calls, finish = parse_answer("".join(held), finish)
+                    if calls:
+                        yield sse(shape.chunk(None, tool_calls=calls, include_usage=usage_too, index=index))
+                    elif content:
+                        yield sse(shape.chunk(content, include_usage=usage_too, index=index))
+                final = shape.chunk(None, finish_reason=finish, include_usage=usage_too, index=index)
+                final["timings"] = result.timings
+                yield sse(final)
+                results.append(result)
             if usage_too:
-                yield sse(shape.usage_chunk(result.usage))
+                yield sse(shape.usage_chunk(_total_usage(results)))
             yield SSE_DONE
         except _ClientGone:
             return
@@ -207,7 +222,16 @@ class _Service:
             yield SSE_DONE
         finally:
             watcher.cancel()
-            job.cancel()
+            for job in jobs:
+                job.cancel()
+
+
+def _total_usage(results) -> dict:
+    """One usage for n choices: the prompt counts once (later choices reuse its cache), completions add up."""
+    usage = dict(results[0].usage)
+    usage["completion_tokens"] = sum(r.usage["completion_tokens"] for r in results)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage
 
 
 async def _texts(job: GenerationJob):
@@ -237,12 +261,13 @@ async def _texts(job: GenerationJob):
                            code="internal_error") from err
 
 
-async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
-    """Wait for the client to go away, then cancel its job (queued or running)."""
+async def _cancel_on_disconnect(request: Request, *jobs: GenerationJob) -> None:
+    """Wait for the client to go away, then cancel its jobs (queued or running)."""
     with contextlib.suppress(Exception):
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        job.cancel()
+        for job in jobs:
+            job.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

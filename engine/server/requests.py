@@ -1,7 +1,7 @@
 """OpenAI request bodies, checked: every field the server reads is validated here, before any model call.
 
-A value the server cannot honour (n=2, tools ...) is a 400 that names the
-field, never silently ignored. Fields this server does not know at all (`user`, `metadata`, OpenRouter's
+A value the server cannot honour (n above 8, the legacy `functions`, audio ...) is a 400 that names the field,
+never silently ignored. Fields this server does not know at all (`user`, `metadata`, OpenRouter's
 `provider` or `transforms` ...) are ignored, as llama.cpp's server ignores them, so that clients written for
 hosted APIs keep working.
 """
@@ -63,6 +63,7 @@ class GenerationRequest:
     include_usage: bool = False
     top_logprobs: int | None = None         # None: no logprobs; 0..N: logprobs with that many alternatives
     structure: dict = field(default_factory=dict)  # response_format / grammar / logit_bias, for LLM.stream_steps
+    n: int = 1                              # choices: generated one after another, the prompt evaluated once
 
     def sampling_kwargs(self) -> dict:
         return {**self.sampling.as_kwargs(), "stop": self.stop, **self.structure}
@@ -148,15 +149,12 @@ def _common(body: dict) -> dict:
     if not isinstance(model, str) or not model:
         raise bad_request(f"'model' must be a non-empty string, got {json.dumps(model)}", "model", "invalid_type")
 
-    n = body.get("n")
-    if n is not None and not (_is_int(n) and n == 1):
-        raise bad_request(f"'n' must be 1: this server makes one choice per request (got {json.dumps(n)}); "
-                          f"send several requests instead", "n", "unsupported_parameter")
 
     # max_completion_tokens is the newer name for max_tokens in OpenAI's chat API
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     kw = {
         "model": model,
+        "n": _integer(body, "n", 1, 1, MAX_CHOICES),
         "max_tokens": _integer(body, limit_name, None, 1),
         "sampling": api_sampling(body),
         "stop": _stop(body),
@@ -189,6 +187,9 @@ def _check_compiles(fmt, param: str, grammar=None) -> str | None:
     except ConstraintError as e:
         raise bad_request(f"'{param}': {e}", param) from None
     return spec
+
+
+MAX_CHOICES = 8  # n: each choice is a whole generation on the one worker
 
 
 def _structure(body: dict) -> dict:

@@ -89,7 +89,7 @@ class ResponseShape:
     # ------------------------------------------------------------------ streaming
     def chunk(self, text: str | None, *, first: bool = False, finish_reason: str | None = None,
               entries: list[TokenLogprob] | None = None, include_usage: bool = False,
-              tool_calls: list[dict] | None = None) -> dict:
+              tool_calls: list[dict] | None = None, index: int = 0) -> dict:
         """One streamed chunk. For chat, `first` makes the opening chunk that carries the assistant role; tool_calls
         makes one that carries whole calls (delta.tool_calls, each with its index, as the openai SDK assembles)."""
         if self.kind == "chat":
@@ -100,10 +100,11 @@ class ResponseShape:
                 delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}
             elif text is not None:
                 delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(entries), "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(entries),
+                      "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(entries),
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(entries),
                       "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]
