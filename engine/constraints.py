@@ -22,6 +22,11 @@ class ConstraintError(ValueError):
     """A response_format, grammar or tool list that cannot be turned into a constraint."""
 
 
+# A schema or grammar larger than this is refused before llguidance compiles it: compiling is superlinear in the
+# worst case, and a request must not be able to hold the server's one worker for long
+MAX_GRAMMAR_BYTES = 256 << 10
+
+
 _LLTOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -65,6 +70,10 @@ def grammar_for(response_format: Any = None, grammar: Any = None) -> str | None:
     "json_schema": {"name", "schema", "strict"}}. grammar: a Lark grammar as a string, or {"lark": ...} /
     {"regex": ...}. At most one of the two."""
     from llguidance import LLMatcher
+    size = len(json.dumps(response_format if grammar is None else grammar, default=str))
+    if size > MAX_GRAMMAR_BYTES:
+        raise ConstraintError(f"the {'grammar' if grammar is not None else 'schema'} is too large ({size} bytes; "
+                              f"at most {MAX_GRAMMAR_BYTES})")
     if response_format is not None and grammar is not None:
         raise ConstraintError("give response_format or grammar, not both")
     if grammar is not None:
@@ -122,6 +131,8 @@ class Constraint:
         self.bits = allocate_token_bitmask(1, self.n_vocab)
         self.mask_s = 0.0  # time spent computing masks, to compare with the decode step
         self.masks = 0
+        self.mask(np.zeros(n_logits, np.float32))  # a grammar that allows nothing fails here, before any work
+        self.mask_s, self.masks = 0.0, 0
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """logits with every token the grammar does not allow next set to -inf (a new array)."""
@@ -131,6 +142,9 @@ class Constraint:
         allowed = np.unpackbits(self.bits[0].view(np.uint8), bitorder="little")[:self.n_vocab].astype(bool)
         out = np.full(self.n_logits, -np.inf, dtype=np.float32)
         n = min(self.n_vocab, self.n_logits)
+        if self.matcher.is_error() or not allowed[:n].any():  # llguidance: an empty language is an error state
+            raise ConstraintError("the grammar allows no output here" if self.masks == 0 else
+                                  "the grammar allows no continuation of the output so far")
         out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
         self.mask_s += time.perf_counter() - t0
         self.masks += 1

@@ -138,3 +138,12 @@ def test_generate_command_takes_a_schema_a_grammar_and_stop(tmp_path):
     cut = run_cli("generate", "-p", "Once upon a time", "-n", "30", "--temp", "0", "--stop", "the")
     assert "the" in free.stdout[len("Once upon a time"):]
     assert cut.stdout.rstrip("\n") == free.stdout[:free.stdout.index("the", len("Once upon a time"))]
+
+
+def test_a_grammar_that_allows_nothing_or_is_too_large_is_a_value_error(llm):
+    with pytest.raises(ConstraintError, match="allows no output"):
+        llm.generate("x", max_tokens=3, grammar={"regex": "[^\\s\\S]"})
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 40}
+                                             for i in range(5000)}}
+    with pytest.raises(ConstraintError, match="too large"):
+        llm.generate("x", max_tokens=3, response_format={"type": "json_schema", "json_schema": {"schema": huge}})

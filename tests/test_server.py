@@ -657,3 +657,70 @@ def test_n_choices(client, stream):
     assert len(set(got)) > 1                              # the others draw with other seeds
     assert usage.prompt_tokens == one.usage.prompt_tokens
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+NESTED_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "score": {"type": "number", "minimum": 0, "maximum": 1},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+    "address": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                 "zip": {"type": "integer", "minimum": 1000, "maximum": 9999}},
+                "required": ["city", "zip"], "additionalProperties": False}},
+    "required": ["name", "age", "score", "tags", "address"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """The embedded trained model, served."""
+    live = LiveServer(ROOT / "engine" / "data" / "default" / "model.gguf",
+                      tmp_path_factory.mktemp("default") / "server.log", "--n-ctx", "512", "--kv-type", "f32").start()
+    yield live
+    live.stop()
+
+
+@pytest.mark.parametrize("which", ["random tiny model", "embedded model"])
+def test_fifty_json_schema_samples_validate(request, which):
+    """Nested objects, arrays, enums, required fields, bounded numbers: 50 seeded samples at temperature 1 parse
+    and validate, on the embedded model and on a random tiny model that never writes JSON by itself."""
+    import jsonschema
+    live = request.getfixturevalue("server" if which == "random tiny model" else "default_server")
+    c = OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": NESTED_SCHEMA, "strict": True}}
+    free = c.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=40, seed=0,
+                                     temperature=1.0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.choices[0].message.content)  # unconstrained, it is not JSON
+    for seed in range(50):
+        resp = c.chat.completions.create(model=SEED_MODEL_ID, messages=SEED_MESSAGES, max_tokens=200, seed=seed,
+                                         temperature=1.0, response_format=fmt)
+        assert resp.choices[0].finish_reason == "stop", (seed, resp.choices[0].message.content)
+        jsonschema.validate(json.loads(resp.choices[0].message.content), NESTED_SCHEMA)
+
+
+def test_tool_choice_none_never_calls_and_a_named_function_always_is(client):
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(10):
+        none = client.chat.completions.create(model=SEED_MODEL_ID, messages=msgs, tools=[WEATHER_TOOL],
+                                              tool_choice="none", max_tokens=12, seed=seed)
+        assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+        called = client.chat.completions.create(model=SEED_MODEL_ID, messages=msgs, tools=[WEATHER_TOOL],
+                                                tool_choice=named, max_tokens=40, seed=seed)
+        calls = called.choices[0].message.tool_calls
+        assert called.choices[0].finish_reason == "tool_calls" and [t.function.name for t in calls] == \
+            ["get_weather"]
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ({"grammar": {"regex": "[^\\s\\S]"}}, "allows no output"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 40} for i in range(5000)}}}}},
+     "too large"),
+])
+def test_impossible_or_huge_constraints_are_400s_and_the_server_stays_up(server, body, mentions):
+    for stream in (False, True):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": SEED_MODEL_ID, "messages": SEED_MESSAGES, "stream": stream, **body})
+        assert r.status_code == 400 and mentions in r.json()["error"]["message"], r.text
+    assert server.health()["status"] == "ok"

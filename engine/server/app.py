@@ -143,6 +143,8 @@ class _Service:
         if note:
             log.warning(note["message"])
         shape = ResponseShape(kind, self.llm.name, self.llm.tokenizer, {"context_shift": note} if note else None)
+        if "response_format" in req.structure or "grammar" in req.structure:
+            await asyncio.to_thread(self._check_constraint, req.structure)
         kwargs = {"max_tokens": self._max_tokens(req, prompt), **req.sampling_kwargs()}
         jobs = []
         for i in range(req.n):  # choice i draws with seed + i, so that choices differ and each is repeatable
@@ -181,6 +183,16 @@ class _Service:
                 job.cancel()
         return JSONResponse({**body, "choices": choices, "usage": _total_usage(results),
                              "timings": results[0].timings if len(results) == 1 else [r.timings for r in results]})
+
+    def _check_constraint(self, structure: dict) -> None:
+        """A 400 now for a grammar that compiles but allows no output on this vocabulary, before a stream opens."""
+        from ..constraints import Constraint, ConstraintError, grammar_for
+        param = "grammar" if "grammar" in structure else "response_format"
+        try:
+            Constraint(self.llm.tokenizer, grammar_for(structure.get("response_format"), structure.get("grammar")),
+                       self.llm.config.vocab_size)
+        except ConstraintError as e:
+            raise APIError(400, f"'{param}': {e}", param=param) from None
 
     async def _stream(self, request: Request, req: GenerationRequest, jobs: list[GenerationJob],
                       shape: ResponseShape):
