@@ -101,3 +101,22 @@ def test_peak_rss_without_resource(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_resource)
     assert bench_worker._peak_rss_bytes() is None
     assert human_bytes(None) == "-"
+
+
+def test_an_arm_cpu_gets_the_portable_family(monkeypatch):
+    """An ARM laptop (or any CPU whose features LLVM reports without x86 vector extensions, or none at all) runs the
+    portable kernels, and asking for an x86 family there is a clear error."""
+    from llvmlite import binding
+
+    from quant.kernels import families
+    arm = {"neon": True, "fp-armv8": True, "crc": True, "dotprod": True}
+    monkeypatch.setattr(binding, "get_host_cpu_features", lambda: arm)
+    assert families.host_families() == ("portable",)
+    assert families.resolve(None) == "portable"
+    with pytest.raises(families.KernelFamilyError, match="avx2"):
+        families.resolve("avx2")
+
+    def no_features():
+        raise RuntimeError("no feature list")
+    monkeypatch.setattr(binding, "get_host_cpu_features", no_features)
+    assert families.host_families() == ("portable",)
