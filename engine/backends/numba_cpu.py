@@ -96,11 +96,8 @@ def limit_openmp_spinning() -> None:
 
     libgomp's default spins ~100x longer: a team thread keeps its core busy after each region, and every BLAS call
     (whose own threads then share those cores) and every other process waits for it. Sleeping at once costs a wake-up
-    per region instead. Measured on this 2-core machine (bench/bench_omp_wait.py, two runs an hour apart,
-    bench/results/omp_wait_policy_2026-11-28*.json): the tiny model's 128-token prefill (bf16: BLAS between numba
-    kernels) took 197 ms spinning, 24 ms with short spins, 11 ms sleeping at once; on the Mixtral-shape Q4_0 slice
-    decode ran 28.4 / 28.3 / 27.3 tok/s in the first run and 26.1 / 25.7 / 23.5 in the second, prefill within noise.
-    libgomp reads the variable when it loads, at numba's first parallel launch, so this must run before that; once
+    per region instead; a short spin keeps most of the decode speed of spinning and most of the prefill speed of
+    sleeping (bench/bench_omp_wait.py measures the three). libgomp reads the variable when it loads, at numba's first parallel launch, so this must run before that; once
     loaded it is too late and this does nothing."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return

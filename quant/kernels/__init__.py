@@ -71,9 +71,8 @@ _TILE_FLOATS = 1 << 18
 
 
 # Below this many multiply-adds a call runs on the calling thread alone. Waking a second thread and joining it costs
-# more than it saves on small products (quiet machine: a 256x256 Q4_0 matvec takes 9 us on one thread, 11 on two;
-# 1024x1024 is 26 vs 21), and when other load deschedules the peer, every join waits a scheduler slice for it (8 ms
-# instead of 0.03; bench/bench_threads.py, bench/results/threads_2026-11-28.json).
+# more than it saves on small products, and when other load deschedules the peer, every join waits a scheduler slice
+# for it (bench/bench_threads.py measures both).
 SERIAL_MAX_MACS = 1 << 19
 
 

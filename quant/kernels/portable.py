@@ -134,9 +134,9 @@ def _store_group(out, accf, g, m0, m1, n_rows):
 def _halves_to_float(typingctx, h, dst):
     """ROWS float16 bit patterns (C-contiguous uint16) -> ROWS float32, exactly (LLVM's fpext: vcvtph2ps on x86).
 
-    Not the exponent-rebias trick: for f16 subnormals (|d| < 6.1e-5, which Q4_K super-block scales can be, and are in
-    our Mixtral-shape slice) it makes f32 denormals, and Intel cores take a ~100-cycle microcode assist per denormal
-    multiply: 408 ns instead of 13 per 64 scales on the Xeon we measured, which made Q4_K decode 40% slower than Q4_0.
+    Not the exponent-rebias trick: for f16 subnormals (|d| < 6.1e-5, which Q4_K super-block scales can be) it makes
+    f32 denormals, and Intel cores take a microcode assist of about 100 cycles per denormal multiply, enough to slow
+    a whole K-quant decode down.
     """
     for ty in (h, dst):
         if not isinstance(ty, types.Array) or ty.layout != "C" or ty.ndim != 1:

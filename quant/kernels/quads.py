@@ -33,8 +33,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-# numba caches a kernel by its own file only: when a helper imported here changes, this file must change too (the
-# _halves_to_float rewrite of 2026-11-28 is one such change)
+# numba caches a kernel by its own file only: when the code of a helper imported here changes, this file must change
+# too, or the cached kernels keep the old helper
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
 from .simd import I8, I16, I32, I64, V16, ByteDot, data_ptr, prefetch_ahead, splat
 
