@@ -54,7 +54,7 @@ bench: dev
 	$(PY) bench/bench_mixtral_shape.py --types Q4_0 --rounds 1 --startup-runs 2 --engines mixlocal --out bench/results/startup.json
 
 lint: dev
-	$(PY) -m ruff check engine quant tokenizer tests bench tools
+	$(PY) -m ruff check mixlocal engine quant tokenizer tests bench tools
 
 clean:
 	rm -rf $(VENV) .numba_cache .pytest_cache

@@ -33,7 +33,7 @@ def _prompt(n: int) -> list[int]:
 
 
 def run_mixlocal(hf_dir: Path, n_prompt: int, n_decode: int, threads: int) -> tuple[float, float]:
-    import engine
+    from mixlocal import engine
     llm = engine.load(hf_dir, n_ctx=n_prompt + n_decode + 8, n_threads=threads, kv_type="f32")
     prompt = _prompt(n_prompt)
 

@@ -60,7 +60,7 @@ def run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int], 
                  op_by_op: bool = False) -> dict:
     import numpy as np
 
-    import engine
+    from mixlocal import engine
     llm = engine.load(path, n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
     if op_by_op:
         llm.backend.fused_decode = False

@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import engine
-from engine.backends.experts import POLICIES
-from engine.machine import describe
+from mixlocal.engine.backends.experts import POLICIES
+from mixlocal.engine.machine import describe
+
+from mixlocal import engine
 
 
 def replay(sets: np.ndarray, n_experts: int, n_slots: int, policy: str) -> float:

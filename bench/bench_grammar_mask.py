@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine
-from engine.machine import describe
-from engine.tools import answer_schema, tool_spec
+from mixlocal.engine.machine import describe
+from mixlocal.engine.tools import answer_schema, tool_spec
+
+from mixlocal import engine
 
 NESTED = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},

@@ -33,13 +33,12 @@ from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe_run
-
-from quant import (
+from mixlocal.quant import (
     QTensor,
     QType,
     kernels,
 )
-from quant.tensor import nbytes_for
+from mixlocal.quant.tensor import nbytes_for
 
 N_EXPERTS = 8
 SHAPES = [(14336, 4096), (4096, 14336)]

@@ -102,8 +102,9 @@ def _timed_run(prefill, step, prompt, decode) -> dict:
 
 
 def run_mixlocal(path: str, threads: int, kv_type: str, prompt: list[int], decode: list[int]) -> dict:
-    import engine
-    from engine.backends import numba_ops
+    from mixlocal.engine.backends import numba_ops
+
+    from mixlocal import engine
 
     attention_s = [0.0]
     kernel = numba_ops.attention
@@ -214,10 +215,9 @@ def parallel_control(rounds: int) -> dict:
 
 def kernel_bench(rounds: int) -> dict:
     import numba
-
-    from engine.backends import numba_ops as ops
-    from engine.cache import KVCache
-    from engine.config import ModelConfig
+    from mixlocal.engine.backends import numba_ops as ops
+    from mixlocal.engine.cache import KVCache
+    from mixlocal.engine.config import ModelConfig
 
     n_heads, n_kv, dh, n_ctx = MIXTRAL.n_heads, MIXTRAL.n_kv_heads, MIXTRAL.head_dim, 32768
     cfg = ModelConfig(vocab_size=MIXTRAL.vocab, dim=MIXTRAL.dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv,

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.machine import describe
+from mixlocal.engine.machine import describe
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup/unified")
@@ -60,7 +60,7 @@ def _worker(args) -> dict:
     prompt = [int(t) for t in rng.integers(3, 30000, args.prompt)]
     out: dict = {}
     if args.worker == "mixlocal":
-        import engine
+        from mixlocal import engine
         llm = engine.load(args.file, n_ctx=args.prompt + args.decode + 16, n_threads=args.threads)
         t_loaded = time.perf_counter()
 
@@ -121,7 +121,7 @@ def _worker(args) -> dict:
 
 def _routing_worker(args) -> dict:
     """The file's own routing over 100 tokens, as mixlocal's router computes it."""
-    import engine
+    from mixlocal import engine
     llm = engine.load(args.file, n_ctx=128, n_threads=args.threads)
     llm.backend.trace = []
     rng = np.random.default_rng(args.seed)
@@ -240,7 +240,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    from engine.backends.experts import parse_size
+    from mixlocal.engine.backends.experts import parse_size
     limits = [None if x.strip() == "none" else parse_size(x) for x in args.limits.split(",")]
     engines = args.engines.split(",")
     result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "machine": describe(),

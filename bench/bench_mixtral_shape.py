@@ -222,21 +222,21 @@ def _worker_kernels() -> dict:
     out = {"kernels_requested": os.environ.get("MIXLOCAL_KERNELS"), "numba_cpu": os.environ.get("NUMBA_CPU_NAME",
                                                                                                  "host")}
     try:
-        from quant.kernels import families
+        from mixlocal.quant.kernels import families
     except ImportError:  # --src of a commit from before the families
         return out | {"kernels_resolved": "unknown: this source tree has no quant.kernels.families"}
     return out | {"kernels_resolved": families.resolve()}
 
 
 def _packed_files() -> dict[str, int]:
-    from engine.packed_cache import cache_dir
+    from mixlocal.engine.packed_cache import cache_dir
     folder = cache_dir()
     return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.mixpack")} if folder.is_dir() else {}
 
 
 def _run_mixlocal(path: str, threads: int, prompt: list[int], decode: list[int], packed_cache: bool = True) -> dict:
     t0 = time.perf_counter()
-    import engine
+    from mixlocal import engine
     t1 = time.perf_counter()
     before = _packed_files()
     llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads,
@@ -346,11 +346,12 @@ class _Timers:
 def _run_profile(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
     """Where mixlocal's prefill and decode time goes: each op of the forward pass timed (the kernels are entered
     from Python once per op, so wrapping them costs about a microsecond per call)."""
-    import engine
-    from engine.backends import numba_cpu
-    from engine.backends import numba_ops as ops
-    from engine.cache import KVCache
-    from quant import kernels
+    from mixlocal.engine.backends import numba_cpu
+    from mixlocal.engine.backends import numba_ops as ops
+    from mixlocal.engine.cache import KVCache
+    from mixlocal.quant import kernels
+
+    from mixlocal import engine
 
     llm = engine.load(str(path), n_ctx=len(prompt) + len(decode) + 64, n_threads=threads)
     llm.eval(prompt[:16], logits="last")  # warm-up
@@ -404,12 +405,13 @@ def _run_startup(path: str, threads: int) -> dict:
         setattr(owner, attr, wrapper)
 
     t0 = time.perf_counter()
-    import engine
-    import engine.sources.gguf as gguf_source
-    from engine import packed_cache
-    from engine.backends import numba_cpu
-    from quant import kernels
-    from tokenizer import Tokenizer
+    import mixlocal.engine.sources.gguf as gguf_source
+    from mixlocal.engine import packed_cache
+    from mixlocal.engine.backends import numba_cpu
+    from mixlocal.quant import kernels
+    from mixlocal.tokenizer import Tokenizer
+
+    from mixlocal import engine
     t1 = time.perf_counter()
     timed(gguf_source, "read_gguf", "parse_gguf (GGUFReader + metadata values)")
     timed(gguf_source, "load_gguf", "load_gguf (parse + config + assemble)")
@@ -493,7 +495,7 @@ def ensure_slice(qtype: str, n_blocks: int, data_dir: Path) -> Path:
 def parse_kernels(spec: str | None) -> list[str]:
     """--kernels: None is the fastest family this CPU runs, "all" every one it runs, else a comma-separated list;
     a family the CPU cannot run (or an unknown name) stops the bench with the dispatch's reason."""
-    from quant.kernels import families
+    from mixlocal.quant.kernels import families
     runnable = families.host_families()
     if spec is None or not spec.strip():
         return [runnable[0]]
@@ -727,7 +729,7 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    from quant.kernels import families
+    from mixlocal.quant.kernels import families
 
     kernels = parse_kernels(args.kernels)
     qtypes = [q for q in args.types.split(",") if q]

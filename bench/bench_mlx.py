@@ -31,11 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_common
 import mlx.core as mx
 from machine import describe_run
-
-from engine.config import ModelConfig
-from engine.sources.mlx import write_mlx_folder
-from engine.weights import LayerWeights, ModelWeights
-from quant import QTensor, QType
+from mixlocal.engine.config import ModelConfig
+from mixlocal.engine.sources.mlx import write_mlx_folder
+from mixlocal.engine.weights import LayerWeights, ModelWeights
+from mixlocal.quant import QTensor, QType
 
 TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
@@ -59,7 +58,7 @@ def random_weights(c: ModelConfig, seed: int = 0) -> ModelWeights:
 
 
 def run_ours(folder: Path, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    import engine
+    from mixlocal import engine
     llm = engine.load(folder, backend="mlx", n_ctx=4096)
     llm.generate(prompt[:8], max_tokens=2, temperature=0)  # warm-up
     llm.reset()

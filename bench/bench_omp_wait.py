@@ -36,7 +36,7 @@ def tiny_worker(threads: int, rounds: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from conftest import make_hf_checkpoint
 
-    import engine
+    from mixlocal import engine
     with tempfile.TemporaryDirectory() as tmp:
         llm = engine.load(make_hf_checkpoint(Path(tmp) / "tiny"), n_ctx=256, n_threads=threads, kv_type="f32")
         prompt = [1] + list(range(100, 227))

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_server_load.py [-m MODEL] [--clients 4] [--requests 5] [--max-tokens 16]
                                                 [--deadline 45] [--out bench/results/server_load_tiny.json]
 
-It starts `python -m engine.server` in a subprocess on 127.0.0.1 (a free port), runs the clients (the official
+It starts `python -m mixlocal.engine.server` in a subprocess on 127.0.0.1 (a free port), runs the clients (the official
 openai SDK, one thread each, streaming and non-streaming requests alternating, distinct prompts so that the prompt
 cache does not make them trivial), stops the server, and then runs the same prompts in-process, one after another,
 with LLM.generate: the peer that gives the server's overhead as a ratio. Without -m it builds the tiny random
@@ -140,7 +140,7 @@ def direct_baseline(model_dir: str, n_ctx: int, clients: int, requests: int, max
 
 
 def _direct(model_dir: str, n_ctx: int, clients: int, requests: int, max_tokens: int, threads: int | None) -> dict:
-    import engine
+    from mixlocal import engine
 
     llm = engine.load(model_dir, n_ctx=n_ctx, n_threads=threads)
     llm.generate(llm.tokenizer.encode_chat(prompt_for(0, 0)), max_tokens=1)   # compile before timing, as the server
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         tag = tag or Path(model_dir).name
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "engine.server", "-m", model_dir, "--host", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, "-m", "mixlocal.engine.server", "-m", model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--n-ctx", str(args.n_ctx), "--log-level", "warning"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]

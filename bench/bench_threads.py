@@ -29,8 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe_run
-
-from quant import QTensor, QType, formats, kernels
+from mixlocal.quant import QTensor, QType, formats, kernels
 
 # (rows, cols, T): the tiny test model's matrices up to one Mixtral attention matrix and an expert
 SIZES = [(256, 256, 1), (512, 256, 1), (1024, 1024, 1), (2048, 1024, 1), (4096, 1024, 1), (4096, 4096, 1),

@@ -108,7 +108,7 @@ def tensor_types(qtype: str, shape: SliceShape, n_blocks: int) -> dict[str, str]
     plan = tensor_plan(shape, n_blocks)
     if qtype not in _MIXES:
         return {name: qtype if kind == "matrix" else "F32" for name, _, kind in plan}
-    from quant.recipes import choose_type
+    from mixlocal.quant.recipes import choose_type
 
     out = {}
     for name, tshape, kind in plan:
@@ -252,9 +252,8 @@ def _float_tensor(kind: str, shape: tuple[int, ...], dim: int, rng) -> np.ndarra
 def _tokenizer_fields(vocab: int) -> dict:
     """Mixtral's tokenizer metadata (mistral-common's tokenizer.model.v1), cut to the first `vocab` pieces."""
     import mistral_common
-
-    from tokenizer import Tokenizer
-    from tokenizer import gguf_vocab as gv
+    from mixlocal.tokenizer import Tokenizer
+    from mixlocal.tokenizer import gguf_vocab as gv
 
     tok = Tokenizer.from_file(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
     fields = tok.gguf_metadata()
@@ -273,8 +272,7 @@ def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: 
                 seed: int = 0, progress: bool = False) -> Path:
     """Write the slice GGUF to out (overwritten) and return its path."""
     import gguf
-
-    from tokenizer import gguf_vocab
+    from mixlocal.tokenizer import gguf_vocab
 
     if qtype not in SLICE_TYPES:
         raise ValueError(f"unknown slice type {qtype!r}; choose one of {', '.join(SLICE_TYPES)}")

@@ -17,9 +17,8 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
-
-from quant import QType
-from quant.quantize import quantize_fast
+from mixlocal.quant import QType
+from mixlocal.quant.quantize import quantize_fast
 
 from .config import ModelConfig
 from .errors import ContextOverflowError

@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from quant import QStack, QTensor, QType
+from mixlocal.quant import QStack, QTensor, QType
 
 from .quantize import LEVELS, quantize_weights
 from .weights import ModelWeights

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from tokenizer import StopMatcher
+from mixlocal.tokenizer import StopMatcher
 
 from .cache import KVCache
 from .config import ModelConfig

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tokenizer import Tokenizer
+from mixlocal.tokenizer import Tokenizer
 
 from .cache import KVCache
 from .errors import ModelFormatError
@@ -80,7 +80,7 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
     backend = resolve_backend(backend)
     if backend == "numba":
-        from quant.kernels import resolve_family
+        from mixlocal.quant.kernels import resolve_family
         kernels = resolve_family(kernels)  # a bad name fails before the model is read
     # requantizing at load works on ggml blocks, so an MLX folder then comes in ggml layout for either backend
     config, weights, tok, name = open_source(source, backend if quant is None else "numba")

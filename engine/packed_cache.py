@@ -29,8 +29,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from quant import kernels
+from mixlocal.quant import kernels
 
 from .machine import available_memory
 

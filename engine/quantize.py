@@ -8,10 +8,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
-
-from quant import QStack, QTensor, QType, formats, nbytes_for
-from quant.quantize import quantize_fast
-from quant.recipes import LEVELS, choose_type
+from mixlocal.quant import QStack, QTensor, QType, formats, nbytes_for
+from mixlocal.quant.quantize import quantize_fast
+from mixlocal.quant.recipes import LEVELS, choose_type
 
 from .weights import ModelWeights, assemble
 

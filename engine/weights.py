@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from quant import QStack, QTensor, formats
+from mixlocal.quant import QStack, QTensor, formats
 
 from .config import ModelConfig
 from .errors import ModelFormatError

@@ -32,8 +32,7 @@ def write_gguf_with_gguf_py(hf_dir: Path, out: Path, qtype, *, per_expert: bool 
     quantize(qtype, float32 2-D) -> uint8 blocks; defaults to gguf.quants.quantize (Q8_0, Q4_0, ...)."""
     import gguf
     from gguf.quants import quantize as gguf_quantize
-
-    from tokenizer import Tokenizer
+    from mixlocal.tokenizer import Tokenizer
 
     quantize = quantize or (lambda t, a: gguf_quantize(a, t))
     sd, cfg = hf_state(hf_dir)

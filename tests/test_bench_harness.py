@@ -100,8 +100,9 @@ def test_full_shape_plan_is_mixtral_8x7b():
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q4_K_M"])
 def test_mixlocal_loads_small_slice(small_slices, qtype, monkeypatch):
-    import engine
-    from engine.backends import numba_cpu
+    from mixlocal.engine.backends import numba_cpu
+
+    from mixlocal import engine
 
     picked = []
     route = numba_cpu.route
@@ -131,7 +132,7 @@ def test_mixlocal_loads_small_slice(small_slices, qtype, monkeypatch):
 
 
 def test_q4_k_m_types_follow_the_recipe():
-    from quant.recipes import plan as recipe_plan
+    from mixlocal.quant.recipes import plan as recipe_plan
 
     full = {name: shape for name, shape, _ in tensor_plan(MIXTRAL, MIXTRAL_BLOCKS)}
     want = {name: q.name for name, q in recipe_plan("q4_k_m", full, MIXTRAL.n_experts, MIXTRAL_BLOCKS).items()}
@@ -174,7 +175,7 @@ def test_slice_rejects_bad_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_parse_kernels(monkeypatch):
-    families = pytest.importorskip("quant.kernels.families", reason="the kernel families have not landed yet")
+    families = pytest.importorskip("mixlocal.quant.kernels.families", reason="the kernel families have not landed yet")
     from bench_mixtral_shape import parse_kernels
     from numba.core import config
 

@@ -27,7 +27,7 @@ BENCH_ARGS = ["-p", "16", "-n", "4", "--ppl-ctx", "64", "--ppl-chunks", "2", "--
 def run_cli(*args, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mixlocal.engine.cli", *map(str, args)], check=False, capture_output=True,
                           text=True, cwd=REPO_ROOT, env=env, timeout=timeout, input=stdin)
 
 
@@ -110,7 +110,7 @@ def test_info_counts_what_the_files_hold(hf_model_dir):
 
 def main_error_line(capsys, argv: list, status: int) -> str:
     """engine.cli.main in this process: the same code path as the console script, without a process start."""
-    from engine.cli import main
+    from mixlocal.engine.cli import main
 
     assert main([str(a) for a in argv]) == status
     err = capsys.readouterr().err
@@ -279,7 +279,7 @@ def test_serve_is_wired_to_the_server(hf_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "-m", str(hf_model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mixlocal.engine.cli", "serve", "-m", str(hf_model_dir), "--port", str(port),
                              "--threads", "1"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -304,7 +304,7 @@ def test_serve_is_wired_to_the_server(hf_model_dir):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_info_names_the_kernel_family_and_an_unknown_one_is_one_error_line():
-    from quant.kernels import host_families
+    from mixlocal.quant.kernels import host_families
 
     r = run_cli("info", "--json")
     assert r.returncode == 0, r.stderr
@@ -319,7 +319,7 @@ def test_info_names_the_kernel_family_and_an_unknown_one_is_one_error_line():
 def test_generate_gives_the_same_greedy_text_with_every_family_this_cpu_runs():
     """Each family rounds activations the same way (int8 per 32-block) and sums exactly in integers, so greedy text
     from the embedded model must not depend on the family."""
-    from quant.kernels import host_families
+    from mixlocal.quant.kernels import host_families
 
     texts = {}
     for family in host_families():

@@ -40,7 +40,7 @@ def _sigint_ignored():
 
 def spawn_chat(model_dir, *args, preexec_fn=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    child = pexpect.spawn(sys.executable, ["-m", "engine.cli", "chat", "-m", str(model_dir), "--threads", "1", *args],
+    child = pexpect.spawn(sys.executable, ["-m", "mixlocal.engine.cli", "chat", "-m", str(model_dir), "--threads", "1", *args],
                           cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200),
                           preexec_fn=preexec_fn)
     child.expect_exact(">>> ")

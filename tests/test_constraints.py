@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 import sentencepiece
+from mixlocal.engine.constraints import ConstraintError
+from mixlocal.tokenizer import Tokenizer
 
-import engine
-from engine.constraints import ConstraintError
-from tokenizer import Tokenizer
+from mixlocal import engine
 
 
 @pytest.fixture(scope="module")

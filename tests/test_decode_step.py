@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mixlocal.engine.backends import numba_ops as ops
+from mixlocal.engine.backends.numba_ops import f32_to_f16_bits
 from numba import njit
 
-import engine
-from engine.backends import numba_ops as ops
-from engine.backends.numba_ops import f32_to_f16_bits
+from mixlocal import engine
 
 
 def _decode_logits(llm, prompt, steps, fused):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from conftest import mean_kl
 from gguf_fixtures import llama_cpp_quantize, llama_cpp_status, run_llama_cpp
+from mixlocal.engine.export import write_gguf
+from mixlocal.engine.loader import open_source
+from mixlocal.engine.quantize import requantize
+from mixlocal.quant import QType, kernels
 from numpy_reference import forward as numpy_forward
 
-import engine
-from engine.export import write_gguf
-from engine.loader import open_source
-from engine.quantize import requantize
-from quant import QType, kernels
+from mixlocal import engine
 
 pytestmark = pytest.mark.skipif(not engine.DEFAULT_MODEL.exists(),
                                 reason=f"the default model is not built yet ({engine.DEFAULT_MODEL})")

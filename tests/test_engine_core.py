@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import mean_kl, reference_logits, rel_err
 
-import engine
+from mixlocal import engine
 
 PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000, 2000, 3000, 31999, 5]
 
@@ -127,7 +127,8 @@ def test_context_overflow_then_reset(hf_model_dir):
 
 def test_32k_context_is_not_committed_up_front(hf_model_dir):
     code = f"""
-import resource, engine
+import resource
+from mixlocal import engine
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 llm = engine.load({str(hf_model_dir)!r}, n_ctx=32768, kv_type="f32")
 print(llm.cache.k.nbytes + llm.cache.v.nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)

@@ -14,9 +14,7 @@ import time
 import gguf
 import numpy as np
 import pytest
-
-import engine
-from engine.backends.experts import (
+from mixlocal.engine.backends.experts import (
     LFRU,
     LFU,
     LRU,
@@ -25,7 +23,9 @@ from engine.backends.experts import (
     _Reader,
     parse_size,
 )
-from engine.loader import BUDGET_MARGIN
+from mixlocal.engine.loader import BUDGET_MARGIN
+
+from mixlocal import engine
 
 N_CTX = 256
 
@@ -145,7 +145,7 @@ def test_eviction_policies_pick_as_documented():
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 def test_reader_returns_the_file_bytes(tmp_path, direct):
     """O_DIRECT where the file system allows it; plain reads that then drop the pages where it does not."""
-    from engine.backends.experts import _aligned_buffer
+    from mixlocal.engine.backends.experts import _aligned_buffer
     path = tmp_path / "data.bin"
     data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
     data.tofile(path)
@@ -214,7 +214,7 @@ def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
 ])
 def test_memory_limit_of_the_cgroup(monkeypatch, files, want):
     """The default budget sees a container's or bench's memory limit, which /proc/meminfo does not show."""
-    from engine import machine
+    from mixlocal.engine import machine
     monkeypatch.setattr(machine, "_lines", lambda path: files.get(path, []))
     monkeypatch.setattr(machine, "meminfo", lambda: {"MemAvailable": 20 << 30})
     assert machine.cgroup_memory() == want

@@ -14,8 +14,7 @@ import sys
 import gguf
 import numpy as np
 import pytest
-
-from quant.formats import (
+from mixlocal.quant.formats import (
     BLOCK_DTYPES,
     QK_K,
     SUPPORTED_TYPES,
@@ -25,7 +24,7 @@ from quant.formats import (
     quantize,
     row_bytes,
 )
-from quant.tensor import QType
+from mixlocal.quant.tensor import QType
 
 QUANTIZED = [q for q in SUPPORTED_TYPES if q not in (QType.F32, QType.F16, QType.BF16)]
 K_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from engine.errors import ModelFormatError
-from engine.sources.gguf_fast import read_gguf_fast
+from mixlocal.engine.errors import ModelFormatError
+from mixlocal.engine.sources.gguf_fast import read_gguf_fast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

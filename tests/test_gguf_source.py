@@ -9,10 +9,10 @@ import pytest
 from conftest import mean_kl, reference_logits, rel_err
 from gguf import GGMLQuantizationType as Q
 from gguf_fixtures import llama_cpp_status, run_llama_cpp, write_gguf_with_gguf_py
+from mixlocal.engine.sources.gguf import load_gguf
 from numpy_reference import forward as numpy_forward
 
-import engine
-from engine.sources.gguf import load_gguf
+from mixlocal import engine
 
 IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000]
 
@@ -66,7 +66,7 @@ def test_per_expert_layout(hf_model_dir, tmp_path, gguf_q8):
 
 
 def test_tokenizer_comes_from_metadata(gguf_q8, hf_model_dir):
-    from tokenizer import Tokenizer
+    from mixlocal.tokenizer import Tokenizer
     llm = engine.load(gguf_q8, n_ctx=64)
     ref = Tokenizer.from_file(hf_model_dir / "tokenizer.model")
     text = "Hello [INST] world, ça va? 你好 🙂"

@@ -26,8 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
-from engine.sources import hub as hubmod
+from mixlocal.engine.sources import hub as hubmod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +150,7 @@ def model_files(model_dir: Path) -> dict[str, bytes]:
 def run_cli(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     full.update(HF_HUB_DISABLE_TELEMETRY="1", **env)
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], check=False, env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mixlocal.engine.cli", *args], check=False, env=full, capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=timeout)
 
 
@@ -267,7 +266,7 @@ def test_pull_unknown_repository_is_one_clear_line(tmp_path):
 
 
 def test_pull_help_names_the_three_layouts():
-    from engine.cli import build_parser
+    from mixlocal.engine.cli import build_parser
     text = build_parser(["pull"])._subparsers._group_actions[0].choices["pull"].format_help()
     for repo in ("mistralai/Mixtral-8x7B-Instruct-v0.1", "TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF",
                  "--include '*Q4_K_M.gguf'", "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"):

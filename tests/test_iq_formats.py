@@ -22,20 +22,20 @@ from gguf_fixtures import (
     run_llama_cpp,
     write_gguf_with_gguf_py,
 )
-from numpy_reference import forward as numpy_forward
-from test_gguf_source import IDS, _patch_tensor_info
-from test_kernels import act_of, assert_matches
-
-import engine
-from quant import QStack, QTensor, QType, iq_grids, kernels
-from quant.formats import (
+from mixlocal.quant import QStack, QTensor, QType, iq_grids, kernels
+from mixlocal.quant.formats import (
     DECODE_ONLY_TYPES,
     block_dtype,
     dequantize,
     quantize,
     row_bytes,
 )
-from quant.kernels import generic as gen
+from mixlocal.quant.kernels import generic as gen
+from numpy_reference import forward as numpy_forward
+from test_gguf_source import IDS, _patch_tensor_info
+from test_kernels import act_of, assert_matches
+
+from mixlocal import engine
 
 IQ_TYPES = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ3_S, QType.IQ2_S,
             QType.IQ1_S, QType.IQ1_M]
@@ -281,7 +281,7 @@ def test_llama_cpp_iq_files_match_float64_reference(hf_model_dir, tmp_path, qtyp
 @pytest.mark.parametrize("qtype", [QType.IQ4_XS, QType.IQ4_NL], ids=lambda q: q.name)
 def test_mlx_requantizes_iq4_with_a_notice(qtype, caplog):
     pytest.importorskip("mlx.core")
-    from engine.backends.mlx import to_affine
+    from mixlocal.engine.backends.mlx import to_affine
     w, ref = make_iq_weight(qtype, (24, 512), seed=5)
     with caplog.at_level(logging.WARNING, logger="mixlocal.mlx"):
         a = to_affine(w, "blk.0.test.weight")
@@ -296,7 +296,7 @@ def test_mlx_requantizes_iq4_with_a_notice(qtype, caplog):
                          ids=lambda q: q.name)
 def test_mlx_refuses_lower_iq_formats_by_name(qtype):
     pytest.importorskip("mlx.core")
-    from engine.backends.mlx import to_affine
+    from mixlocal.engine.backends.mlx import to_affine
     w, _ = make_iq_weight(qtype, (4, 256), seed=6)
     with pytest.raises(ValueError, match=rf"blk\.0\.test\.weight: {qtype.name} has no MLX form.*backend='numba'"):
         to_affine(w, "blk.0.test.weight")

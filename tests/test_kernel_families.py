@@ -11,11 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from mixlocal.quant import kernels
+from mixlocal.quant.kernels import families
 from numba.core import config
 
-import engine
-from quant import kernels
-from quant.kernels import families
+from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_compile_features_follow_numba_overrides(monkeypatch):
 _CHILD = textwrap.dedent("""
     import json, sys
     import gguf, numpy as np
-    from quant import QTensor, QType, kernels
+    from mixlocal.quant import QTensor, QType, kernels
     sys.path.insert(0, "tests")
     from test_kernels import assert_matches, cols_for, make_weight
 

@@ -10,9 +10,8 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
+from mixlocal.quant import QStack, QTensor, QType, kernels
 from numpy_reference import q8k_round
-
-from quant import QStack, QTensor, QType, kernels
 
 ALL_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
              QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -264,9 +263,8 @@ def test_packed_kernels_with_subnormal_half_scales(qtype, family):
 
 
 def test_half_scale_conversion_matches_numpy_for_every_bit_pattern():
+    from mixlocal.quant.kernels.portable import ROWS, _halves_to_float
     from numba import njit
-
-    from quant.kernels.portable import ROWS, _halves_to_float
 
     @njit
     def convert_all(h, out):
@@ -286,8 +284,7 @@ def test_blas_path_follows_numba_thread_count():
     """Prefill on a format without a packed layout goes through BLAS, which must use the caller's thread count;
     products below kernels.SERIAL_MAX_MACS run on one thread, BLAS included, and leave the caller's count as it was."""
     import numba
-
-    from quant.kernels import blas as kernels_blas
+    from mixlocal.quant.kernels import blas as kernels_blas
     if kernels_blas.blas_threads() is None:
         pytest.skip("no OpenBLAS entry point found in numpy's libraries")
     unpacked = QType.Q5_1  # no family packs it: prefill decodes tiles for BLAS

@@ -13,12 +13,12 @@ import gguf
 import numba
 import numpy as np
 import pytest
+from mixlocal.engine.backends import numba_ops as ops
+from mixlocal.engine.cache import KV_TYPES, KVCache
+from mixlocal.engine.config import ModelConfig
 from numba import njit
 
-import engine
-from engine.backends import numba_ops as ops
-from engine.cache import KV_TYPES, KVCache
-from engine.config import ModelConfig
+from mixlocal import engine
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 MIXTRAL = ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -104,8 +104,8 @@ def test_cache_rejects_bad_settings_and_writes():
 
 MEMORY_PROBE = r"""
 import sys, numpy as np
-from engine.cache import KVCache
-from engine.config import ModelConfig
+from mixlocal.engine.cache import KVCache
+from mixlocal.engine.config import ModelConfig
 
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024

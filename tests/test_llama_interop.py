@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from conftest import TINY, make_hf_checkpoint, mean_kl
 from gguf_fixtures import llama_cpp_quantize, llama_cpp_status, run_llama_cpp
+from mixlocal.engine.export import write_gguf
+from mixlocal.engine.sources.hf import load_hf
+from mixlocal.tokenizer import Tokenizer
 from numpy_reference import forward as numpy_forward
 from test_gguf_source import ACTIVATION_ROUNDING_KL
 
-import engine
-from engine.export import write_gguf
-from engine.sources.hf import load_hf
-from tokenizer import Tokenizer
+from mixlocal import engine
 
 pytestmark = pytest.mark.skipif(llama_cpp_status() is not None, reason=str(llama_cpp_status()))
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import mean_kl, reference_logits, rel_err
 
-import engine
+from mixlocal import engine
 
 N_PROMPT = 4096
 CHUNKS = (700, 1, 300, 33, 1024, 512, 7, 1455)  # then the last TAIL tokens with logits for every position
@@ -127,8 +127,8 @@ def test_q8_0_cache_stays_within_its_measured_bound_at_4k(long_run):
 SCRATCH_PROBE = r"""
 import json, sys
 import numpy as np
-import engine
-from engine.backends import numba_ops
+from mixlocal import engine
+from mixlocal.engine.backends import numba_ops
 
 path, chunk = sys.argv[1], int(sys.argv[2])
 scratch = []

@@ -15,17 +15,16 @@ except ImportError as e:  # CI installs mlx[cpu]: there a missing mlx must fail,
         raise
     pytest.skip(f"mlx is not installed ({e}); pip install -e '.[mlx]'", allow_module_level=True)
 
-import engine
-from engine.backends.mlx import (
+from mixlocal.engine.backends.mlx import (
     MLXBackend,
     MLXKVCache,
     Precision,
     choose_precision,
     to_affine,
 )
-from engine.sources.hf import load_hf
-from quant import QTensor, QType, formats
-from quant.affine import (
+from mixlocal.engine.sources.hf import load_hf
+from mixlocal.quant import QTensor, QType, formats
+from mixlocal.quant.affine import (
     BITS,
     AffineTensor,
     affine_from_ggml,
@@ -33,6 +32,8 @@ from quant.affine import (
     pack_bits,
     unpack_bits,
 )
+
+from mixlocal import engine
 
 # 40 ids: 80 token-expert rows, enough for the sorted (prefill) expert path
 PROMPT_IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000, 2000, 3000, 31999, 5,
@@ -158,7 +159,7 @@ def test_32k_cache_costs_nothing_up_front(hf_model_dir):
 
 
 def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch):
-    from engine import loader
+    from mixlocal.engine import loader
     monkeypatch.setattr(loader.sys, "platform", "linux")
     assert loader.resolve_backend("auto") == "numba"
     monkeypatch.setattr(loader.sys, "platform", "darwin")
@@ -291,7 +292,7 @@ def test_gguf_q4_0_on_mlx_matches_independent_reference(gguf_q4_0, gguf_on_mlx):
 
 
 def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0, gguf_on_mlx):
-    from quant import kernels
+    from mixlocal.quant import kernels
     on_mlx = gguf_on_mlx
     on_mlx.reset()
     on_numba = engine.load(gguf_q4_0, backend="numba", n_ctx=256, kv_type="f32")
@@ -313,8 +314,8 @@ def test_gguf_q4_0_same_logits_on_mlx_and_numba(gguf_q4_0, gguf_on_mlx):
 def test_gguf_q4_0_writes_mlx_folder_losslessly(gguf_q4_0, gguf_on_mlx, hf_model_dir, tmp_path):
     """Q4_0 blocks are affine groups of 32 (scale d, bias -8d): written with group_size=32 they are copied, not
     requantized, and GGUF's neighbour-pair q/k rows are put back in HF order. Same logits as the GGUF itself."""
-    from engine.sources.gguf import load_gguf
-    from engine.sources.mlx import write_mlx_folder
+    from mixlocal.engine.sources.gguf import load_gguf
+    from mixlocal.engine.sources.mlx import write_mlx_folder
     _, weights, _ = load_gguf(gguf_q4_0)
     tok_bytes = (hf_model_dir / "tokenizer.model").read_bytes()  # as a GGUF source would rebuild them
     out = write_mlx_folder(weights, tok_bytes, tmp_path / "out", bits=4, group_size=32)
@@ -333,9 +334,9 @@ def test_default_model_q4_0_gguf_same_logits_on_mlx_and_numba(tmp_path):
     int8 activation rounding of numba's Q4_0 kernels is small, unlike on the random fixture above."""
     import dataclasses
 
-    from engine.export import write_gguf
-    from engine.loader import open_source
-    from engine.quantize import requantize
+    from mixlocal.engine.export import write_gguf
+    from mixlocal.engine.loader import open_source
+    from mixlocal.engine.quantize import requantize
     if not engine.DEFAULT_MODEL.exists():
         pytest.skip(f"the embedded default model is not installed yet ({engine.DEFAULT_MODEL})")
     _, w, tok, _ = open_source(None)

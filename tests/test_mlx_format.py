@@ -16,12 +16,13 @@ except ImportError as e:  # CI installs mlx[cpu]: there a missing mlx must fail,
         raise
     pytest.skip(f"mlx is not installed ({e}); pip install -e '.[mlx]'", allow_module_level=True)
 
-import engine
-from engine.sources import mlx as mlx_source
-from engine.sources.hf import load_hf
-from engine.sources.mlx import is_mlx_dir, write_mlx_folder
-from quant import QType
-from quant.affine import AffineTensor, quantize_affine
+from mixlocal.engine.sources import mlx as mlx_source
+from mixlocal.engine.sources.hf import load_hf
+from mixlocal.engine.sources.mlx import is_mlx_dir, write_mlx_folder
+from mixlocal.quant import QType
+from mixlocal.quant.affine import AffineTensor, quantize_affine
+
+from mixlocal import engine
 
 IDS = [1, 415, 2936, 9060, 285, 1142, 754, 272, 17898, 3914, 28723, 13, 330, 1000, 2000, 3000, 31999, 5]
 

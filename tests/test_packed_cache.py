@@ -11,10 +11,10 @@ import pytest
 from conftest import mean_kl
 from gguf import GGMLQuantizationType as Q
 from gguf_fixtures import write_gguf_with_gguf_py
+from mixlocal.engine import packed_cache
+from mixlocal.quant import kernels
 
-import engine
-from engine import packed_cache
-from quant import kernels
+from mixlocal import engine
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28774]
 
@@ -148,7 +148,7 @@ def test_unwritable_cache_dir_packs_in_memory(q4_model, tmp_path, in_memory, mon
 
 @pytest.mark.parametrize("flag, want", [([], None), (["--no-packed-cache"], False)])
 def test_cli_passes_the_packed_cache_choice_to_load(monkeypatch, flag, want):
-    from engine import cli
+    from mixlocal.engine import cli
     seen = {}
     real_load = engine.load
 

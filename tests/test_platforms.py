@@ -40,7 +40,7 @@ def test_workflow_is_valid_and_covers_each_platform():
 
 def test_machine_facts_without_proc(monkeypatch):
     """macOS and Windows have no /proc: the CPU comes from `platform`, memory from sysconf, else None."""
-    from engine import machine
+    from mixlocal.engine import machine
     monkeypatch.setattr(machine, "_lines", lambda path: [])
     assert machine.cpu_flags() == frozenset()
     assert isinstance(machine.cpu_model(), str)
@@ -54,13 +54,13 @@ def test_machine_facts_without_proc(monkeypatch):
     monkeypatch.setattr(os, "sysconf", no_sysconf)
     assert machine.total_memory() is None and machine.available_memory() is None
     assert machine.describe()["ram_bytes"] is None
-    from engine.loader import weight_budget_for
+    from mixlocal.engine.loader import weight_budget_for
     assert weight_budget_for(None, 1 << 20) == (None, "unknown")  # no limit known: every expert resident
 
 
 def test_expert_reads_without_positional_reads_or_o_direct(tmp_path, monkeypatch):
     """Windows: no os.preadv and no O_DIRECT; the reader seeks a file object under a lock instead."""
-    from engine.backends.experts import _aligned_buffer, _Reader
+    from mixlocal.engine.backends.experts import _aligned_buffer, _Reader
     path = tmp_path / "data.bin"
     data = np.random.default_rng(1).integers(0, 256, 5 * 4096 + 77, dtype=np.uint8)
     data.tofile(path)
@@ -79,7 +79,7 @@ def test_expert_reads_without_positional_reads_or_o_direct(tmp_path, monkeypatch
 
 def test_packed_cache_without_fallocate(tmp_path, monkeypatch):
     """No posix_fallocate (macOS, Windows): the cache file is sized by truncate and still works."""
-    import engine
+    from mixlocal import engine
     monkeypatch.setenv("MIXLOCAL_CACHE_DIR", str(tmp_path))
     monkeypatch.delattr(os, "posix_fallocate")
     want = engine.load(n_ctx=64, kv_type="f32", packed_cache=False).eval([1, 2, 3])
@@ -90,8 +90,8 @@ def test_packed_cache_without_fallocate(tmp_path, monkeypatch):
 
 def test_peak_rss_without_resource(monkeypatch):
     """Windows has no `resource`: the level bench reports peak RSS as unknown ("-") instead of failing."""
-    from engine.cli import bench_worker
-    from engine.cli.common import human_bytes
+    from mixlocal.engine.cli import bench_worker
+    from mixlocal.engine.cli.common import human_bytes
     real_import = builtins.__import__
 
     def no_resource(name, *a, **kw):
@@ -107,8 +107,7 @@ def test_an_arm_cpu_gets_the_portable_family(monkeypatch):
     """An ARM laptop (or any CPU whose features LLVM reports without x86 vector extensions, or none at all) runs the
     portable kernels, and asking for an x86 family there is a clear error."""
     from llvmlite import binding
-
-    from quant.kernels import families
+    from mixlocal.quant.kernels import families
     arm = {"neon": True, "fp-armv8": True, "crc": True, "dotprod": True}
     monkeypatch.setattr(binding, "get_host_cpu_features", lambda: arm)
     assert families.host_families() == ("portable",)

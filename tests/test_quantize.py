@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mixlocal.quant.formats import quantize
+from mixlocal.quant.quantize import FAST_TYPES, _put_f16, quantize_fast
+from mixlocal.quant.tensor import QType
 from numba import njit
-
-from quant.formats import quantize
-from quant.quantize import FAST_TYPES, _put_f16, quantize_fast
-from quant.tensor import QType
 
 try:  # helpers shared with the formats tests (plain module when tests/ is not a package)
     from test_formats import awkward_rows, ggml_quantize, weights_with_outliers

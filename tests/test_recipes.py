@@ -8,9 +8,8 @@ import math
 import gguf
 import numpy as np
 import pytest
-
-from quant.recipes import LEVELS, Level, choose_type, plan
-from quant.tensor import QType, nbytes_for
+from mixlocal.quant.recipes import LEVELS, Level, choose_type, plan
+from mixlocal.quant.tensor import QType, nbytes_for
 
 try:  # the llama.cpp probe lives with the formats tests (plain module when tests/ is not a package)
     from test_formats import _ggml_base

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, live on loopback, with the official openai SDK as its client.
 
-Two servers run as `python -m engine.server` subprocesses on 127.0.0.1 (free ports) over the tiny random Mixtral:
+Two servers run as `python -m mixlocal.engine.server` subprocesses on 127.0.0.1 (free ports) over the tiny random Mixtral:
 - `server`: --api-key, --alias tiny-alias, --max-tokens 12 (requests that set none stay short), n_ctx 512;
 - `shift_server`: n_ctx 48 and --context-shift, no key, no default limit.
 Answers are checked against references that are not ours: mistral-common's Mixtral v1 prompt ids, transformers'
@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    """`python -m engine.server` in a subprocess on 127.0.0.1; stopped (SIGINT, then kill) at the end."""
+    """`python -m mixlocal.engine.server` in a subprocess on 127.0.0.1; stopped (SIGINT, then kill) at the end."""
 
     def __init__(self, model_dir: Path, log_path: Path, *args: str):
         self.model_dir, self.log_path, self.args = model_dir, log_path, args
@@ -60,7 +60,7 @@ class LiveServer:
             self.url = f"http://127.0.0.1:{port}"
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "engine.server", "-m", str(self.model_dir), "--host", "127.0.0.1",
+                    [sys.executable, "-m", "mixlocal.engine.server", "-m", str(self.model_dir), "--host", "127.0.0.1",
                      "--port", str(port), "--log-level", "warning", *self.args],
                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MIXLOCAL_API_KEY": ""})
             deadline = time.monotonic() + 180
@@ -259,7 +259,7 @@ def test_completions_continue_the_prompt(client, model_name, mistral_v1, spm, hf
 def test_completion_text_keeps_the_space_before_its_first_word(spm, ids):
     """LLM decodes a continuation with a decoder primed by the prompt (what sentencepiece's fresh decode drops
     at the start, the space before the first word, stays), checked against sentencepiece decoding both as one."""
-    from tokenizer import Tokenizer
+    from mixlocal.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(MIXTRAL_TOKENIZER)
     prompt = tok.encode("Once upon a time", add_bos=True)
@@ -518,7 +518,7 @@ def test_without_max_tokens_the_answer_runs_to_the_end_of_the_context(shift_serv
 def test_serve_arguments_and_exposure_warning(tmp_path, capsys, monkeypatch):
     import argparse
 
-    from engine.server import add_serve_arguments, run_serve
+    from mixlocal.engine.server import add_serve_arguments, run_serve
 
     monkeypatch.delenv("MIXLOCAL_API_KEY", raising=False)
     # run_serve sets a default OMP_WAIT_POLICY; keep that from leaking into the rest of the session
@@ -542,10 +542,10 @@ def test_serve_arguments_and_exposure_warning(tmp_path, capsys, monkeypatch):
 
 def test_create_app_in_process(hf_model_dir, model_name):
     """create_app is what embedders and tests use: the same routes, run here through starlette's TestClient."""
+    from mixlocal.engine.server import create_app
     from starlette.testclient import TestClient
 
-    import engine
-    from engine.server import create_app
+    from mixlocal import engine
 
     llm = engine.load(hf_model_dir, n_ctx=64)
     app = create_app(llm, api_key="k", aliases=("house-model",), context_shift=True)

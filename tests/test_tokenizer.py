@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-from tokenizer import StopMatcher, Tokenizer, TokenizerError
+from mixlocal.tokenizer import StopMatcher, Tokenizer, TokenizerError
 
 MODEL_PATH = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 
@@ -496,7 +495,7 @@ def test_gguf_without_tokenizer_is_rejected(gguf_dir):
 def toy(tmp_path_factory):
     """A small BPE model trained here by sentencepiece with custom normalization rules, removal of extra
     whitespace, byte fallback, user-defined and extra control symbols; one piece is then marked UNUSED."""
-    from tokenizer.model_proto import (
+    from mixlocal.tokenizer.model_proto import (
         Piece,
         PieceType,
         build_model_proto,

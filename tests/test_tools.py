@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
-import engine
-from engine.tools import (
+from mixlocal.engine.tools import (
     ToolError,
     answer_schema,
     parse_answer,
     render_messages,
     tool_spec,
 )
-from tokenizer import Tokenizer
+from mixlocal.tokenizer import Tokenizer
+
+from mixlocal import engine
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",

@@ -21,10 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import engine
-from engine.export import write_gguf
-from engine.sources.hf import load_hf
-from tokenizer import Tokenizer
+from mixlocal.engine.export import write_gguf
+from mixlocal.engine.sources.hf import load_hf
+from mixlocal.tokenizer import Tokenizer
+
+from mixlocal import engine
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

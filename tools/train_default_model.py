@@ -408,7 +408,7 @@ def main() -> None:
     embed = ARCH["vocab_size"] * ARCH["hidden_size"]
     # Imported only now: importing engine imports numba and the kernels, which the training itself does not need
     sys.path.insert(0, str(REPO))
-    from engine import machine
+    from mixlocal.engine import machine
 
     result = {
         "model": {

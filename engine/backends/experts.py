@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
+from mixlocal.quant import QStack, QTensor, kernels
+from mixlocal.quant.tensor import nbytes_for
 from numba import njit
-
-from quant import QStack, QTensor, kernels
-from quant.tensor import nbytes_for
 
 __all__ = ["POLICIES", "ExpertStore", "MemoryBudgetError", "parse_size"]
 

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-
-from quant import QStack, QType
-from quant.affine import REQUANT_BITS, AffineTensor, affine_from_ggml, quantize_affine
+from mixlocal.quant import QStack, QType
+from mixlocal.quant.affine import (
+    REQUANT_BITS,
+    AffineTensor,
+    affine_from_ggml,
+    quantize_affine,
+)
 
 from ..config import ModelConfig
 from ..errors import ContextOverflowError
@@ -108,7 +112,7 @@ def to_affine(t, name: str, scale_dtype: str = "F32") -> AffineTensor:
                else "has 16-element sub-blocks that MLX's groups (32+) cannot hold")
         log.warning("mixlocal: %s: %s %s; dequantized and requantized to %d-bit groups of 32", name, t.qtype.name,
                     why, bits)
-        from quant import formats
+        from mixlocal.quant import formats
         mats = list(t.mats) if isinstance(t, QStack) else ([t.expert(e) for e in range(t.shape[0])]
                                                            if len(t.shape) == 3 else [t])
         parts = [quantize_affine(formats.dequantize(m.qtype, m.rows_view()).reshape(m.shape), bits, 32, "F32")

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-
-from quant import QType, formats, kernels
+from mixlocal.quant import QType, formats, kernels
 
 from ..cache import KVCache
 from ..config import ModelConfig

@@ -9,13 +9,12 @@ import math
 import numba
 import numpy as np
 from llvmlite import ir
+from mixlocal.quant.kernels import SERIAL_MAX_MACS, serial_below
+from mixlocal.quant.kernels.activations import quantize_q8_k_row
+from mixlocal.quant.kernels.portable import _quantize_row
+from mixlocal.quant.quantize import _row_q8_0
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
-
-from quant.kernels import SERIAL_MAX_MACS, serial_below
-from quant.kernels.activations import quantize_q8_k_row
-from quant.kernels.portable import _quantize_row
-from quant.quantize import _row_q8_0
 
 __all__ = [
     "Q8_0_BLOCK",

@@ -1,4 +1,4 @@
-"""`python -m engine.cli`: the `mixlocal` command."""
+"""`python -m mixlocal.engine.cli`: the `mixlocal` command."""
 import sys
 
 from .main import main

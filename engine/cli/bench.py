@@ -61,7 +61,7 @@ _PRECISION_ORDER = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q
 def known_levels() -> tuple[str, ...]:
     """The level names that engine.load(quant=...) accepts (quant.recipes is their one source of truth)."""
     try:
-        from quant.recipes import LEVELS
+        from mixlocal.quant.recipes import LEVELS
     except ImportError:
         return DEFAULT_LEVELS
     return tuple(LEVELS)
@@ -139,7 +139,7 @@ def _spawn(spec: dict, bar) -> dict:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli.bench_worker", "--worker", json.dumps(spec)],
+        proc = subprocess.Popen([sys.executable, "-m", "mixlocal.engine.cli.bench_worker", "--worker", json.dumps(spec)],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         result = None
         try:

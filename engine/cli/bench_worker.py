@@ -1,4 +1,4 @@
-"""One level of `mixlocal bench`, measured in a process of its own (`python -m engine.cli.bench_worker --worker
+"""One level of `mixlocal bench`, measured in a process of its own (`python -m mixlocal.engine.cli.bench_worker --worker
 SPEC`, started by engine/cli/bench.py), so that its peak resident memory is its own.
 
 A worker loads the model at its level, times prefill and decode, then runs the perplexity text:
@@ -43,7 +43,7 @@ def _load_and_size(spec: dict):
     """engine.load at the spec's level, and weight_stats of the weights the backend is built from: after any
     quantization, as load's on_weights hook sees them, since the MLX backend turns them into its own arrays and lets
     them go."""
-    import engine
+    from mixlocal import engine
 
     seen: dict = {}
     llm = engine.load(spec["source"], quant=spec["quant"], backend=spec["backend"], n_threads=spec["threads"],
@@ -121,7 +121,7 @@ def _emit(**event) -> None:
 
 
 def _worker(spec: dict) -> dict:
-    import engine  # noqa: F401 - imported before the clock starts: load_s is the load, not Python's imports
+    from mixlocal import engine  # noqa: F401 - imported before the clock starts: load_s is the load, not Python's imports
 
     level, ppl_ctx = spec["quant"], spec["ppl_ctx"]
     n_prompt, n_gen = spec["n_prompt"], spec["n_gen"]

@@ -54,7 +54,7 @@ def _add_sampling_args(p):
 
 
 def load_model(args):
-    import engine
+    from mixlocal import engine
     return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
                        n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels,
                        mem_budget=args.mem_budget, expert_policy=args.expert_policy)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (`mixlocal serve`, `python -m engine.server`).
+"""The OpenAI-compatible HTTP server (`mixlocal serve`, `python -m mixlocal.engine.server`).
 
 app.py: routes, the service and the command line; requests.py: request bodies checked; prompts.py: prompt ids and
 context shift; responses.py: response bodies and SSE framing; worker.py: the one thread that runs the model.

@@ -1,4 +1,4 @@
-"""`python -m engine.server`: the server without the rest of the command line."""
+"""`python -m mixlocal.engine.server`: the server without the rest of the command line."""
 import sys
 
 from .app import main

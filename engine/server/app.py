@@ -1,7 +1,7 @@
 """OpenAI-compatible local server: code written for hosted Mixtral runs here once its base URL points at us.
 
     mixlocal serve -m SRC [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--alias NAME ...] [--n-ctx N]
-    python -m engine.server -m SRC ...
+    python -m mixlocal.engine.server -m SRC ...
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both also streamed as server-sent events),
 GET /v1/models, GET /v1/models/{id}, GET /health. The /v1 prefix may be left out, as llama.cpp allows.
@@ -331,7 +331,7 @@ def create_app(llm, *, api_key: str | None = None, aliases=(), context_shift: bo
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Command line: `mixlocal serve` (engine/cli.py) and `python -m engine.server`
+# Command line: `mixlocal serve` (engine/cli.py) and `python -m mixlocal.engine.server`
 # ---------------------------------------------------------------------------------------------------------------------
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -383,7 +383,7 @@ def run_serve(args) -> int:
     """Load the model and serve it until interrupted. Returns the exit code."""
     import uvicorn
 
-    import engine
+    from mixlocal import engine
 
     if not is_loopback(args.host) and not args.api_key:
         print(f"mixlocal: warning: binding {args.host} without --api-key: anyone who can reach this machine on port "
@@ -408,7 +408,7 @@ def run_serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.server",
+    parser = argparse.ArgumentParser(prog="python -m mixlocal.engine.server",
                                      description="Serve a model over an OpenAI-compatible HTTP API.")
     add_serve_arguments(parser)
     args = parser.parse_args(argv)

@@ -8,8 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-
-from quant import QStack, QTensor, QType, nbytes_for
+from mixlocal.quant import QStack, QTensor, QType, nbytes_for
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError

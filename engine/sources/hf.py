@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quant import QStack, QTensor
+from mixlocal.quant import QStack, QTensor
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError

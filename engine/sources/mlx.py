@@ -17,9 +17,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
-from quant import QStack, QTensor, QType, formats, matrices
-from quant.affine import (
+from mixlocal.quant import QStack, QTensor, QType, formats, matrices
+from mixlocal.quant.affine import (
     BITS,
     EXACT_BITS,
     GROUP_SIZES,

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from quant import QTensor, QType
+from mixlocal.quant import QTensor, QType
 
 from ..errors import ModelFormatError
 
