@@ -51,6 +51,8 @@ class _Conversation:
 
 
 def command(args) -> int:
+    from .main import check_sampling_args
+    check_sampling_args(args, "chat")
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401 - line editing and history for input()

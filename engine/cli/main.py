@@ -74,7 +74,19 @@ def _structure_kwargs(args) -> dict:
     return {}
 
 
+def check_sampling_args(args, command: str) -> None:
+    """Bad sampling values are one usage line before the model loads, not an error after the prompt is printed."""
+    from ..sampling import SamplingParams
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise UsageError(f"mixlocal {command}: -n/--max-tokens must be >= 0, got {args.max_tokens}")
+    try:
+        SamplingParams().with_(**{k: v for k, v in sampling_kwargs(args).items() if v is not None})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"mixlocal {command}: {e}") from None
+
+
 def _generate(args) -> int:
+    check_sampling_args(args, "generate")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     structure = _structure_kwargs(args)
     if structure:  # a grammar that cannot compile fails here, before the model loads
@@ -132,7 +144,7 @@ def _info(args) -> int:
         raise UsageError(f"mixlocal info: --kv-type must be one of {', '.join(KV_TYPES)}, got {args.kv_type!r}")
     if args.n_ctx <= 0:
         raise UsageError(f"mixlocal info: --n-ctx must be positive, got {args.n_ctx}")
-    from quant.kernels import host_families, resolve_family
+    from mixlocal.quant.kernels import host_families, resolve_family
     kernels = {"chosen": resolve_family(args.kernels), "cpu_runs": list(host_families())}
     config, weights, tok, name = open_source(args.model)
     if args.quant:
@@ -200,6 +212,12 @@ def _quantize(args) -> int:
     except ImportError as e:
         raise RuntimeError(f"quantize needs engine.export, which this build lacks ({e})") from None
     _config, weights, tok, name = open_source(args.model)
+    from ..weights import weight_stats
+    quantized = sorted(f for f in weight_stats(weights)["formats"] if f not in ("F32", "F16", "BF16"))
+    if quantized and not args.allow_requantize:
+        raise UsageError(f"mixlocal quantize: {args.model} is already quantized ({', '.join(quantized)}); "
+                         f"quantizing it again to {args.type} adds a second rounding error. Start from the f16/bf16 "
+                         "weights, or add --allow-requantize")
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".part")  # a crash never leaves a truncated file under the real name
     try:
@@ -257,6 +275,8 @@ def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog="mixlocal", description="Run quantized Mixtral 8x7B Instruct locally, offline.")
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"mixlocal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt",
@@ -303,6 +323,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("output", metavar="OUT.gguf")
     q.add_argument("--type", required=True, metavar="LEVEL", help="f16, q8_0, q6_k, q4_k_m, q4_0, q4_moe, ...")
     q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    q.add_argument("--allow-requantize", action="store_true",
+                   help="quantize weights that are already quantized (the result carries both errors)")
     q.set_defaults(func=_quantize)
 
     command = next((a for a in (argv or []) if not a.startswith("-")), None)
@@ -333,6 +355,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `mixlocal info | head -2`: the reader is gone, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
