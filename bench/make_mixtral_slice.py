@@ -239,10 +239,10 @@ def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator,
     return make(rng, n_blocks, std).reshape(*shape[:-1], shape[-1] // per_block * block_bytes)
 
 
-def _float_tensor(kind: str, shape: tuple[int, ...], dim: int, rng) -> np.ndarray:
+def _float_tensor(kind: str, shape: tuple[int, ...], dim: int, rng, router_logit_std: float) -> np.ndarray:
     if kind == "norm":
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return (rng.standard_normal(shape) * (ROUTER_LOGIT_STD / np.sqrt(dim))).astype(np.float32)  # router
+    return (rng.standard_normal(shape) * (router_logit_std / np.sqrt(dim))).astype(np.float32)  # router
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,8 +269,11 @@ def _tokenizer_fields(vocab: int) -> dict:
 
 
 def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: SliceShape = MIXTRAL,
-                seed: int = 0, progress: bool = False) -> Path:
-    """Write the slice GGUF to out (overwritten) and return its path."""
+                seed: int = 0, progress: bool = False, router_logit_std: float = ROUTER_LOGIT_STD) -> Path:
+    """Write the slice GGUF to out (overwritten) and return its path.
+
+    router_logit_std 0 writes all-zero routers: every token then goes to the same two experts of each block (the
+    first two of eight equal logits), the degenerate working set that flatters a memory map."""
     import gguf
     from mixlocal.tokenizer import gguf_vocab
 
@@ -317,7 +320,7 @@ def write_slice(out: str | Path, qtype: str = "Q4_0", n_blocks: int = 4, shape: 
     for i, (name, tshape, kind) in enumerate(plan):
         std = EMBED_STD if name == "token_embd.weight" else WEIGHT_STD
         data = random_blocks(types[name], tshape, rng, std) if kind == "matrix" else \
-            _float_tensor(kind, tshape, s.dim, rng)
+            _float_tensor(kind, tshape, s.dim, rng, router_logit_std)
         w.write_tensor_data(data)
         if progress and (i % 10 == 0 or i == len(plan) - 1):
             print(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -331,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--type", default="Q4_0", choices=sorted(SLICE_TYPES))
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router-logit-std", type=float, default=ROUTER_LOGIT_STD,
+                    help=f"spread of the router logits (default {ROUTER_LOGIT_STD}, a trained Mixtral's); 0 sends every "
+                         "token to the same two experts")
     for field, default in asdict(MIXTRAL).items():
         if isinstance(default, int):
             ap.add_argument("--" + field.replace("_", "-"), type=int, default=default,
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shape = replace(MIXTRAL, **{f: getattr(args, f) for f, v in asdict(MIXTRAL).items() if isinstance(v, int)})
     t0 = time.perf_counter()
-    path = write_slice(args.out, args.type, args.blocks, shape, args.seed, progress=True)
+    path = write_slice(args.out, args.type, args.blocks, shape, args.seed, progress=True,
+                       router_logit_std=args.router_logit_std)
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
