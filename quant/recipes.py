@@ -29,6 +29,16 @@ more_bits(i) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2 (llama.cpp's use_more_
                                            bits(i), else   bits(i), else         else Q4_K                          or i >= 7n/8,
                                            Q5_K            Q4_K                                                     else Q5_K
 
+The other llama.cpp levels differ from their base type only where the table's columns say for a like level:
+    f32, bf16            every matrix in that type (f32: the norms and router too, which always are)
+    q5_k_s               Q5_K; output Q6_K; attn_k/attn_v Q8_0 with 8 experts
+    q5_1, q5_0, q4_1     the type everywhere; output Q6_K; attn_k/attn_v Q8_0 with 8 experts
+    q4_k_s               Q4_K; output Q6_K; attn_v Q5_K in blocks 0-3 and ffn_down Q5_K for i < n/8; attn_output
+                         Q5_K and attn_k/attn_v Q8_0 with 8 experts
+    q3_k_l               Q3_K; output Q6_K; attn_v and ffn_down Q5_K; attn_output Q5_K without 8 experts (with 8 it
+                         stays Q3_K: llama.cpp leaves Q3_K_L out of its 8-expert list); attn_k/attn_v Q8_0 with 8
+    q3_k_s               Q3_K; output Q6_K; attn_output Q5_K and attn_k/attn_v Q8_0 with 8 experts
+
 Then, as in llama.cpp, a width (the last, contiguous axis) that is not a multiple of the chosen block falls back:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, and to F16 when even 32 does not divide it. For `output`
 the fallback is Q8_0 directly. llama.cpp refuses a width not divisible by 32 for Q4_0/Q8_0 levels; we give F16.
@@ -63,6 +73,10 @@ class Level:
 
 
 LEVELS: dict[str, Level] = {level.name: level for level in (
+    Level("f32", QType.F32, LlamaFileType.ALL_F32,
+          "32-bit floats everywhere: the source as it is, twice f16's size. For conversion, not for running."),
+    Level("bf16", QType.BF16, LlamaFileType.MOSTLY_BF16,
+          "bfloat16 for every matrix; norms and router in F32. The original Mixtral weights' own format."),
     Level("f16", QType.F16, LlamaFileType.MOSTLY_F16,
           "16-bit floats for every matrix; norms and router in F32. The reference, about 16 bits per weight."),
     Level("q8_0", QType.Q8_0, LlamaFileType.MOSTLY_Q8_0,
@@ -71,13 +85,27 @@ LEVELS: dict[str, Level] = {level.name: level for level in (
           "Q6_K everywhere (6.56 bits); attn_k/attn_v Q8_0 on 8-expert models."),
     Level("q5_k_m", QType.Q5_K, LlamaFileType.MOSTLY_Q5_K_M,
           "Q5_K (5.5 bits), with Q6_K for attn_v and ffn_down in about half the blocks and for the output head."),
+    Level("q5_k_s", QType.Q5_K, LlamaFileType.MOSTLY_Q5_K_S,
+          "Q5_K everywhere (5.5 bits), output head Q6_K; attn_k/attn_v Q8_0 on 8-expert models."),
+    Level("q5_1", QType.Q5_1, LlamaFileType.MOSTLY_Q5_1,
+          "Q5_1 everywhere (6 bits), output head Q6_K; a legacy format, Q5_K_M is smaller and better."),
+    Level("q5_0", QType.Q5_0, LlamaFileType.MOSTLY_Q5_0,
+          "Q5_0 everywhere (5.5 bits), output head Q6_K; a legacy format, Q5_K_S is as small and better."),
     Level("q4_k_m", QType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M,
           "Q4_K (4.5 bits), with Q6_K for attn_v and ffn_down in about half the blocks and for the output head; "
           "llama.cpp's usual choice."),
+    Level("q4_k_s", QType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S,
+          "Q4_K (4.5 bits), with Q5_K for attn_v in the first 4 blocks and ffn_down in the first eighth."),
+    Level("q4_1", QType.Q4_1, LlamaFileType.MOSTLY_Q4_1,
+          "Q4_1 everywhere (5 bits), output head Q6_K; a legacy format, Q4_K_S is smaller and better."),
     Level("q4_0", QType.Q4_0, LlamaFileType.MOSTLY_Q4_0,
           "Q4_0 everywhere (4.5 bits), output head Q6_K; the simplest and fastest 4-bit format."),
+    Level("q3_k_l", QType.Q3_K, LlamaFileType.MOSTLY_Q3_K_L,
+          "Q3_K (3.44 bits), with Q5_K for attention values and ffn_down."),
     Level("q3_k_m", QType.Q3_K, LlamaFileType.MOSTLY_Q3_K_M,
           "Q3_K (3.44 bits), with Q4_K/Q5_K for attention values, attention output and ffn_down."),
+    Level("q3_k_s", QType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S,
+          "Q3_K everywhere (3.44 bits), output head Q6_K; degraded."),
     Level("q2_k", QType.Q2_K, LlamaFileType.MOSTLY_Q2_K,
           "Q2_K (2.63 bits), with Q3_K for ffn_down and higher formats for attention; visibly degraded."),
     Level("q4_moe", QType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M,
@@ -134,8 +162,12 @@ def _llama_cpp_type(level: str, base: QType, category: str, cols: int, n_experts
             new = QType.Q4_K if n_gqa >= 4 else QType.Q3_K
         elif level == "q3_k_m":
             new = QType.Q5_K if i < 2 else QType.Q4_K
+        elif level == "q3_k_l":
+            new = QType.Q5_K
         elif level in ("q4_k_m", "q5_k_m") and _more_bits(i, n):
             new = QType.Q6_K
+        elif level == "q4_k_s" and i < 4:
+            new = QType.Q5_K
         return QType.Q8_0 if eight_experts else new
     if category == "attn_k":
         return QType.Q8_0 if eight_experts else base
@@ -144,16 +176,18 @@ def _llama_cpp_type(level: str, base: QType, category: str, cols: int, n_experts
             return QType.Q3_K
         if level == "q3_k_m":
             return QType.Q5_K if i < n // 16 else QType.Q4_K
+        if level == "q3_k_l":
+            return QType.Q5_K
         if level in ("q4_k_m", "q5_k_m") and _more_bits(i, n):
             return QType.Q6_K
+        if level == "q4_k_s" and i < n // 8:
+            return QType.Q5_K
         return base
     if category == "attn_output":
-        if eight_experts and level in ("q2_k", "q3_k_m", "q4_k_m"):
+        if eight_experts and level in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"):
             return QType.Q5_K
-        if not eight_experts and level == "q2_k":
-            return QType.Q3_K
-        if not eight_experts and level == "q3_k_m":
-            return QType.Q4_K
+        if not eight_experts:
+            return {"q2_k": QType.Q3_K, "q3_k_m": QType.Q4_K, "q3_k_l": QType.Q5_K}.get(level, base)
     return base
 
 

@@ -16,7 +16,8 @@ try:  # the llama.cpp probe lives with the formats tests (plain module when test
 except ImportError:
     from tests.test_formats import _ggml_base
 
-LLAMA_CPP_LEVELS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]
+LLAMA_CPP_LEVELS = ["f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                    "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
 
 
 def llama_tensors(n_layers: int, dim: int, ffn: int, n_experts: int, kv_dim: int, vocab: int,
@@ -111,7 +112,8 @@ def test_eight_experts_match_llama_cpp(level, eight_expert_gguf, llama_quantize_
     assert _differences(ours, theirs) == {}
 
 
-@pytest.mark.parametrize("level", ["q4_k_m", "q3_k_m", "q2_k", "q5_k_m", "q6_k"])
+@pytest.mark.parametrize("level", ["q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q5_k_m", "q5_k_s",
+                                   "q6_k", "q5_1", "q5_0", "q4_1"])
 def test_odd_width_and_four_experts_match_llama_cpp(level, odd_width_gguf, llama_quantize_types, tmp_path):
     src, shapes = odd_width_gguf
     theirs = llama_quantize_types(src, tmp_path / f"{level}.gguf", level)
@@ -124,7 +126,7 @@ def test_odd_width_and_four_experts_match_llama_cpp(level, odd_width_gguf, llama
 # ----------------------------------------------------------------------------------------------------------------------
 
 def test_levels_describe_themselves():
-    assert set(LEVELS) == {"f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k", "q4_moe"}
+    assert set(LLAMA_CPP_LEVELS) | {"q4_moe"} <= set(LEVELS)  # the classic list; IQ levels may add more
     for name, level in LEVELS.items():
         assert isinstance(level, Level) and level.name == name and len(level.description) > 20
         assert isinstance(level.file_type, gguf.LlamaFileType)
@@ -180,18 +182,21 @@ def test_q4_moe_is_within_5_percent_of_q4_k_m_on_mixtral_shapes():
 
 
 def test_sizes_rise_with_level():
-    order = ["q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"]
+    # q5_0 is left out: Q5_0 and Q5_K are both 5.5 bits, so it ties with q5_k_s
+    order = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_k_s", "q4_k_m", "q4_1", "q5_k_s", "q5_k_m", "q5_1",
+             "q6_k", "q8_0", "f16"]
     sizes = [_file_bytes(level) for level in order]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     # f16: two bytes per matrix weight, four per norm or router weight
     kept_f32 = sum(math.prod(s) for n, s in MIXTRAL_8X7B.items() if n.endswith("_norm.weight") or "gate_inp" in n)
     n_weights = sum(math.prod(s) for s in MIXTRAL_8X7B.values())
     assert sizes[-1] == 2 * (n_weights - kept_f32) + 4 * kept_f32
+    assert _file_bytes("bf16") == sizes[-1] and _file_bytes("f32") == 4 * n_weights
 
 
 def test_bad_arguments_raise_value_error():
-    with pytest.raises(ValueError, match="q4_k_s"):
-        choose_type("q4_k_s", "blk.0.attn_q.weight", (256, 256), 8, 0, 4)
+    with pytest.raises(ValueError, match="q4_k_xl"):
+        choose_type("q4_k_xl", "blk.0.attn_q.weight", (256, 256), 8, 0, 4)
     with pytest.raises(ValueError, match="block 2"):
         choose_type("q4_0", "blk.2.attn_q.weight", (256, 256), 8, 3, 4)
     with pytest.raises(ValueError, match="outside"):
