@@ -19,7 +19,7 @@ from numba import njit, prange
 from .formats import QK_K, row_bytes
 from .tensor import QType
 
-__all__ = ["FAST_TYPES", "quantize_fast"]
+__all__ = ["FAST_TYPES", "IMATRIX_TYPES", "QUANTIZE_TYPES", "check_imatrix", "quantize_fast"]
 
 _f32 = np.float32
 
@@ -379,6 +379,45 @@ def _make_qx_quants(x, xo, n, nmax, L, lo):
     return scale
 
 
+@njit
+def _make_qx_quants_w(x, xo, n, nmax, L, lo, w, wo):
+    """make_qx_quants with ggml's quant_weights: the same search as `_make_qx_quants`, each element weighted by
+    w[wo + i] instead of x**2 (the importance-matrix paths of Q3_K, Q6_K, Q4_0 and Q5_0)."""
+    amax, mx = _signed_absmax(x, xo, n)
+    if amax < _f32(1e-15):
+        for i in range(n):
+            L[lo + i] = 0
+        return _f32(0)
+    iscale = _f32(-nmax) / mx
+    sumlx = _f32(0)
+    suml2 = _f32(0)
+    for i in range(n):
+        v = x[xo + i]
+        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+        L[lo + i] = l + nmax
+        sumlx += w[wo + i] * v * _f32(l)
+        suml2 += w[wo + i] * _f32(l) * _f32(l)
+    scale = sumlx / suml2 if suml2 != 0 else _f32(0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(_f32(nmax) + _f32(0.1) * _f32(step)) / mx
+        sumlx = _f32(0)
+        suml2 = _f32(0)
+        for i in range(n):
+            v = x[xo + i]
+            l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+            sumlx += w[wo + i] * v * _f32(l)
+            suml2 += w[wo + i] * _f32(l) * _f32(l)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[lo + i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * x[xo + i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # K formats (super-blocks of 256)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -687,25 +726,48 @@ _DRIVERS = {
 }
 
 FAST_TYPES: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_DRIVERS)
+# ggml's quantizers that read an importance matrix (quantize_*_impl with quant_weights); the others ignore one
+IMATRIX_TYPES: tuple[QType, ...] = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0,
+                                    QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.IQ4_NL, QType.IQ4_XS)
+QUANTIZE_TYPES: tuple[QType, ...] = (*FAST_TYPES, QType.IQ4_NL, QType.IQ4_XS)
 
 
-def quantize_fast(qtype: QType, x: np.ndarray) -> np.ndarray:
+def check_imatrix(imatrix, cols: int, what: str = "imatrix") -> np.ndarray:
+    """The importance vector of one matrix as float32 (cols,): finite and non-negative, one value per input column."""
+    w = np.asarray(imatrix)
+    if w.ndim != 1 or w.shape[0] != cols:
+        raise ValueError(f"{what} has shape {w.shape}, expected ({cols},): one value per input column")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"{what} must hold floats, got {w.dtype}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError(f"{what} holds NaN or infinite values")
+    if (w < 0).any():
+        raise ValueError(f"{what} holds negative values; importances are means of squares")
+    return w
+
+
+def quantize_fast(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize a float32 matrix (rows, cols) into ggml blocks (rows, row_bytes), in parallel over rows.
 
-    Same bytes as `quant.formats.quantize` (and llama.cpp's reference quantizers)."""
+    Same bytes as `quant.formats.quantize` (and llama.cpp's reference quantizers). With `imatrix` (one importance
+    per input column, llama.cpp's imatrix values for this matrix), the formats in IMATRIX_TYPES take ggml's
+    weighted path and give the bytes of `ggml_quantize_chunk(..., imatrix)`; the others ignore it, as ggml does.
+    IQ4_NL and IQ4_XS have no numpy twin in quant.formats; they equal ggml's with or without an imatrix."""
     try:
         qtype = QType(qtype)
     except ValueError:
         raise ValueError(f"unknown ggml type id {qtype!r}") from None
-    if qtype not in FAST_TYPES:
+    if qtype not in QUANTIZE_TYPES:
         raise ValueError(f"quantize_fast does not support {qtype.name} "
-                         f"(supported: {', '.join(q.name for q in FAST_TYPES)})")
+                         f"(supported: {', '.join(q.name for q in QUANTIZE_TYPES)})")
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"quantize_fast needs a 2-D (rows, cols) array, got shape {x.shape}")
     if x.dtype != np.float32:
         raise ValueError(f"quantize_fast needs float32 input, got {x.dtype}")
     nbytes = row_bytes(qtype, x.shape[1])  # raises ValueError unless cols is whole blocks
+    qw = None if imatrix is None else check_imatrix(imatrix, x.shape[1])
     if qtype in (QType.F32, QType.F16, QType.BF16):
         from .formats import quantize  # float formats are a cast, no kernel needed
         return quantize(qtype, x)
@@ -713,5 +775,13 @@ def quantize_fast(qtype: QType, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], nbytes), dtype=np.uint8)
-    _DRIVERS[qtype](x, out)
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        from .quantize_iq4 import IQ4_DRIVERS  # imports this module's helpers
+        has_w = qw is not None
+        IQ4_DRIVERS[qtype](x, qw if has_w else np.zeros(x.shape[1], np.float32), has_w, out)
+    elif qw is not None and qtype in IMATRIX_TYPES:
+        from .quantize_imatrix import WEIGHTED_DRIVERS  # imports this module's helpers
+        WEIGHTED_DRIVERS[qtype](x, qw, out)
+    else:
+        _DRIVERS[qtype](x, out)
     return out

@@ -83,8 +83,8 @@ def test_bad_input_raises_value_error_before_any_kernel():
         quantize_fast(QType.Q4_K, x[:, :160])
     with pytest.raises(ValueError, match="NaN"):
         quantize_fast(QType.Q4_K, np.where(np.arange(256) == 7, np.inf, x).astype(np.float32))
-    with pytest.raises(ValueError, match="IQ4_XS"):
-        quantize_fast(QType.IQ4_XS, x)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        quantize_fast(QType.IQ2_XXS, x)
     with pytest.raises(ValueError, match="12345"):
         quantize_fast(12345, x)
 
