@@ -10,7 +10,9 @@ LLAMA_WHEEL := $(shell w=$$($(WHEELS)/pick-llama-wheel 2>/dev/null) && [ -f "$$w
 	ls $(WHEELS)/llama_cpp_python-*.whl 2>/dev/null | head -n 1)
 # The three prompts the README shows, the same the training script samples
 PROMPTS := "The meaning of life is" "Python is a programming language that" "Once upon a time,"
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+# `make run` compiles kernels where the installed command does, ~/.cache/mixlocal/numba (mixlocal/paths.py), so a
+# user compiles once; the tests and benches keep their own cache in the checkout.
+test bench lint: export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 .PHONY: install dev llama-wheel run test bench lint clean
 

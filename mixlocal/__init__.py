@@ -17,6 +17,11 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if not os.path.isdir(os.path.join(_here, "engine")):
     __path__.append(os.path.dirname(_here))
 
+# before the kernels are imported: every entry point compiles into one place, ~/.cache/mixlocal/numba (paths.py)
+from .paths import use_kernel_cache
+
+use_kernel_cache()
+
 from .engine import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_DIR,

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..weights import weight_stats
 from .bench_worker import BenchError, Reference, chunk_indices
-from .common import MODEL_HELP, UsageError, human_bytes
+from .common import JSON_HELP, UsageError, add_model_flag, human_bytes
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -328,8 +328,9 @@ def write_plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def add_arguments(b) -> None:
-    b.add_argument("-m", "--model", default=None, metavar="SRC", help=MODEL_HELP)
-    b.add_argument("--quants", default=",".join(DEFAULT_LEVELS), help="comma-separated levels (default: %(default)s)")
+    add_model_flag(b)
+    b.add_argument("--quants", default=",".join(DEFAULT_LEVELS), metavar="LEVELS",
+                   help="comma-separated levels, in any case (default: %(default)s)")
     b.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prefill tokens (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="decoded tokens (default 128)")
     b.add_argument("--ppl-file", default=str(DEFAULT_PPL_TEXT), metavar="TEXT",
@@ -340,11 +341,12 @@ def add_arguments(b) -> None:
                    help="the reference level (default: the least quantized level of the run)")
     b.add_argument("--save-ref", default=None, metavar="FILE", help="store the reference's top-k log-probabilities")
     b.add_argument("--ref-file", default=None, metavar="FILE", help="compare against a stored reference")
-    b.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    b.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE", help=JSON_HELP)
     b.add_argument("--csv", default=None, metavar="OUT", help="write the results as CSV")
     b.add_argument("--plot", default=None, metavar="OUT.png", help="plot quality and speed against size")
-    b.add_argument("--backend", default="auto", help="auto (default), numba or mlx")
-    b.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
+    b.add_argument("--backend", default="auto", choices=("auto", "numba", "mlx"),
+                   help="auto (default: mlx on Apple Silicon, else numba), numba or mlx")
+    b.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
 
 
 def command(args) -> int:
@@ -353,7 +355,8 @@ def command(args) -> int:
                       ppl_chunks=args.ppl_chunks, ref=args.ref, ref_file=args.ref_file, save_ref=args.save_ref,
                       backend=args.backend, threads=args.threads)
     s.check()
-    for path in (args.json, args.csv, args.plot):  # fail now, not after an hour of measuring
+    json_file = args.json if args.json != "-" else None
+    for path in (json_file, args.csv, args.plot):  # fail now, not after an hour of measuring
         if path and not Path(path).resolve().parent.is_dir():
             raise UsageError(f"mixlocal bench: cannot write {path}: no such directory")
     if args.plot:
@@ -362,9 +365,12 @@ def command(args) -> int:
         except ImportError:
             raise BenchError("--plot needs matplotlib: pip install 'mixlocal[bench]'") from None
     report = run_bench(s)
-    print(format_table(report))
-    if args.json:
-        write_json(report, Path(args.json))
+    if args.json == "-":  # JSON takes the table's place on stdout (JSON_HELP's convention)
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    if json_file:
+        write_json(report, Path(json_file))
     if args.csv:
         write_csv(report, Path(args.csv))
     if args.plot:

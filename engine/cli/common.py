@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["KERNELS_HELP", "MEM_BUDGET_HELP", "MODEL_HELP", "UsageError", "add_budget_args", "add_model_args",
-           "expert_counters", "expert_line", "human_bytes", "load_model", "sampling_kwargs", "tqdm_progress"]
+__all__ = ["JSON_HELP", "KERNELS_HELP", "KV_TYPES", "MEM_BUDGET_HELP", "MODEL_HELP", "UsageError", "add_budget_args",
+           "add_model_args", "add_model_flag", "expert_counters", "expert_line", "human_bytes", "json_output", "level_name",
+           "load_model", "sampling_kwargs", "tqdm_progress"]
+
+# The model is MODEL on every command, positional or -m; threads are -t/--threads N and the context -c/--n-ctx N,
+# as in llama.cpp, whose flags most local-model users already type.
+MODEL_METAVAR = "MODEL"
+KV_TYPES = ("f16", "f32", "q8_0")
+# One convention for machine-readable output, for info, ls and bench alike: --json prints JSON on stdout instead of
+# the text, --json FILE writes it to FILE and the text still goes to stdout.
+JSON_HELP = "print JSON on stdout instead of text; with FILE, write the JSON there and print the text"  # engine.backends' KV cache types, named here so that --help needs no kernels
 
 MODEL_HELP = ("a Hugging Face or MLX model directory, a .gguf file, or a hub id owner/name[:TAG] already in the "
               "local cache (default: the embedded model)")
@@ -20,13 +29,31 @@ class UsageError(Exception):
     """A bad command line, reported in one line."""
 
 
+def level_name(text: str) -> str:
+    """--type/--quant: a level named in any case (Q4_K_M as llama.cpp and the hub's file names write it)."""
+    import argparse
+
+    from .bench import known_levels
+    name = text.strip().lower()
+    if name not in known_levels():
+        raise argparse.ArgumentTypeError(f"unknown level {text!r}; choose from {', '.join(known_levels())}")
+    return name
+
+
+def add_model_flag(p):
+    p.add_argument("-m", "--model", default=None, metavar=MODEL_METAVAR, help=MODEL_HELP)
+
+
 def add_model_args(p, *, sampling: bool, n_default: int):
-    p.add_argument("-m", "--model", default=None, metavar="SRC", help=MODEL_HELP)
-    p.add_argument("--quant", default=None, metavar="LEVEL", help="quantize the weights to LEVEL in memory at load")
-    p.add_argument("--backend", default="auto", help="auto (default), numba or mlx")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
-    p.add_argument("--n-ctx", type=int, default=32768, metavar="N",
+    add_model_flag(p)
+    p.add_argument("--quant", default=None, type=level_name, metavar="LEVEL",
+                   help="quantize the weights to LEVEL in memory at load (any case: q4_k_m or Q4_K_M)")
+    p.add_argument("--backend", default="auto", choices=("auto", "numba", "mlx"),
+                   help="auto (default: mlx on Apple Silicon, else numba), numba or mlx")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("-c", "--n-ctx", type=int, default=32768, metavar="N",
                    help="context length (default 32768; KV memory is committed only as the context fills)")
+    p.add_argument("--kv-type", default="f16", choices=KV_TYPES, help="KV cache element type (default f16)")
     p.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
                    help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
     p.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
@@ -50,14 +77,21 @@ def _add_sampling_args(p):
         flags = f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
         p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, metavar="X",
                        help=f"{f.metadata['help']} (default {f.default:g})")
-    p.add_argument("--seed", type=int, default=None, help="seed for a repeatable draw")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="seed for a repeatable draw (default: random)")
 
 
 def load_model(args):
     from mixlocal import engine
-    return engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
-                       n_ctx=args.n_ctx, packed_cache=args.packed_cache, kernels=args.kernels,
-                       mem_budget=args.mem_budget, expert_policy=args.expert_policy)
+    if args.n_ctx <= 0:
+        raise UsageError(f"-c/--n-ctx must be positive, got {args.n_ctx}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"-t/--threads must be positive, got {args.threads}")
+    llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_threads=args.threads,
+                      n_ctx=args.n_ctx, kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels,
+                      mem_budget=args.mem_budget, expert_policy=args.expert_policy)
+    from .store import remember_model
+    remember_model(args.model)
+    return llm
 
 
 def expert_line(llm, before: dict | None) -> str:
@@ -86,6 +120,23 @@ def expert_counters(llm) -> dict | None:
 def sampling_kwargs(args) -> dict:
     from ..sampling import SamplingParams
     return {name: getattr(args, name) for name in SamplingParams().as_kwargs()}
+
+
+def json_output(obj, dest: str | None) -> bool:
+    """--json as JSON_HELP says; True when the JSON took the text's place on stdout."""
+    import json
+    if dest is None:
+        return False
+    text = json.dumps(obj, indent=2)
+    if dest == "-":
+        print(text)
+        return True
+    try:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {dest}: {e.strerror}") from None
+    return False
 
 
 def tqdm_progress(desc: str):

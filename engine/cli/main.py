@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench, chat
+from . import bench, chat, store
 from .common import (
+    JSON_HELP,
     KERNELS_HELP,
+    KV_TYPES,
     MEM_BUDGET_HELP,
     MODEL_HELP,
     UsageError,
@@ -23,10 +25,13 @@ from .common import (
     expert_counters,
     expert_line,
     human_bytes,
+    json_output,
+    level_name,
     load_model,
     sampling_kwargs,
     tqdm_progress,
 )
+from .compile_notice import watch_compilation
 
 __all__ = ["build_parser", "main"]
 
@@ -96,22 +101,37 @@ def _generate(args) -> int:
         error = LLMatcher.validate_grammar(grammar_for(**structure))
         if error:
             raise UsageError(f"mixlocal generate: cannot compile the grammar: {error.splitlines()[0]}")
-    llm = load_model(args)
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    before = expert_counters(llm)
-    pieces = llm.stream(prompt, max_tokens=args.max_tokens, stop=args.stop or None, **structure,
-                        **sampling_kwargs(args))  # continues the prompt's text
-    while True:
-        try:
-            sys.stdout.write(next(pieces))
+    chat_mode = args.chat or args.system is not None
+    with watch_compilation() as watch:
+        llm = load_model(args)
+        if chat_mode:  # one user turn through the model's chat template; the answer starts fresh, not continuing
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                [{"role": "user", "content": prompt}]
+            prompt_in = llm.tokenizer.encode_chat(messages)
+        else:
+            prompt_in = prompt
+            if not args.no_display_prompt:
+                sys.stdout.write(prompt)
+                sys.stdout.flush()
+        before, at_start = expert_counters(llm), watch.seconds
+        pieces = llm.stream(prompt_in, max_tokens=args.max_tokens, stop=args.stop or None, continuation=not chat_mode,
+                            **structure, **sampling_kwargs(args))
+        compiled_in_prefill = None
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as done:
+                res = done.value
+                break
+            if compiled_in_prefill is None:
+                compiled_in_prefill = watch.seconds
+            sys.stdout.write(piece)
             sys.stdout.flush()
-        except StopIteration as done:
-            res = done.value
-            break
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    t = res.timings
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    # the prefill ends before the first piece; kernels compiled after it were compiled inside decode steps
+    first = watch.seconds if compiled_in_prefill is None else compiled_in_prefill
+    t = watch.excluded(res.timings, first - at_start, watch.seconds - first)
     print(f"prefill {t['prefill_tokens']} tokens at {t['prefill_tps']:.1f} tok/s, "
           f"decode {t['decode_tokens']} tokens at {t['decode_tps']:.1f} tok/s ({res.finish_reason})"
           f"{expert_line(llm, before)}", file=sys.stderr)
@@ -137,7 +157,7 @@ def _pull(args) -> int:
 
 def _info(args) -> int:
     from .. import machine
-    from ..cache import KV_TYPES, KVCache
+    from ..backends.numba.cache import KV_TYPES, KVCache
     from ..loader import open_source
     from ..weights import weight_stats
     if args.kv_type not in KV_TYPES:
@@ -157,9 +177,7 @@ def _info(args) -> int:
             "kv_type": args.kv_type, "kv_bytes_per_token": kv_per_token, "n_ctx": args.n_ctx,
             "kv_bytes_at_n_ctx": kv_per_token * args.n_ctx, "kernels": kernels, "machine": machine.describe(),
             "memory": _memory_plan(weights, kernels["chosen"], args.mem_budget, kv_per_token * args.n_ctx)}
-    if args.json:
-        print(json.dumps({**info, "memory": {k: v for k, v in info["memory"].items() if k != "budget_said"}},
-                         indent=2))
+    if json_output({**info, "memory": {k: v for k, v in info["memory"].items() if k != "budget_said"}}, args.json):
         return 0
     print(f"{info['source']} ({name}){' at ' + args.quant if args.quant else ''}")
     print("config:")
@@ -257,8 +275,7 @@ def _unavailable(command: str, why: str) -> int:
 
 def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
     """How engine.load would place the weights under mem_budget (numba backend): the same plan, without loading."""
-    from ..backends.numba_cpu import _PREPARED, plan_budget
-    from ..loader import weight_budget_for
+    from ..backends.numba.backend import _PREPARED, plan_budget, weight_budget_for
     budget, said = weight_budget_for(mem_budget, kv_bytes)
     named = {k: t for k, t in weights.tensors().items() if k.split(".")[-2] in _PREPARED}
     plan = plan_budget(weights, named, family, budget)
@@ -282,7 +299,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a continuation of a prompt",
                        description="Stream a continuation of a prompt to stdout; a timing line goes to stderr.")
     add_model_args(g, sampling=True, n_default=128)
-    g.add_argument("-p", "--prompt", required=True, help="the prompt, or - to read it from stdin")
+    g.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the prompt, or - to read it from stdin")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the model's chat template and print the "
+                        "answer (default: continue the prompt's text, as llama.cpp's completion does)")
+    g.add_argument("-sys", "--system", default=None, metavar="TEXT",
+                   help="a system prompt; implies --chat (Mixtral v1 puts it before the first message)")
+    g.add_argument("--no-display-prompt", action="store_true",
+                   help="print only the generated text, not the prompt before it (--chat never prints the prompt)")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     g.add_argument("--json-schema", default=None, metavar="FILE",
                    help="constrain the output to JSON that follows this JSON schema")
@@ -293,7 +317,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="an interactive chat in the Mixtral Instruct format",
                        description=f"An interactive chat in the Mixtral Instruct format. {chat.CHAT_HELP}.")
     add_model_args(c, sampling=True, n_default=2048)
-    c.add_argument("--system", default=None, help="a system prompt (Mixtral v1 puts it before the first message)")
+    c.add_argument("-sys", "--system", default=None, metavar="TEXT",
+                   help="a system prompt (Mixtral v1 puts it before the first message)")
     c.set_defaults(func=chat.command)
 
     pl = sub.add_parser("pull", help="download a model from the Hugging Face hub into the local cache",
@@ -302,30 +327,37 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pl.add_argument("repo", metavar="REPO", help="owner/name on the hub")
     pl.add_argument("--include", action="append", metavar="PATTERN",
                     help="download only files matching this glob (repeatable), e.g. '*Q4_K_M.gguf'")
-    pl.add_argument("--revision", default=None, help="branch, tag or commit (default main)")
-    pl.add_argument("--local-dir", default=None, help="download into this folder instead of the cache")
+    pl.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit (default main)")
+    pl.add_argument("--local-dir", default=None, metavar="DIR", help="download into this folder instead of the cache")
     pl.set_defaults(func=_pull)
 
     i = sub.add_parser("info", help="config, tensor formats, sizes and KV cache cost of a model",
                        description="Config, tensor formats with counts, bytes, bits per weight, and KV cache bytes.")
-    i.add_argument("model", metavar="SRC", nargs="?", default=None, help=MODEL_HELP)
-    i.add_argument("--quant", default=None, metavar="LEVEL", help="show the sizes after quantizing to LEVEL")
-    i.add_argument("--n-ctx", type=int, default=32768, metavar="N", help="context for the KV total (default 32768)")
-    i.add_argument("--kv-type", default="f16", help="KV cache element type: f16 (default), f32 or q8_0")
+    i.add_argument("model", metavar="MODEL", nargs="?", default=None, help=MODEL_HELP)
+    i.add_argument("--quant", default=None, type=level_name, metavar="LEVEL",
+                   help="show the sizes after quantizing to LEVEL")
+    i.add_argument("-c", "--n-ctx", type=int, default=32768, metavar="N",
+                   help="context for the KV total (default 32768)")
+    i.add_argument("--kv-type", default="f16", choices=KV_TYPES, help="KV cache element type (default f16)")
     i.add_argument("--kernels", default=None, metavar="FAMILY", help=KERNELS_HELP)
     i.add_argument("--mem-budget", default=None, metavar="SIZE", help=MEM_BUDGET_HELP)
-    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE", help=JSON_HELP)
     i.set_defaults(func=_info)
 
     q = sub.add_parser("quantize", help="write a model as a GGUF file at a quantization level",
                        description="Quantize a model and write it as a GGUF file that llama.cpp also loads.")
-    q.add_argument("model", metavar="SRC", help=MODEL_HELP)
-    q.add_argument("output", metavar="OUT.gguf")
-    q.add_argument("--type", required=True, metavar="LEVEL", help="f16, q8_0, q6_k, q4_k_m, q4_0, q4_moe, ...")
+    q.add_argument("model", metavar="MODEL",
+                   help="the model to quantize: a Hugging Face or MLX model directory, a .gguf file, or a hub id "
+                        "owner/name[:TAG] in the local cache (best from f16/bf16 weights)")
+    q.add_argument("output", metavar="OUT.gguf", help="the GGUF file to write")
+    q.add_argument("--type", required=True, type=level_name, metavar="LEVEL",
+                   help=f"the level, in any case: {', '.join(bench.known_levels())}")
     q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     q.add_argument("--allow-requantize", action="store_true",
                    help="quantize weights that are already quantized (the result carries both errors)")
     q.set_defaults(func=_quantize)
+
+    store.add_parsers(sub)
 
     command = next((a for a in (argv or []) if not a.startswith("-")), None)
     _add_serve_parser(sub, wanted=command == "serve")
