@@ -102,13 +102,18 @@ def _source_intact(entry: list) -> bool:
     return st.st_size == entry[1] and st.st_mtime_ns == entry[2]
 
 
-def _packs() -> list[dict]:
+def _packs(repos: list | None = None) -> list[dict]:
+    """The packed-weight files, each with the model it was made from: a hub id when its source lies in a hub repo
+    (the header names the resolved blob), else the source file. Stale: a source is gone or changed."""
     folder = cache_root() / "packed"
     out = []
     for p in sorted(folder.glob("*.mixpack*")) if folder.is_dir() else []:
         sources = _pack_sources(p) if p.suffix == ".mixpack" else None
-        out.append({"path": str(p), "size_bytes": p.stat().st_size,
-                    "model": str(Path(sources[0][0]).parent) if sources else None,
+        model = sources[0][0] if sources else None
+        for r in repos or []:
+            if model and _inside(model, r.repo_path):
+                model = r.repo_id
+        out.append({"path": str(p), "size_bytes": p.stat().st_size, "model": model,
                     "stale": not sources or not all(_source_intact(s) for s in sources), "sources": sources or []})
     return out
 
@@ -121,11 +126,12 @@ def _kernels() -> dict:
 
 
 def _inventory() -> dict:
+    repos = _hub_repos()
     hub = [{"id": r.repo_id, "path": str(r.repo_path), "size_bytes": r.size_on_disk, "files": r.nb_files,
-            "last_used": r.last_accessed} for r in _hub_repos()]
+            "last_used": r.last_accessed} for r in repos]
     local = [{"path": p, "exists": Path(p).exists(), "size_bytes": _size(Path(p)) if Path(p).exists() else 0,
               "last_used": t} for p, t in sorted(_local_models().items())]
-    return {"cache_dir": str(cache_root()), "hub_models": hub, "local_models": local, "packed": _packs(),
+    return {"cache_dir": str(cache_root()), "hub_models": hub, "local_models": local, "packed": _packs(repos),
             "kernels": _kernels()}
 
 
