@@ -22,7 +22,8 @@ except ImportError:  # the MLX backend without numba: nothing compiles here
 __all__ = ["CompileWatch", "watch_compilation"]
 
 _FRAMES = "|/-\\"
-_DEFAULT_ESTIMATE_S = 20  # a fresh compile of one format's kernels on a laptop; replaced by the last one measured
+# issue 17 saw 15-25 s on a fresh install; once one compilation has been timed here, its time is the estimate
+_DEFAULT_ESTIMATE_S = 20
 _RECORD = "mixlocal-compile-seconds.json"
 
 
