@@ -335,26 +335,28 @@ def create_app(llm, *, api_key: str | None = None, aliases=(), context_shift: bo
 # ---------------------------------------------------------------------------------------------------------------------
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", default=None,
+    parser.add_argument("-m", "--model", default=None, metavar="MODEL",
                         help="HF directory, .gguf file or hub id (default: the embedded model)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, metavar="N", help="port to listen on (default 8080)")
     parser.add_argument("--api-key", default=os.environ.get("MIXLOCAL_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $MIXLOCAL_API_KEY, else none)")
     parser.add_argument("--alias", action="append", default=[], metavar="NAME",
                         help="another model id that reaches the loaded model (repeatable)")
     parser.add_argument("--no-seed-alias", action="store_true",
                         help=f"do not route {SEED_MODEL_ID!r} to the loaded model")
-    parser.add_argument("--n-ctx", type=int, default=32768,
+    parser.add_argument("-c", "--n-ctx", type=int, default=32768, metavar="N",
                         help="context in tokens; KV memory is committed only as it fills (default 32768)")
     parser.add_argument("--context-shift", action="store_true",
                         help="drop the oldest turns (keeping system prompts) of a conversation that outgrows the "
                              "context, instead of answering 400")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
                         help="answer limit for requests that set none (default: until EOS or the context is full)")
-    parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
-    parser.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"], help="KV cache element type")
+    parser.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                        help="compute threads (default: physical cores)")
+    parser.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"],
+                        help="KV cache element type (default f16)")
     parser.add_argument("--no-packed-cache", dest="packed_cache", action="store_const", const=False, default=None,
                         help="repack Q4_0/Q8_0/Q4_K weights in memory instead of mapping ~/.cache/mixlocal/packed")
     parser.add_argument("--kernels", default=None, metavar="FAMILY",
@@ -363,11 +365,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-budget", default=None, metavar="SIZE",
                         help="memory the model may use, e.g. 16GiB (default: what is available now); experts that "
                              "do not fit are read from the file when needed")
-    parser.add_argument("--expert-policy", default="lfru", choices=("lfru", "lfu", "lru"),
+    parser.add_argument("--expert-policy", default=None, choices=("lfru", "lfu", "lru"),
                         help="which expert leaves memory first under --mem-budget (default lfru)")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--quant", default=None)
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "numba", "mlx"],
+                        help="auto (default: mlx on Apple Silicon, else numba), numba or mlx")
+    parser.add_argument("--quant", default=None, type=str.lower, metavar="LEVEL",
+                        help="quantize the weights to LEVEL in memory at load (default: as the file stores them)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level (default info)")
 
 
 def is_loopback(host: str) -> bool:
@@ -392,7 +397,7 @@ def run_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     # The server's event loop needs the GIL once per token, and spinning OpenMP threads starve it on a busy machine.
-    # Nothing to set here: the numba backend bounds the spinning itself (engine/backends/numba_cpu.py:
+    # Nothing to set here: the numba backend bounds the spinning itself (engine/backends/numba/backend.py:
     # limit_openmp_spinning), and an explicit setting of the user's still wins.
     llm = engine.load(args.model, quant=args.quant, backend=args.backend, n_ctx=args.n_ctx, n_threads=args.threads,
                       kv_type=args.kv_type, packed_cache=args.packed_cache, kernels=args.kernels,
