@@ -233,3 +233,8 @@ def test_json_convention_stdout_or_file(tmp_path):
     assert written.returncode == 0, written.stderr
     assert json.loads(out.read_text()) == json.loads(shown.stdout)
     assert "config:" in written.stdout  # with a FILE, the text report still goes to stdout
+    # `info --json model.gguf` takes the model for the FILE: refused before it could write over the model
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    line = one_error_line(run_cli("info", "--json", model), 2)
+    assert ".json" in line and model.read_bytes() == b"GGUF"

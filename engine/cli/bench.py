@@ -28,7 +28,7 @@ import numpy as np
 
 from ..weights import weight_stats
 from .bench_worker import BenchError, Reference, chunk_indices
-from .common import JSON_HELP, UsageError, add_model_flag, human_bytes
+from .common import JSON_HELP, UsageError, add_model_flag, check_json_dest, human_bytes
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -355,6 +355,7 @@ def command(args) -> int:
                       ppl_chunks=args.ppl_chunks, ref=args.ref, ref_file=args.ref_file, save_ref=args.save_ref,
                       backend=args.backend, threads=args.threads)
     s.check()
+    check_json_dest(args.json)
     json_file = args.json if args.json != "-" else None
     for path in (json_file, args.csv, args.plot):  # fail now, not after an hour of measuring
         if path and not Path(path).resolve().parent.is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 __all__ = ["JSON_HELP", "KERNELS_HELP", "KV_TYPES", "MEM_BUDGET_HELP", "MODEL_HELP", "UsageError", "add_budget_args",
-           "add_model_args", "add_model_flag", "expert_counters", "expert_line", "human_bytes", "json_output", "level_name",
+           "add_model_args", "add_model_flag", "check_json_dest", "expert_counters", "expert_line", "human_bytes", "json_output", "level_name",
            "load_model", "sampling_kwargs", "tqdm_progress"]
 
 # The model is MODEL on every command, positional or -m; threads are -t/--threads N and the context -c/--n-ctx N,
@@ -122,9 +122,18 @@ def sampling_kwargs(args) -> dict:
     return {name: getattr(args, name) for name in SamplingParams().as_kwargs()}
 
 
+def check_json_dest(dest: str | None) -> None:
+    """--json FILE must name a .json file: `info --json model.gguf` would otherwise write over the model it meant
+    to describe. Checked before anything loads."""
+    if dest not in (None, "-") and not dest.endswith(".json"):
+        raise UsageError(f"--json FILE must name a .json file, got {dest!r} (to print JSON, put --json after the "
+                         "model)")
+
+
 def json_output(obj, dest: str | None) -> bool:
     """--json as JSON_HELP says; True when the JSON took the text's place on stdout."""
     import json
+    check_json_dest(dest)
     if dest is None:
         return False
     text = json.dumps(obj, indent=2)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench, chat, store
+from . import bench, chat, imatrix, store
 from .common import (
     JSON_HELP,
     KERNELS_HELP,
@@ -22,6 +22,7 @@ from .common import (
     MODEL_HELP,
     UsageError,
     add_model_args,
+    check_json_dest,
     expert_counters,
     expert_line,
     human_bytes,
@@ -160,6 +161,7 @@ def _info(args) -> int:
     from ..backends.numba.cache import KV_TYPES, KVCache
     from ..loader import open_source
     from ..weights import weight_stats
+    check_json_dest(args.json)
     if args.kv_type not in KV_TYPES:
         raise UsageError(f"mixlocal info: --kv-type must be one of {', '.join(KV_TYPES)}, got {args.kv_type!r}")
     if args.n_ctx <= 0:
@@ -236,10 +238,15 @@ def _quantize(args) -> int:
         raise UsageError(f"mixlocal quantize: {args.model} is already quantized ({', '.join(quantized)}); "
                          f"quantizing it again to {args.type} adds a second rounding error. Start from the f16/bf16 "
                          "weights, or add --allow-requantize")
+    im = None
+    if args.imatrix:
+        from mixlocal.quant.imatrix import read_imatrix
+        im = read_imatrix(args.imatrix)
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".part")  # a crash never leaves a truncated file under the real name
     try:
-        write_gguf(weights, tok, tmp, args.type, name=name, progress=tqdm_progress(f"quantizing to {args.type}"))
+        write_gguf(weights, tok, tmp, args.type, name=name, progress=tqdm_progress(f"quantizing to {args.type}"),
+                   imatrix=im)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -355,7 +362,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     q.add_argument("--allow-requantize", action="store_true",
                    help="quantize weights that are already quantized (the result carries both errors)")
+    q.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="an importance matrix (mixlocal imatrix, or llama-imatrix's .gguf/.dat): every matrix it has "
+                        "is quantized weighted by it, as llama-quantize --imatrix does")
     q.set_defaults(func=_quantize)
+    imatrix.add_parser(sub)
 
     store.add_parsers(sub)
 

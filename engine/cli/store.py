@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mixlocal.paths import cache_root, numba_cache_dir
 
-from .common import JSON_HELP, UsageError, human_bytes, json_output
+from .common import JSON_HELP, UsageError, check_json_dest, human_bytes, json_output
 
 __all__ = ["add_parsers", "remember_model"]
 
@@ -140,6 +140,7 @@ def _inventory() -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _ls(args) -> int:
+    check_json_dest(args.json)
     inv = _inventory()
     if json_output(inv, args.json):
         return 0
