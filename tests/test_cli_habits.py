@@ -94,6 +94,22 @@ def test_first_run_announces_compilation_and_later_entry_points_reuse_it(tmp_pat
     assert second.stdout == first.stdout
 
 
+def test_on_a_terminal_the_spinner_leaves_the_line_before_the_answer(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = _fresh_cache_env(tmp_path / "cache")
+    child = pexpect.spawn(sys.executable, ["-m", "mixlocal", "generate", "-p", "Hello", "-n", "6", "--temp", "0",
+                                           "-t", "1"], cwd=str(REPO_ROOT), env=env, encoding="utf-8", timeout=900)
+    child.expect(pexpect.EOF)
+    screen = child.before
+    child.close()
+    assert child.exitstatus == 0, screen
+    spinner, _, rest = screen.rpartition("\r\x1b[K")  # the spinner's last redraw, then the line cleared
+    assert "compiling kernels for this CPU (once, about" in spinner and spinner.count("\r") > 1
+    answer, compiled = rest.split("\r\n")[:2]
+    assert answer.startswith("Hello") and "compiling" not in answer  # nothing drawn over the streamed text
+    assert re.fullmatch(r"mixlocal: compiled \d+ kernels in [\d.]+ s; .*", compiled), rest
+
+
 def test_make_run_compiles_where_the_command_does():
     """The Makefile exports a checkout-local NUMBA_CACHE_DIR for the tests only, so `make run` (whose recipe
     is the installed command) compiles into ~/.cache/mixlocal/numba like every other entry point."""

@@ -274,7 +274,7 @@ def _answer(llm, ids: list[int], args, watch) -> tuple[list[int], object, float]
 
     steps = llm.stream_steps(ids, max_tokens=max(1, min(args.max_tokens, llm.n_ctx - len(ids))), continuation=False,
                              **sampling_kwargs(args))
-    tokens, res, at_first = [], None, None
+    tokens, res, at_first, held = [], None, None, []
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         while not stop.is_set():
@@ -287,11 +287,18 @@ def _answer(llm, ids: list[int], args, watch) -> tuple[list[int], object, float]
                 at_first = watch.seconds
             if step.token is not None:
                 tokens.append(step.token)
-            sys.stdout.write(step.text)
+            held.append(step.text)
+            if watch.spinning and len(held) < 2:  # as generate does: the next step compiles the decode kernels
+                continue
+            watch.quiet()
+            sys.stdout.write("".join(held))
             sys.stdout.flush()
+            held = []
     finally:
         signal.signal(signal.SIGINT, previous)
         steps.close()
+    watch.quiet()
+    sys.stdout.write("".join(held))
     sys.stdout.write("\n")
     sys.stdout.flush()
     return tokens, res, watch.seconds if at_first is None else at_first

@@ -79,15 +79,28 @@ class CompileWatch(_Listener):
             self.stream.flush()
             i += 1
 
+    @property
+    def spinning(self) -> bool:
+        """A spinner is on the terminal: text written now would share its line."""
+        return self._spinner is not None
+
+    def quiet(self) -> None:
+        """Stop redrawing the spinner line (and clear it) before the command writes its own text: a spinner that
+        returns to the start of the line would write over a streamed answer. Kernels that compile after this are
+        still counted, and finish() still reports them."""
+        if self._spinner is not None:
+            self._stop.set()
+            self._spinner.join()
+            self._spinner = None
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
     def finish(self) -> None:
         """End the spinner and say what the compilations cost; remember it as the next estimate. A later compilation
         (another format's kernels) announces itself again."""
         if self._first is None:
             return
-        self._stop.set()
-        if self._spinner is not None:
-            self._spinner.join()
-            self.stream.write("\r\x1b[K")
+        self.quiet()
         print(f"mixlocal: compiled {self.count} kernels in {self.seconds - self._reported:.1f} s; later runs load "
               "them from the cache", file=self.stream, flush=True)
         from mixlocal.paths import numba_cache_dir

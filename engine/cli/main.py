@@ -60,6 +60,15 @@ class _Parser(argparse.ArgumentParser):
 # generate
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _show(watch, prompt: str, pieces: list[str]) -> None:
+    """Write the held text (and the prompt, while it waits for the first piece) once the spinner is off the line."""
+    if not (prompt or pieces):
+        return
+    watch.quiet()
+    sys.stdout.write(prompt + "".join(pieces))
+    sys.stdout.flush()
+
+
 def _structure_kwargs(args) -> dict:
     """--json-schema FILE / --grammar FILE as LLM.stream's response_format / grammar, read before the model loads."""
     if args.json_schema and args.grammar:
@@ -111,13 +120,17 @@ def _generate(args) -> int:
             prompt_in = llm.tokenizer.encode_chat(messages)
         else:
             prompt_in = prompt
-            if not args.no_display_prompt:
-                sys.stdout.write(prompt)
-                sys.stdout.flush()
+        echo = not chat_mode and not args.no_display_prompt
+        if echo and not (sys.stdout.isatty() and sys.stderr.isatty()):
+            # No spinner shares this screen: show the prompt now. On a terminal it waits for the first piece, so
+            # that a compile spinner (which redraws its line from the start) never writes over it.
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            echo = False
         before, at_start = expert_counters(llm), watch.seconds
         pieces = llm.stream(prompt_in, max_tokens=args.max_tokens, stop=args.stop or None, continuation=not chat_mode,
                             **structure, **sampling_kwargs(args))
-        compiled_in_prefill = None
+        compiled_in_prefill, held = None, []
         while True:
             try:
                 piece = next(pieces)
@@ -126,8 +139,14 @@ def _generate(args) -> int:
                 break
             if compiled_in_prefill is None:
                 compiled_in_prefill = watch.seconds
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            held.append(piece)
+            # While the spinner runs, the first piece waits for the second: the decode step between them compiles
+            # the decode kernels, the other half of a first run's compilation, and the answer then streams freely.
+            if watch.spinning and len(held) < 2:
+                continue
+            _show(watch, prompt if echo else "", held)
+            echo, held = False, []
+        _show(watch, prompt if echo else "", held)
         sys.stdout.write("\n")
         sys.stdout.flush()
     # the prefill ends before the first piece; kernels compiled after it were compiled inside decode steps
