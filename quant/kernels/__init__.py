@@ -12,8 +12,9 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
     Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
+    IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
-    LLVM picks the vector instructions.
+    LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py).
   * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
     products; more than 16 activation rows decode tiles of rows for BLAS, run at numba's per-call thread count
     (blas.py).
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..tensor import QStack, QTensor, QType, nbytes_for
 from . import activations as act
-from . import avx2, avx512vnni, avxvnni, blas, families, quads
+from . import avx2, avx512vnni, avxvnni, blas, families, iq_portable, iq_quads, quads
 from . import generic as gen
 from . import portable as pk
 from .families import FAMILIES, KernelFamilyError
@@ -99,18 +100,21 @@ class KernelInputError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
-# (engine/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 3
+# (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
+PACK_LAYOUT_VERSION = 4
 
 host_families = families.host_families
 resolve_family = families.resolve
 
 # The integer families' kernels by format: (decode, prefill). They share the quads layout; portable has its own.
-_RUNS = {"avx512vnni": avx512vnni.RUNS, "avxvnni": avxvnni.RUNS, "avx2": avx2.RUNS,
-         "portable": {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2}}
+_RUNS = {"avx512vnni": {**avx512vnni.RUNS, **iq_quads.make_iq_runs(avx512vnni.KEY)},
+         "avxvnni": {**avxvnni.RUNS, **iq_quads.make_iq_runs(avxvnni.KEY)},
+         "avx2": {**avx2.RUNS, **iq_quads.make_iq_runs(avx2.KEY)},
+         "portable": {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
+                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2}}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
-                                     QType.Q6_K}),
-                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K})}
+                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL}),
+                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL})}
 
 
 def layout_of(family: str) -> str:
@@ -168,7 +172,10 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
         raise KernelInputError(f"{qtype.name} has no packed layout {layout!r}")
     g, rows, quads_ = -(-n // pk.ROWS), pk.ROWS, layout == "quads"
     u8, u16 = np.dtype(np.uint8), np.dtype(np.uint16)
-    if qtype == QType.Q4_0:
+    if qtype == QType.IQ4_XS:  # iq_quads.py, iq_portable.py
+        codes = (n_exp, g, k // 256, 4, 8, 4, 16, 4) if quads_ else (n_exp, g, k // 256, 128, rows)
+        return [(codes, u8), ((n_exp, g, k // 256, 8, rows), np.dtype(np.int8)), ((n_exp, g, k // 256, rows), u16)]
+    if qtype in (QType.Q4_0, QType.IQ4_NL):
         codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
     if qtype == QType.Q8_0:
@@ -190,8 +197,10 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
 
 _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q2_K: quads.pack_q2_k,
                       QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
-                      QType.Q6_K: quads.pack_q6_k},
-            "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k}}
+                      QType.Q6_K: quads.pack_q6_k, QType.IQ4_XS: iq_quads.pack_iq4_xs,
+                      QType.IQ4_NL: iq_quads.pack_iq4_nl},
+            "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
+                     QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl}}
 
 
 def packer(qtype: QType, layout: str):
@@ -394,7 +403,9 @@ def _packed_tiles(w: PackedWeight, e: int, x: np.ndarray, out: np.ndarray) -> No
         raise KernelInputError("tiles for BLAS are only decoded from the portable layout (prepare(family='portable'))")
     n, k = w.shape[-2], w.shape[-1]
     arrays = [a[e] for a in w.arrays]
-    unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}[w.qtype]
+    unpack = {QType.Q4_0: pk.unpack_q4_0, QType.Q8_0: pk.unpack_q8_0, QType.Q4_K: pk.unpack_q4_k}.get(w.qtype)
+    if unpack is None:
+        raise KernelInputError(f"no BLAS tiles are decoded from packed {w.qtype.name}")
     blas.match_numba_threads()
     groups_per_tile = max(1, _TILE_FLOATS // (k * pk.ROWS))
     n_groups = arrays[0].shape[0]
@@ -460,6 +471,6 @@ def activation_type(w) -> QType | None:
     256, as llama.cpp does for K-quants: activations.py) or None (x stays float)."""
     if not isinstance(w, PackedWeight):
         return None
-    if w.layout == "quads" and w.qtype in _K_TYPES:
+    if w.layout == "quads" and (w.qtype in _K_TYPES or w.qtype == QType.IQ4_XS):
         return QType.Q8_K
     return QType.Q8_0

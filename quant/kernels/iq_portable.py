@@ -1,0 +1,123 @@
+"""IQ4_XS and IQ4_NL in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+
+The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
+through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
+32) in int32: a level reaches -127, so a block's sum (up to 32 * 127 * 127) does not fit the int16 lanes that Q4_0
+and Q4_K use here.
+
+Layouts (per expert; G groups of ROWS rows):
+  IQ4_XS qs (G, nsb, 128, ROWS) the file's qs bytes; sc (G, nsb, 8, ROWS) int8 sub-block scales (ls - 32);
+         d (G, nsb, ROWS) f16 bits. 138 bytes per 256 (the file: 136).
+  IQ4_NL qs (G, nb, 16, ROWS); d (G, nb, ROWS). 18 bytes per 32 as in the file.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..iq_grids import KVALUES_IQ4NL
+from .portable import (
+    ROWS,
+    _f16_bits,
+    _halves_to_float,
+    _pack_simple,
+    _run_task,
+    _store_group,
+)
+
+__all__ = ["iq4_nl_runs", "iq4_xs_runs", "pack_iq4_nl", "pack_iq4_xs"]
+
+_LEVELS = KVALUES_IQ4NL.astype(np.int32)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq4_xs(rows, qs, sc, d):
+    """rows (N, nsb*136) -> qs (G, nsb, 128, ROWS), sc (G, nsb, 8, ROWS) (int8 viewed as uint8), d (G, nsb, ROWS).
+    Block layout: ggml-common.h block_iq4_xs, scales as in dequantize_row_iq4_xs (see iq_quads.pack_iq4_xs)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                if row < n:
+                    src = rows[row]
+                    o = b * 136
+                    d[g, b, r] = _f16_bits(src, o)
+                    sh = np.int32(_f16_bits(src, o + 2))
+                    for s in range(8):
+                        ls = ((np.int32(src[o + 4 + s // 2]) >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)
+                        sc[g, b, s, r] = np.uint8((ls - 32) & 255)
+                    for j in range(128):
+                        qs[g, b, j, r] = src[o + 8 + j]
+                else:
+                    d[g, b, r] = 0
+                    for s in range(8):
+                        sc[g, b, s, r] = 0
+                    for j in range(128):
+                        qs[g, b, j, r] = 0
+
+
+@njit(parallel=True, cache=True)
+def pack_iq4_nl(rows, qs, d):
+    """rows (N, nb*18) -> qs (G, nb, 16, ROWS), d (G, nb, ROWS) f16 bits; pad rows have scale 0."""
+    _pack_simple(rows, qs, d, 18, 0)
+
+
+@njit(inline="always")
+def _block_dot(q, j0, xb, acc):
+    """acc[r] = sum over the 16 code bytes q[j0 + j, r] of level(low) * xb[j] + level(high) * xb[16 + j]."""
+    for r in range(ROWS):
+        s = np.int32(0)
+        for j in range(16):
+            v = np.int32(q[j0 + j, r])
+            s += _LEVELS[v & 15] * xb[j] + _LEVELS[v >> 4] * xb[16 + j]
+        acc[r] = s
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq4_xs_runs(qs, sc, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        acc = np.empty(ROWS, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for s in range(8):
+                    blk = b * 8 + s
+                    for j in range(32):
+                        xb[j] = xq[m, blk * 32 + j]
+                    _block_dot(q, 16 * s, xb, acc)
+                    scale = xd[m, blk]
+                    for r in range(ROWS):
+                        a[r] += np.float32(np.int32(sc[e, g, b, s, r]) * acc[r]) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq4_nl_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    n_groups, nb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        ds = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        acc = np.empty(ROWS, np.int32)
+        for b in range(nb):
+            _halves_to_float(d[e, g, b], ds)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for j in range(32):
+                    xb[j] = xq[m, b * 32 + j]
+                _block_dot(q, 0, xb, acc)
+                scale = xd[m, b]
+                for r in range(ROWS):
+                    a[r] += np.float32(acc[r]) * (ds[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
