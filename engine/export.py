@@ -32,13 +32,14 @@ def _byte_array(t: QTensor | QStack, rows: np.ndarray | None = None) -> np.ndarr
 
 
 def write_gguf(weights: ModelWeights, tokenizer, path: str | Path, level: str | None = None,
-               name: str | None = None, progress=None) -> Path:
-    """Write weights (quantized to level first, if given) with the tokenizer's metadata to path."""
+               name: str | None = None, progress=None, imatrix=None) -> Path:
+    """Write weights (quantized to level first, if given, weighted by a `quant.imatrix.Imatrix`) with the
+    tokenizer's metadata to path."""
     import gguf
 
     path = Path(path)
     if level is not None:
-        weights = quantize_weights(weights, level, progress=progress)
+        weights = quantize_weights(weights, level, progress=progress, imatrix=imatrix)
     c = weights.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name or c.name)

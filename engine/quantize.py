@@ -8,29 +8,31 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from gguf import LlamaFileType
 from mixlocal.quant import QStack, QTensor, QType, formats, nbytes_for
-from mixlocal.quant.quantize import quantize_fast
+from mixlocal.quant.quantize import IMATRIX_TYPES, quantize_fast
 from mixlocal.quant.recipes import LEVELS, choose_type
 
 from .weights import ModelWeights, assemble
 
-__all__ = ["LEVELS", "quantize_weights"]
+__all__ = ["LEVELS", "MissingImatrixError", "quantize_weights"]
 
 _ROWS_PER_CHUNK = 4096  # bounds the float copy made while requantizing one matrix
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
-def _requantize_matrix(t: QTensor, target: QType, out: np.ndarray) -> None:
-    """Decode t chunk by chunk and encode into out (rows, row_bytes of target)."""
+def _requantize_matrix(t: QTensor, target: QType, out: np.ndarray, importance: np.ndarray | None = None) -> None:
+    """Decode t chunk by chunk and encode into out (rows, row_bytes of target), weighted by importance (cols,)."""
     rows = t.rows_view()
     for r0 in range(0, rows.shape[0], _ROWS_PER_CHUNK):
         chunk = formats.dequantize(t.qtype, rows[r0:r0 + _ROWS_PER_CHUNK])
-        out[r0:r0 + chunk.shape[0]] = quantize_fast(target, np.ascontiguousarray(chunk, dtype=np.float32))
+        out[r0:r0 + chunk.shape[0]] = quantize_fast(target, np.ascontiguousarray(chunk, dtype=np.float32), importance)
 
 
-def requantize(t: QTensor | QStack, target: QType) -> QTensor:
-    """t in format target, as one contiguous QTensor (stacks become a 3-D tensor)."""
-    if isinstance(t, QTensor) and t.qtype == target:
+def requantize(t: QTensor | QStack, target: QType, importance: np.ndarray | None = None) -> QTensor:
+    """t in format target, as one contiguous QTensor (stacks become a 3-D tensor). importance: the imatrix rows
+    (n_mat, cols), one per expert of a stack, as `quant.imatrix.Imatrix.importance` gives them."""
+    if isinstance(t, QTensor) and t.qtype == target and importance is None:
         return t
     shape = tuple(t.shape)
     data = np.empty(nbytes_for(target, shape), dtype=np.uint8)
@@ -40,28 +42,60 @@ def requantize(t: QTensor | QStack, target: QType) -> QTensor:
         for e in range(shape[0]):
             src = t.expert(e)
             dst = data[e * per:(e + 1) * per].reshape(-1, row_bytes)
-            if src.qtype == target:
+            if src.qtype == target and importance is None:
                 dst[:] = src.rows_view()
             else:
-                _requantize_matrix(src, target, dst)
+                _requantize_matrix(src, target, dst, None if importance is None else importance[e])
     else:
-        _requantize_matrix(t, target, data.reshape(-1, row_bytes))
+        _requantize_matrix(t, target, data.reshape(-1, row_bytes), None if importance is None else importance[0])
     return QTensor(target, shape, data)
 
 
-def quantize_weights(weights: ModelWeights, level: str, progress=None) -> ModelWeights:
-    """A new ModelWeights with every matrix in the format the level's recipe picks for it."""
+def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=None) -> ModelWeights:
+    """A new ModelWeights with every matrix in the format the level's recipe picks for it.
+
+    imatrix: a `quant.imatrix.Imatrix`; every matrix it has an entry for is quantized with ggml's weighted search
+    (experts each with their own row). A level whose formats llama.cpp refuses to make without one (IQ2_*, IQ1_*,
+    Q2_K in q2_k_s) is refused here too, naming the first tensor, before any work."""
     if level not in LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; choose one of {', '.join(LEVELS)}")
     c = weights.config
     out, origin = {}, {}
     items = list(weights.tensors().items())
+    targets = {}
+    for name, t in items:
+        if not isinstance(t, np.ndarray):
+            m = _LAYER.match(name)
+            targets[name] = choose_type(level, name, tuple(t.shape), c.n_experts, int(m.group(1)) if m else -1,
+                                        c.n_layers)
+            if _requires_imatrix(level, name, targets[name]) and (imatrix is None or name not in imatrix.entries):
+                fix = ("give one with --imatrix (mixlocal imatrix computes it)" if imatrix is None
+                       else "the importance matrix given has no entry for it")
+                raise MissingImatrixError(f"{level} makes {name} {targets[name].name}, which llama.cpp refuses to "
+                                          f"quantize without an importance matrix; {fix}")
     for name, t in (progress(items) if progress else items):
         origin[name] = f"{weights.origin.get(name, '?')} ({level})"
         if isinstance(t, np.ndarray):
             out[name] = t
             continue
-        m = _LAYER.match(name)
-        target = choose_type(level, name, tuple(t.shape), c.n_experts, int(m.group(1)) if m else -1, c.n_layers)
-        out[name] = requantize(t, target)
+        importance = None if imatrix is None else imatrix.importance(name, tuple(t.shape))
+        if importance is not None and targets[name] not in IMATRIX_TYPES:
+            importance = None  # ggml ignores an imatrix in the other formats (Q8_0, F16...)
+        out[name] = requantize(t, targets[name], importance)
     return assemble(c, out, origin)
+
+
+class MissingImatrixError(ValueError):
+    """A level asks for a format that is only made with an importance matrix, and none was given for a tensor."""
+
+
+_NEEDS_IMATRIX = (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S)
+
+
+def _requires_imatrix(level: str, name: str, target: QType) -> bool:
+    """llama.cpp's rule (llama-quant.cpp, llama_model_quantize_impl: "Missing importance matrix for tensor ...")."""
+    if target in _NEEDS_IMATRIX:
+        return True
+    if target == QType.IQ1_M:
+        return name not in ("token_embd.weight", "output.weight")
+    return target == QType.Q2_K and LEVELS[level].file_type == LlamaFileType.MOSTLY_Q2_K_S and name != "token_embd.weight"

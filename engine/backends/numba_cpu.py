@@ -239,6 +239,7 @@ class NumbaCPUBackend:
         self.pairs = ops.rope_pairs(c.head_dim, c.rope_pairing)
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
         self.trace: list[RouterTrace] | None = None  # set to [] to record router intermediates
+        self.observer = None  # engine/imatrix.py's collector: sees the input of every product (_observe)
         self._decode_plan = self._bind_decode()
         self.fused_decode = self._decode_plan is not None  # one-token steps through _decode
 
@@ -276,7 +277,7 @@ class NumbaCPUBackend:
         n_tok = tokens.shape[0]
         pos0 = cache.n_past
         cache.check_room(n_tok)
-        if n_tok == 1 and self.fused_decode and self.trace is None:
+        if n_tok == 1 and self.fused_decode and self.trace is None and self.observer is None:
             return self._decode(tokens, cache)
         positions = np.arange(pos0, pos0 + n_tok, dtype=np.float64)
         x = self.embed(tokens)                                                    # (T, D)
@@ -284,6 +285,7 @@ class NumbaCPUBackend:
             m = self.mats[li]
             last = last_only and li == c.n_layers - 1
             h = ops.rmsnorm(x, lw.attn_norm, c.norm_eps, np.empty_like(x))
+            self._observe(li, ("attn_k", "attn_v"), h)
             k = kernels.linear(m["wk"], h).reshape(n_tok, c.n_kv_heads, c.head_dim)
             v = kernels.linear(m["wv"], h).reshape(n_tok, c.n_kv_heads, c.head_dim)
             ops.rope(k, positions, self.inv_freq, self.pairs)
@@ -293,9 +295,11 @@ class NumbaCPUBackend:
             else:
                 q_pos0 = pos0
             nq = h.shape[0]
+            self._observe(li, ("attn_q",), h)
             q = kernels.linear(m["wq"], h).reshape(nq, c.n_heads, c.head_dim)
             ops.rope(q, positions[-nq:], self.inv_freq, self.pairs)
             att = ops.attention(q, cache.k[li], cache.v[li], q_pos0, self.scale, np.empty_like(q))
+            self._observe(li, ("attn_output",), att.reshape(nq, c.q_dim))
             x = x + kernels.linear(m["wo"], att.reshape(nq, c.q_dim))
             h = ops.rmsnorm(x, lw.ffn_norm, c.norm_eps, np.empty_like(x))
             x = x + self.moe(h, lw.router, m, li)
@@ -354,25 +358,42 @@ class NumbaCPUBackend:
         r = route(h, router, self.config.n_experts_used)
         if self.trace is not None:
             self.trace.append(r)
+        self._observe(block, ("ffn_gate_inp",), h)
+        self._observe(block, ("ffn_gate_exps", "ffn_up_exps"), h, r.expert_ids)
         n_tok, n_act = r.expert_ids.shape
         experts = r.expert_ids.reshape(-1)                                        # (T*A,) token-major
         xa = np.repeat(h, n_act, axis=0)                                          # (T*A, D)
         if self.store is None:
-            y = self._experts(m, xa, experts)                                     # (T*A, D)
+            y = self._experts(m, xa, experts, self._down_observer(block, experts))  # (T*A, D)
         else:  # the chunk's experts a slot-full at a time, each read once for all of its tokens
             y = np.empty_like(xa)
             distinct = np.unique(experts)
             for g0 in range(0, len(distinct), self.store.n_slots):
                 rows = np.flatnonzero(np.isin(experts, distinct[g0:g0 + self.store.n_slots]))
                 slots = self.store.ensure(block, experts[rows])
-                y[rows] = self._experts(m, np.ascontiguousarray(xa[rows]), slots)
+                y[rows] = self._experts(m, np.ascontiguousarray(xa[rows]), slots,
+                                        self._down_observer(block, experts[rows]))
         return np.einsum("tad,ta->td", y.reshape(n_tok, n_act, -1), r.weights)
 
     @staticmethod
-    def _experts(m: dict, xa: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def _experts(m: dict, xa: np.ndarray, ids: np.ndarray, seen=None) -> np.ndarray:
         g = kernels.expert_linear(m["w1"], xa, ids)                              # (R, F)
         u = kernels.expert_linear(m["w3"], xa, ids)
-        return kernels.expert_linear(m["w2"], ops.silu_mul(g, u), ids)           # (R, D)
+        a = ops.silu_mul(g, u)
+        if seen is not None:
+            seen(a)
+        return kernels.expert_linear(m["w2"], a, ids)                            # (R, D)
+
+    # The importance-matrix hook: with `observer` set, every weight product's input is handed to it with the weight's
+    # GGUF name; expert products also get the expert ids of each input row (real ids, not memory-budget slots).
+    def _observe(self, block: int, names: tuple, x: np.ndarray, experts: np.ndarray | None = None) -> None:
+        if self.observer is not None:
+            self.observer([f"blk.{block}.{n}.weight" for n in names], x, experts)
+
+    def _down_observer(self, block: int, experts: np.ndarray):
+        if self.observer is None:
+            return None
+        return lambda a: self._observe(block, ("ffn_down_exps",), a, experts.reshape(-1, 1))
 
     def close(self) -> None:
         """Stop the expert reads (if a memory budget made any)."""
