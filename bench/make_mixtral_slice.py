@@ -1,6 +1,6 @@
 """Write a GGUF with Mixtral-8x7B's exact tensor shapes but only a few blocks, filled with random quantized blocks.
 
-    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K|Q4_K_M] [--blocks 4] [--seed 0]
+    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K|Q4_K_M|IQ4_XS] [--blocks 4] [--seed 0]
 
 Speed at the real shape is what this file is for: the matrices are Mixtral's (embedding 4096, 8 experts of 14336,
 32 query and 8 KV heads of 128, vocabulary 32000), so kernels see the real strides, cache pressure and bytes per
@@ -10,7 +10,8 @@ blow up through the blocks; the token embedding's is 1 (EMBED_STD says why). Nor
 is float32 with logits spread about 3, so tokens really pick different experts. The tokenizer metadata is Mixtral's own (mistral-common ships it), so
 llama.cpp and mixlocal both load the file as a Mixtral.
 
-Q4_0, Q8_0 and Q4_K make every matrix that format. Q4_K_M mixes formats per tensor as llama-quantize does for a
+Q4_0, Q8_0, Q4_K and IQ4_XS make every matrix that format (a downloaded IQ4_XS Mixtral keeps a few tensors, such
+as the output head, in K formats; the slice measures the IQ4_XS kernels themselves). Q4_K_M mixes formats per tensor as llama-quantize does for a
 Q4_K_M Mixtral (quant/recipes.py, level q4_k_m, 8 experts): Q4_K for the embedding, attn_q and the experts' gate and
 up; Q8_0 attn_k and attn_v; Q5_K attn_output; Q6_K the output head; ffn_down Q6_K in the recipe's "more bits" blocks,
 else Q4_K. Only ffn_down depends on the block, and the slice's blocks stand for blocks spread evenly over the 32 of
@@ -61,7 +62,7 @@ class SliceShape:
 MIXTRAL = SliceShape()
 
 # What the slice can be made of, with llama.cpp's file_type code: a single format, or a level that mixes them.
-SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15}
+SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15, "IQ4_XS": 30}
 # Slice types that are a quant/recipes.py level rather than one format
 _MIXES = {"Q4_K_M": "q4_k_m"}
 # Mixtral-8x7B's block count, which the mixes' per-block choices are made for
@@ -223,8 +224,23 @@ def _q6_k(rng, n_blocks: int, std: float) -> np.ndarray:
     return blocks
 
 
+def _iq4_xs(rng, n_blocks: int, std: float) -> np.ndarray:
+    """IQ4_XS super-blocks of 256: d (f16), scales_h (u16), scales_l[4], 128 bytes of codes (ggml-common.h
+    block_iq4_xs); a value is d * (ls - 32) * kvalues_iq4nl[q]. The 16 levels have mean -5.9 and RMS 67.4, so each
+    sub-block's scale gets a random sign (ls - 32 = +-16..31, RMS 23.95) and the weights are centred on zero."""
+    blocks = _random_bytes(rng, n_blocks * 136).reshape(n_blocks, 136)
+    mag = rng.integers(16, 32, (n_blocks, 8))
+    ls = (32 + np.where(rng.random((n_blocks, 8)) < 0.5, -mag, mag)).astype(np.uint16)   # 6 bits: 1..16, 48..63
+    blocks[:, 2:4] = (((ls >> 4) & 3) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16) \
+        .astype("<u2").view(np.uint8).reshape(n_blocks, 2)
+    blocks[:, 4:8] = ((ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)).astype(np.uint8)
+    d = std / (67.4 * 23.95) * rng.uniform(0.75, 1.25, n_blocks)
+    blocks[:, 0:2] = _f16_bytes(d)
+    return blocks
+
+
 _MAKERS = {"Q4_0": (_q4_0, 32, 18), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144),
-           "Q5_K": (_q5_k, 256, 176), "Q6_K": (_q6_k, 256, 210)}
+           "Q5_K": (_q5_k, 256, 176), "Q6_K": (_q6_k, 256, 210), "IQ4_XS": (_iq4_xs, 256, 136)}
 
 
 def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator,
