@@ -224,6 +224,7 @@ def test_help_is_consistent(command):
         assert "-t N, --threads N" in text
     if command in ("generate", "chat", "info", "serve"):
         assert "-c N, --n-ctx N" in text
+    if command in ("generate", "chat", "info", "serve", "bench"):
         assert re.search(r"--kv-type \{f16,f32,q8_0\}\s+KV cache element type \(default f16\)", text), text
     if command == "quantize":
         assert "(default: the embedded model)" not in text

@@ -28,7 +28,14 @@ import numpy as np
 
 from ..weights import weight_stats
 from .bench_worker import BenchError, Reference, chunk_indices
-from .common import JSON_HELP, UsageError, add_model_flag, check_json_dest, human_bytes
+from .common import (
+    JSON_HELP,
+    KV_TYPES,
+    UsageError,
+    add_model_flag,
+    check_json_dest,
+    human_bytes,
+)
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -104,6 +111,7 @@ class BenchSettings:
     save_ref: Path | None = None
     backend: str = "auto"
     threads: int | None = None
+    kv_type: str = "f16"
 
     def check(self) -> None:
         if self.n_prompt < 8:
@@ -188,8 +196,8 @@ def run_bench(s: BenchSettings) -> dict:
         ref_path = Path(s.ref_file) if s.ref_file else Path(s.save_ref or Path(tmp) / "reference.npz")
         for i, level in enumerate(order):
             spec = {"source": s.source, "quant": level, "backend": s.backend, "threads": s.threads,
-                    "n_prompt": s.n_prompt, "n_gen": s.n_gen, "ppl_file": str(s.ppl_file), "ppl_ctx": s.ppl_ctx,
-                    "ppl_chunks": s.ppl_chunks}
+                    "kv_type": s.kv_type, "n_prompt": s.n_prompt, "n_gen": s.n_gen, "ppl_file": str(s.ppl_file),
+                    "ppl_ctx": s.ppl_ctx, "ppl_chunks": s.ppl_chunks}
             if level == ref_level:
                 spec["save_ref"] = str(ref_path)  # written first, then compared against by every level
                 spec["ref_file"] = None
@@ -203,7 +211,7 @@ def run_bench(s: BenchSettings) -> dict:
                 row["kld"], row["top1"] = 0.0, 1.0
             rows[level] = row
     model.update(reference=str(s.ref_file) if s.ref_file else ref_level, ppl_text=str(s.ppl_file),
-                 ppl_ctx=s.ppl_ctx, n_prompt=s.n_prompt, n_gen=s.n_gen)
+                 ppl_ctx=s.ppl_ctx, n_prompt=s.n_prompt, n_gen=s.n_gen, kv_type=s.kv_type)
     return {"machine": machine_info(s.backend, s.threads), "model": model,
             "results": [{k: rows[q][k] for k in FIELDS} for q in s.levels]}
 
@@ -347,13 +355,14 @@ def add_arguments(b) -> None:
     b.add_argument("--backend", default="auto", choices=("auto", "numba", "mlx"),
                    help="auto (default: mlx on Apple Silicon, else numba), numba or mlx")
     b.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
+    b.add_argument("--kv-type", default="f16", choices=KV_TYPES, help="KV cache element type (default f16)")
 
 
 def command(args) -> int:
     s = BenchSettings(source=args.model, levels=parse_levels(args.quants), n_prompt=args.n_prompt,
                       n_gen=args.n_gen, ppl_file=Path(args.ppl_file), ppl_ctx=args.ppl_ctx,
                       ppl_chunks=args.ppl_chunks, ref=args.ref, ref_file=args.ref_file, save_ref=args.save_ref,
-                      backend=args.backend, threads=args.threads)
+                      backend=args.backend, threads=args.threads, kv_type=args.kv_type)
     s.check()
     check_json_dest(args.json)
     json_file = args.json if args.json != "-" else None

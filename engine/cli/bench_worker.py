@@ -47,7 +47,7 @@ def _load_and_size(spec: dict):
 
     seen: dict = {}
     llm = engine.load(spec["source"], quant=spec["quant"], backend=spec["backend"], n_threads=spec["threads"],
-                      n_ctx=spec["n_ctx"], on_weights=lambda weights: seen.update(stats=weight_stats(weights)))
+                      n_ctx=spec["n_ctx"], kv_type=spec.get("kv_type", "f16"), on_weights=lambda weights: seen.update(stats=weight_stats(weights)))
     return llm, seen["stats"]
 
 
