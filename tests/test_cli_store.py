@@ -77,7 +77,9 @@ def test_prune_asks_then_removes_only_packed_weights_whose_model_is_gone(disk):
     done = run("cache", "prune", "--keep-kernels", env=disk["env"], stdin="y\n")
     assert done.returncode == 0, done.stderr
     assert not Path(stale[0]).exists()
-    assert [p["stale"] for p in ls(disk["env"])["packed"]] == [False]  # the hub model's file stays
+    inv = ls(disk["env"])
+    assert [p["stale"] for p in inv["packed"]] == [False]  # the hub model's file stays
+    assert inv["local_models"] == [] and len(inv["hub_models"]) == 1
 
 
 def test_prune_removes_compiled_kernels_only_inside_the_mixlocal_cache(disk, tmp_path):

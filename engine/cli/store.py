@@ -231,7 +231,8 @@ def _rm(args) -> int:
 
 def _prune(args) -> int:
     stale = [p for p in _packs() if p["stale"]]
-    what = [(p["path"], p["size_bytes"]) for p in stale]
+    gone = [p for p in _local_models() if not Path(p).exists()]  # list entries only: nothing on disk to delete
+    what = [(p["path"], p["size_bytes"]) for p in stale] + [(f"{p} from the list (the path is gone)", 0) for p in gone]
     kernels = _kernels()
     if not args.keep_kernels and kernels["files"]:
         if kernels["inside_cache"]:
@@ -248,6 +249,8 @@ def _prune(args) -> int:
         return 1
     for p in stale:
         _remove(Path(p["path"]), [cache_root()])
+    for p in gone:
+        _forget_model(p)
     if not args.keep_kernels and kernels["files"] and kernels["inside_cache"]:
         _remove(Path(kernels["path"]), [cache_root()])
     print(f"freed {human_bytes(sum(s for _, s in what))}", file=sys.stderr)
@@ -274,7 +277,8 @@ def add_parsers(sub) -> None:
     cs = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     pr = cs.add_parser("prune", help="remove packed weights whose model is gone or changed, and compiled kernels",
                        description="Remove packed-weight files whose source model is gone or changed, and the "
-                                   "compiled kernels (they are compiled again, once, on the next run).")
+                                   "compiled kernels (they are compiled again, once, on the next run); forget local "
+                                   "model paths that no longer exist.")
     pr.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     pr.add_argument("--keep-kernels", action="store_true", help="leave the compiled kernels")
     pr.set_defaults(func=_prune)
