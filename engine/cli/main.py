@@ -322,8 +322,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mixlocal {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="stream a continuation of a prompt",
-                       description="Stream a continuation of a prompt to stdout; a timing line goes to stderr.")
+    g = sub.add_parser("generate", help="stream a continuation of a prompt (or, with --chat, an answer to it)",
+                       description="Stream a continuation of a prompt to stdout, or with --chat the answer to it as "
+                                   "an instruction; a timing line goes to stderr.")
     add_model_args(g, sampling=True, n_default=128)
     g.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the prompt, or - to read it from stdin")
     g.add_argument("--chat", action="store_true",
