@@ -16,7 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from .formats import QK_K
-from .quantize import _f32, _make_qx_quants_w, _nearest_int, _pack_2bit, _put_f16
+from .quantize_common import _f32, _nearest_int, _put_f16
+from .quantize_k import _make_qx_quants_w, _pack_2bit
 from .tensor import QType
 
 __all__ = ["WEIGHTED_DRIVERS"]

@@ -13,7 +13,7 @@ from numba import njit, prange
 
 from .formats import QK_K
 from .iq_grids import KVALUES_IQ4NL
-from .quantize import _f32, _nearest_int, _put_f16, _signed_absmax
+from .quantize_common import _f32, _nearest_int, _put_f16, _signed_absmax
 from .tensor import QType
 
 __all__ = ["IQ4_DRIVERS"]
