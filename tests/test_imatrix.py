@@ -281,3 +281,48 @@ def test_levels_needing_an_imatrix_are_refused(f32_gguf, monkeypatch):
     with pytest.raises(eq.MissingImatrixError, match=r"makes token_embd.weight IQ2_XS.*--imatrix"):
         eq.quantize_weights(weights, "q4_k_m", progress=lambda items: seen.extend(items) or items)
     assert seen == []  # refused before any tensor was quantized
+
+
+LLAMA_QUANTIZE_WITH_IMATRIX = r"""
+import ctypes, sys
+import numpy as np
+import llama_cpp as L
+src, dst, ftype, npz = sys.argv[1:5]
+d = np.load(npz)
+names = [k.encode() for k in d.files]
+arrays = [np.ascontiguousarray(d[k], np.float32).reshape(-1) for k in d.files]
+Entry = L.llama_model_imatrix_data  # what tools/quantize hands llama_model_quantize: name, values, count
+table = (Entry * (len(names) + 1))(*[Entry(n, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size)
+                                     for n, a in zip(names, arrays)], Entry(None, None, 0))
+p = L.llama_model_quantize_default_params()
+p.ftype, p.nthread = int(ftype), 2
+p.imatrix = ctypes.cast(table, ctypes.POINTER(Entry))
+sys.exit(L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
+"""
+
+
+@pytest.mark.parametrize(("level", "ftype"), [("q4_k_m", 15), ("q3_k_m", 12)])
+def test_whole_file_equals_llama_model_quantize(f32_gguf, our_imatrix, tmp_path, level, ftype):
+    """llama.cpp's own quantizer (llama_model_quantize), given our file's importance values as llama-quantize
+    derives them (in_sum2 / counts per expert, 1 where no token went), writes the same bytes for every tensor as
+    mixlocal quantize --imatrix."""
+    why = llama_cpp_status()
+    if why:
+        pytest.skip(why)
+    im = read_imatrix(our_imatrix)
+    src = {t.name: tuple(int(d) for d in t.shape[::-1]) for t in gguf.GGUFReader(f32_gguf).tensors}
+    values = {name: im.importance(name, src[name]) for name in im.entries}
+    np.savez(tmp_path / "values.npz", **values)
+    theirs = tmp_path / "llama.gguf"
+    r = subprocess.run([sys.executable, "-c", LLAMA_QUANTIZE_WITH_IMATRIX, str(f32_gguf), str(theirs), str(ftype),
+                        str(tmp_path / "values.npz")], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    r = mixlocal_cli("quantize", f32_gguf, ours, "--type", level, "--imatrix", our_imatrix)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type, name
+        np.testing.assert_array_equal(np.asarray(b[name].data), np.asarray(t.data), err_msg=name)
