@@ -2,6 +2,7 @@
 reader) and by hand-built bytes in the legacy layout; damaged files are ImatrixFileErrors naming the problem."""
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import gguf
@@ -136,3 +137,119 @@ def test_truncated_gguf_and_missing_file(tmp_path):
         read_imatrix(tmp_path / "cut.gguf")
     with pytest.raises(ImatrixFileError, match="cannot read imatrix file"):
         read_imatrix(tmp_path / "absent.gguf")
+
+
+class _Params(ctypes.Structure):  # struct gguf_init_params
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _InitParams(ctypes.Structure):  # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _Tensor(ctypes.Structure):  # the head of struct ggml_tensor (ggml.h): type, buffer, ne, nb, op, ...
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+def _ggml_gguf():
+    """libggml-base with the gguf_* / ggml_* functions these tests call, or a skip."""
+    try:
+        from test_formats import _ggml_base
+    except ImportError:
+        from tests.test_formats import _ggml_base
+    lib, reason = _ggml_base()
+    if lib is None:
+        pytest.skip(reason)
+    sig = {"gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, _Params]),
+           "gguf_find_key": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
+           "gguf_get_kv_type": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+           "gguf_get_arr_type": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+           "gguf_get_arr_n": (ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
+           "gguf_get_arr_str": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]),
+           "gguf_get_val_u32": (ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_int64]),
+           "gguf_get_val_str": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+           "gguf_get_n_tensors": (ctypes.c_int64, [ctypes.c_void_p]),
+           "gguf_get_tensor_name": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+           "ggml_get_tensor": (ctypes.POINTER(_Tensor), [ctypes.c_void_p, ctypes.c_char_p]),
+           "gguf_free": (None, [ctypes.c_void_p]), "ggml_free": (None, [ctypes.c_void_p]),
+           "ggml_init": (ctypes.c_void_p, [_InitParams]),
+           "ggml_new_tensor_2d": (ctypes.POINTER(_Tensor), [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                                           ctypes.c_int64]),
+           "ggml_set_name": (ctypes.c_void_p, [ctypes.POINTER(_Tensor), ctypes.c_char_p]),
+           "gguf_init_empty": (ctypes.c_void_p, []),
+           "gguf_set_val_str": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]),
+           "gguf_set_val_u32": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]),
+           "gguf_set_arr_str": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
+                                       ctypes.c_size_t]),
+           "gguf_add_tensor": (None, [ctypes.c_void_p, ctypes.POINTER(_Tensor)]),
+           "gguf_write_to_file": (ctypes.c_bool, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_bool])}
+    for name, (res, args) in sig.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+    return lib
+
+
+def test_ggml_gguf_reader_reads_ours(tmp_path):
+    """ggml's own GGUF reader (gguf_init_from_file, as common_imatrix_load opens the file), through ctypes: the keys
+    have the types llama.cpp asks for (gguf_get_val_u32 and the string array abort on any other), and every
+    <name>.in_sum2 / <name>.counts tensor is F32 with ggml shape [cols, n_mat] / [1, n_mat] and our values."""
+    lib = _ggml_gguf()
+    im = sample()
+    write_imatrix(tmp_path / "m.gguf", im)
+    ctx = ctypes.c_void_p()
+    g = lib.gguf_init_from_file(str(tmp_path / "m.gguf").encode(), _Params(False, ctypes.pointer(ctx)))
+    assert g, "ggml could not open our imatrix file"
+    try:
+        key = lib.gguf_find_key(g, b"imatrix.datasets")
+        assert lib.gguf_get_kv_type(g, key) == 9 and lib.gguf_get_arr_type(g, key) == 8  # array of strings
+        assert [lib.gguf_get_arr_str(g, key, i) for i in range(lib.gguf_get_arr_n(g, key))] == [b"calib.txt"]
+        for k, want in ((b"imatrix.chunk_count", 2), (b"imatrix.chunk_size", 32)):
+            kid = lib.gguf_find_key(g, k)
+            assert lib.gguf_get_kv_type(g, kid) == 4 and lib.gguf_get_val_u32(g, kid) == want  # GGUF_TYPE_UINT32
+        assert lib.gguf_get_val_str(g, lib.gguf_find_key(g, b"general.type")) == b"imatrix"
+        names = {lib.gguf_get_tensor_name(g, i).decode() for i in range(lib.gguf_get_n_tensors(g))}
+        assert names == {f"{n}.{s}" for n in im.entries for s in ("in_sum2", "counts", "in_sum")}
+        for name, e in im.entries.items():
+            for suffix, want in (("in_sum2", e.sums2), ("counts", e.counts.reshape(-1, 1))):
+                t = lib.ggml_get_tensor(ctx, f"{name}.{suffix}".encode()).contents
+                assert t.type == 0 and list(t.ne[:2]) == [want.shape[1], want.shape[0]], (name, suffix)
+                got = np.ctypeslib.as_array((ctypes.c_float * want.size).from_address(t.data))
+                np.testing.assert_array_equal(got.reshape(want.shape), want)
+    finally:
+        lib.gguf_free(g)
+        lib.ggml_free(ctx)
+
+
+def test_we_read_a_file_written_as_llama_imatrix_writes_it(tmp_path):
+    """save_imatrix's steps with ggml's own writer (gguf_init_empty, gguf_set_*, ggml_new_tensor_2d, gguf_add_tensor,
+    gguf_write_to_file), then our reader."""
+    lib = _ggml_gguf()
+    im = sample()
+    ctx = lib.ggml_init(_InitParams(1 << 22, None, False))
+    g = lib.gguf_init_empty()
+    try:
+        lib.gguf_set_val_str(g, b"general.type", b"imatrix")
+        datasets = (ctypes.c_char_p * 1)(b"calib.txt")
+        lib.gguf_set_arr_str(g, b"imatrix.datasets", datasets, 1)
+        lib.gguf_set_val_u32(g, b"imatrix.chunk_count", 2)
+        lib.gguf_set_val_u32(g, b"imatrix.chunk_size", 32)
+        for name in sorted(im.entries):
+            e = im.entries[name]
+            n_mat = e.counts.size
+            for suffix, values in (("in_sum2", e.sums2), ("counts", e.counts.reshape(n_mat, 1)), ("in_sum", e.sums)):
+                t = lib.ggml_new_tensor_2d(ctx, 0, values.shape[1], n_mat)  # GGML_TYPE_F32, ne [cols, n_mat]
+                lib.ggml_set_name(t, f"{name}.{suffix}".encode())
+                ctypes.memmove(t.contents.data, np.ascontiguousarray(values, np.float32).ctypes.data, values.nbytes)
+                lib.gguf_add_tensor(g, t)
+        assert lib.gguf_write_to_file(g, str(tmp_path / "theirs.gguf").encode(), False)
+    finally:
+        lib.gguf_free(g)
+        lib.ggml_free(ctx)
+    back = read_imatrix(tmp_path / "theirs.gguf")
+    assert (back.datasets, back.chunk_count, back.chunk_size) == (["calib.txt"], 2, 32)
+    for name, e in im.entries.items():
+        np.testing.assert_array_equal(back.entries[name].sums2, e.sums2)
+        np.testing.assert_array_equal(back.entries[name].counts, e.counts)
+        np.testing.assert_array_equal(back.entries[name].sums, e.sums)
