@@ -4,8 +4,10 @@ For every weight matrix of the blocks, the sum over the tokens of each input col
 plain sum), and the token count; an expert stack gets one row and one count per expert, from the tokens routed to
 that expert only. What is counted follows tools/imatrix/imatrix.cpp (collect_imatrix, compute_imatrix):
 
-- the text is tokenized with BOS and cut into chunks of `chunk` tokens (the last partial chunk is dropped); each
-  chunk starts from an empty KV cache, with its first token replaced by BOS, and every token of it counts;
+- the text is tokenized with BOS and cut into chunks of `chunk` tokens (llama-imatrix's -c; the last partial chunk
+  is dropped, and `skip` whole chunks at the start are left out, its --chunk); each chunk starts from an empty KV
+  cache with its first token replaced by BOS, and every token of it counts (the second half of a chunk matters only
+  to the perplexity llama-imatrix prints, which is not computed here);
 - a dense product is counted only when it runs on at least 16 tokens at once, and only inside the blocks (the
   output head is left out, as llama-imatrix leaves it out without --process-output); expert products always count.
 
@@ -68,16 +70,23 @@ class ImatrixCollector:
         return Imatrix(entries, datasets, chunk_count, chunk_size)
 
 
-def chunk_tokens(ids: list[int], chunk: int, n_chunks: int | None, bos_id: int | None) -> list[np.ndarray]:
-    """The chunks llama-imatrix evaluates: whole chunks of `chunk` tokens, at most n_chunks, each starting at BOS."""
+def chunk_tokens(ids: list[int], chunk: int, n_chunks: int | None, bos_id: int | None,
+                 skip: int = 0) -> list[np.ndarray]:
+    """The chunks llama-imatrix evaluates: after the first `skip` chunks, whole chunks of `chunk` tokens, at most
+    n_chunks, each starting at BOS."""
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     if n_chunks is not None and n_chunks < 1:
         raise ValueError(f"chunks must be positive, got {n_chunks}")
+    if skip < 0:
+        raise ValueError(f"the number of chunks to skip must be 0 or more, got {skip}")
+    if skip and skip * chunk >= len(ids):
+        raise ValueError(f"skipping {skip} chunks of {chunk} leaves none of the text's {len(ids)} tokens")
+    ids = ids[skip * chunk:]
     available = len(ids) // chunk
     if available == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of {chunk}; give more text or a "
-                         "smaller --chunk")
+                         "smaller chunk (-c)")
     count = available if n_chunks is None else min(n_chunks, available)
     out = []
     for i in range(count):
@@ -88,8 +97,8 @@ def chunk_tokens(ids: list[int], chunk: int, n_chunks: int | None, bos_id: int |
     return out
 
 
-def compute_imatrix(llm, text: str, *, chunk: int = 512, n_chunks: int | None = None, dataset: str = "",
-                    progress: Callable[[Iterable], Iterable] | None = None) -> Imatrix:
+def compute_imatrix(llm, text: str, *, chunk: int = 512, n_chunks: int | None = None, skip: int = 0,
+                    dataset: str = "", progress: Callable[[Iterable], Iterable] | None = None) -> Imatrix:
     """The importance matrix of `llm` (a loaded mixlocal LLM on the numba backend) over `text`."""
     backend = llm.backend
     if not hasattr(backend, "observer"):
@@ -99,7 +108,7 @@ def compute_imatrix(llm, text: str, *, chunk: int = 512, n_chunks: int | None = 
         raise ValueError(f"chunk {chunk} is longer than the context of {llm.cache.n_ctx}; load with n_ctx >= chunk")
     tok = llm.tokenizer
     bos = tok.bos_id if getattr(tok, "add_bos_token", True) else None
-    chunks = chunk_tokens(tok.encode(text, add_bos=bos is not None), chunk, n_chunks, bos)
+    chunks = chunk_tokens(tok.encode(text, add_bos=bos is not None), chunk, n_chunks, bos, skip)
     collector = ImatrixCollector(llm.config.n_experts)
     backend.observer = collector
     try:

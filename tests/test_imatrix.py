@@ -120,7 +120,7 @@ def mixlocal_cli(*args, timeout=600):
 @pytest.fixture(scope="module")
 def our_imatrix(f32_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("imx_out") / "ours.gguf"
-    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", out, "--chunk", CHUNK, "--chunks", CHUNKS, "-t", 2)
+    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", out, "-c", CHUNK, "--chunks", CHUNKS, "-t", 2)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -186,11 +186,11 @@ def test_imatrix_changes_the_file(f32_gguf, our_imatrix, tmp_path):
 
 
 def test_cli_errors(f32_gguf, our_imatrix, tmp_path):
-    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", our_imatrix, "--chunk", 64)
+    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", our_imatrix, "-c", 64)
     assert r.returncode == 2 and "exists; add --force" in r.stderr
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
-    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", short, "-o", tmp_path / "x.gguf", "--chunk", 64)
+    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", short, "-o", tmp_path / "x.gguf", "-c", 64)
     assert r.returncode == 1 and "fewer than one chunk of 64" in r.stderr
     bad = tmp_path / "bad.dat"
     bad.write_bytes(b"\x00\x00")
@@ -200,7 +200,7 @@ def test_cli_errors(f32_gguf, our_imatrix, tmp_path):
 
 def test_legacy_output_format(f32_gguf, our_imatrix, tmp_path):
     dat = tmp_path / "ours.dat"
-    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", dat, "--chunk", CHUNK, "--chunks", CHUNKS)
+    r = mixlocal_cli("imatrix", "-m", f32_gguf, "-f", TEXT, "-o", dat, "-c", CHUNK, "--chunks", CHUNKS)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = read_imatrix(our_imatrix), read_imatrix(dat)
     assert a.entries.keys() == b.entries.keys() and b.chunk_count == CHUNKS
@@ -217,6 +217,10 @@ def test_chunks_as_llama_imatrix():
     assert [c[0] for c in chunks] == [1, 1, 1]
     assert chunks[1][1:].tolist() == ids[65:128]
     assert len(chunk_tokens(ids, 64, 2, 1)) == 2
+    skipped = chunk_tokens(ids, 64, None, 1, skip=1)  # llama-imatrix --chunk 1: the text starts a chunk later
+    assert len(skipped) == 2 and skipped[0][1:].tolist() == ids[65:128]
+    with pytest.raises(ValueError, match="leaves none"):
+        chunk_tokens(ids, 64, None, 1, skip=4)
     with pytest.raises(ValueError, match="fewer than one chunk"):
         chunk_tokens(ids[:10], 64, None, 1)
 

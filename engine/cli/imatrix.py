@@ -20,14 +20,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("imatrix", help="compute an importance matrix for quantize --imatrix",
                        description="Run the model over a text and record, for every matrix of the blocks, the mean "
                                    "squared activation of each input column (per expert for the expert tensors, "
-                                   "over the tokens routed to each), chunked as llama-imatrix does. The file is "
+                                   "over the tokens routed to each), chunked as llama-imatrix does, with its "
+                                   "flags (-c chunk size, --chunk chunks to skip, --chunks how many). The file is "
                                    "llama.cpp's imatrix GGUF (or its legacy .dat with --output-format dat), which "
                                    "llama-quantize --imatrix reads too.")
     add_model_flag(p)
     p.add_argument("-f", "--file", required=True, metavar="TEXT", help="the calibration text (UTF-8)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the imatrix file to write")
-    p.add_argument("--chunk", type=int, default=512, metavar="N",
-                   help="tokens per chunk, each evaluated from an empty context (default 512, llama-imatrix's -c)")
+    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N",
+                   help="tokens per chunk, each evaluated from an empty context (default 512)")
+    p.add_argument("--chunk", dest="skip", type=int, default=0, metavar="N",
+                   help="skip the text's first N chunks (default 0)")
     p.add_argument("--chunks", type=int, default=None, metavar="K", help="use at most K chunks (default: all)")
     p.add_argument("--output-format", choices=("gguf", "dat"), default=None,
                    help="gguf (default, unless FILE ends in .dat) or llama.cpp's legacy dat")
@@ -44,8 +47,10 @@ def command(args) -> int:
     from ..imatrix import compute_imatrix
     from ..loader import load
 
-    if args.chunk < 1:
-        raise UsageError(f"mixlocal imatrix: --chunk must be positive, got {args.chunk}")
+    if args.ctx < 1:
+        raise UsageError(f"mixlocal imatrix: -c/--ctx-size must be positive, got {args.ctx}")
+    if args.skip < 0:
+        raise UsageError(f"mixlocal imatrix: --chunk (chunks to skip) must be 0 or more, got {args.skip}")
     if args.chunks is not None and args.chunks < 1:
         raise UsageError(f"mixlocal imatrix: --chunks must be positive, got {args.chunks}")
     if args.threads is not None and args.threads <= 0:
@@ -58,7 +63,7 @@ def command(args) -> int:
     except UnicodeDecodeError as e:
         raise UsageError(f"mixlocal imatrix: {args.file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     legacy = args.output_format == "dat" or (args.output_format is None and out.suffix == ".dat")
-    llm = load(args.model, backend="numba", n_ctx=args.chunk, n_threads=args.threads, kernels=args.kernels,
+    llm = load(args.model, backend="numba", n_ctx=args.ctx, n_threads=args.threads, kernels=args.kernels,
                mem_budget=args.mem_budget, expert_policy=args.expert_policy)
 
     def progress(chunks):
@@ -67,8 +72,8 @@ def command(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        im = compute_imatrix(llm, text, chunk=args.chunk, n_chunks=args.chunks, dataset=str(args.file),
-                             progress=progress)
+        im = compute_imatrix(llm, text, chunk=args.ctx, n_chunks=args.chunks, skip=args.skip,
+                             dataset=str(args.file), progress=progress)
     finally:
         llm.close()
     tmp = out.with_name(out.name + ".part")  # never a truncated file under the real name
