@@ -4,7 +4,7 @@
 
 Traces: the trained default model's routing of held-out text (tools/default_model_corpus.py: documents the model
 never saw, fetched from Debian's packages), token after token as decode meets them; and a routing with no locality
-at all (each token picks A experts uniformly at random), the worst case. Each policy of engine/backends/experts.py
+at all (each token picks A experts uniformly at random), the worst case. Each policy of engine/backends/numba/experts.py
 (the same classes the engine runs) is replayed over each block's sequence of expert sets, for every slot count
 from A to E-1, as ExpertStore.ensure does: the token's experts are needed together, a missing one evicts the
 policy's victim among the slots the token does not need. Also reported: the routing itself (distinct experts per
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from mixlocal.engine.backends.experts import POLICIES
+from mixlocal.engine.backends.numba.experts import POLICIES
 from mixlocal.engine.machine import describe
 
 from mixlocal import engine

@@ -102,7 +102,7 @@ def _timed_run(prefill, step, prompt, decode) -> dict:
 
 
 def run_mixlocal(path: str, threads: int, kv_type: str, prompt: list[int], decode: list[int]) -> dict:
-    from mixlocal.engine.backends import numba_ops
+    from mixlocal.engine.backends.numba import ops as numba_ops
 
     from mixlocal import engine
 
@@ -215,8 +215,8 @@ def parallel_control(rounds: int) -> dict:
 
 def kernel_bench(rounds: int) -> dict:
     import numba
-    from mixlocal.engine.backends import numba_ops as ops
-    from mixlocal.engine.cache import KVCache
+    from mixlocal.engine.backends.numba import ops
+    from mixlocal.engine.backends.numba.cache import KVCache
     from mixlocal.engine.config import ModelConfig
 
     n_heads, n_kv, dh, n_ctx = MIXTRAL.n_heads, MIXTRAL.n_kv_heads, MIXTRAL.head_dim, 32768

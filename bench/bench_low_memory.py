@@ -240,7 +240,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    from mixlocal.engine.backends.experts import parse_size
+    from mixlocal.engine.backends.numba.experts import parse_size
     limits = [None if x.strip() == "none" else parse_size(x) for x in args.limits.split(",")]
     engines = args.engines.split(",")
     result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "machine": describe(),

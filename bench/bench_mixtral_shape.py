@@ -34,7 +34,7 @@ bytes a decode step must read (attention, 2 of 8 experts per block, output head)
 start-up of mixlocal in fresh processes: first ever (empty NUMBA_CACHE_DIR and packed-weight cache: every kernel
 compiles and every matrix is repacked into the cache file), then later start-ups (import, load, first token, and
 where the time goes). The timed rounds run after one untimed mixlocal load, so that they map the packed-weight
-cache (engine/packed_cache.py, kept under --data-dir) the way every load after a model's first does.
+cache (engine/backends/numba/packed_cache.py, kept under --data-dir) the way every load after a model's first does.
 
 Writes bench/results/mixtral_shape_<type>_<family>[_<N>blk]_<date>.json with the command, the CPU model and its
 instruction-set flags, the kernel family and the llama.cpp wheel.
@@ -229,7 +229,7 @@ def _worker_kernels() -> dict:
 
 
 def _packed_files() -> dict[str, int]:
-    from mixlocal.engine.packed_cache import cache_dir
+    from mixlocal.engine.backends.numba.packed_cache import cache_dir
     folder = cache_dir()
     return {f.name: f.stat().st_mtime_ns for f in folder.glob("*.mixpack")} if folder.is_dir() else {}
 
@@ -346,9 +346,9 @@ class _Timers:
 def _run_profile(path: str, threads: int, prompt: list[int], decode: list[int]) -> dict:
     """Where mixlocal's prefill and decode time goes: each op of the forward pass timed (the kernels are entered
     from Python once per op, so wrapping them costs about a microsecond per call)."""
-    from mixlocal.engine.backends import numba_cpu
-    from mixlocal.engine.backends import numba_ops as ops
-    from mixlocal.engine.cache import KVCache
+    from mixlocal.engine.backends.numba import backend as numba_cpu
+    from mixlocal.engine.backends.numba import ops
+    from mixlocal.engine.backends.numba.cache import KVCache
     from mixlocal.quant import kernels
 
     from mixlocal import engine
@@ -406,8 +406,8 @@ def _run_startup(path: str, threads: int) -> dict:
 
     t0 = time.perf_counter()
     import mixlocal.engine.sources.gguf as gguf_source
-    from mixlocal.engine import packed_cache
-    from mixlocal.engine.backends import numba_cpu
+    from mixlocal.engine.backends.numba import backend as numba_cpu
+    from mixlocal.engine.backends.numba import packed_cache
     from mixlocal.quant import kernels
     from mixlocal.tokenizer import Tokenizer
 
@@ -597,7 +597,7 @@ def _memory_guard(engines: list[str], path: Path, args) -> dict[str, str]:
     if avail is None:
         return {}
     copy_gb = path.stat().st_size / 1e9  # llama.cpp's repack copies about every matrix once
-    needs = {"llama": copy_gb}  # mixlocal's packed copy is a mapped cache file (engine/packed_cache.py) ...
+    needs = {"llama": copy_gb}  # mixlocal's packed copy is a mapped cache file (engine/backends/numba/packed_cache.py) ...
     if args.packed_cache == "off":
         needs["mixlocal"] = copy_gb  # ... unless it is told to repack in memory
     skipped = {}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from mixlocal.tokenizer import StopMatcher
 
-from .cache import KVCache
+from .backends import KVCache
 from .config import ModelConfig
 from .errors import ContextOverflowError
 from .sampling import Sampler, SamplingParams

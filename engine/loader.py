@@ -1,4 +1,7 @@
-"""engine.load: resolve a source, map its weights, pick a backend, build the LLM."""
+"""engine.load in stages: resolve and read a source (backend-neutral), then `<Backend>.build(weights, ...)`.
+
+A source gives `ModelWeights` in the form it stores them (`read_source`); requantizing (quant=) works on ggml blocks;
+the backend chosen builds itself and its KV cache from the weights (engine/backends/__init__.py: the protocols)."""
 from __future__ import annotations
 
 import platform
@@ -8,23 +11,20 @@ from pathlib import Path
 
 from mixlocal.tokenizer import Tokenizer
 
-from .cache import KVCache
+from .backends import BACKENDS
 from .errors import ModelFormatError
 from .llm import LLM
-from .machine import available_memory, physical_cores
-from .weights import ModelWeights
+from .weights import ModelWeights, in_ggml_blocks
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "load", "open_source"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_DIR", "backend_class", "load", "open_source", "read_source"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR / "model.gguf"  # trained here by tools/train_default_model.py, q8_0 by our quantizer
 
 
-def open_source(source, backend: str = "numba"):
-    """Resolve a source to (config, weights, tokenizer, name). Sources never compute.
-
-    backend ("numba" or "mlx") only matters for mlx-community folders, whose affine triplets the MLX backend takes
-    as they are and the numba backend gets as ggml blocks."""
+def read_source(source):
+    """Resolve a source to (config, weights, tokenizer, name), the weights in the form the source stores them
+    (an mlx-community folder's matrices stay MLX affine groups). Sources never compute."""
     if source is None:
         source = DEFAULT_MODEL
         if not source.exists():
@@ -38,7 +38,7 @@ def open_source(source, backend: str = "numba"):
         from .sources.hf import load_hf
         from .sources.mlx import is_mlx_dir, load_mlx
         if is_mlx_dir(path):
-            config, weights, tok_path = load_mlx(path, layout="mlx" if backend == "mlx" else "ggml")
+            config, weights, tok_path = load_mlx(path)
             return config, weights, Tokenizer.from_file(tok_path), path.name
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             config, weights, tok_path = load_hf(path)
@@ -53,15 +53,35 @@ def open_source(source, backend: str = "numba"):
     raise ModelFormatError(f"{path}: no such file or directory")
 
 
+def open_source(source):
+    """read_source with the weights in ggml blocks, the form requantizing, the GGUF writer and `mixlocal info`
+    read (engine/weights.py: in_ggml_blocks)."""
+    config, weights, tok, name = read_source(source)
+    return config, in_ggml_blocks(weights), tok, name
+
+
+def backend_class(name: str) -> type:
+    """The class of a backend by name ("numba", "mlx"), importing only that backend."""
+    if name == "numba":
+        from .backends.numba.backend import NumbaCPUBackend
+        return NumbaCPUBackend
+    if name == "mlx":
+        from .backends.mlx import MLXBackend
+        return MLXBackend
+    raise ValueError(f"unknown backend {name!r}; choose auto, {' or '.join(BACKENDS)}")
+
+
 def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx: int = 32768,
          n_threads: int | None = None, kv_type: str = "f16", packed_cache: bool | None = None,
          kernels: str | None = None, on_weights: Callable[[ModelWeights], None] | None = None,
-         mem_budget=None, expert_policy: str = "lfru") -> LLM:
+         mem_budget=None, expert_policy: str | None = None) -> LLM:
     """Load a model. source: None (the embedded default), an HF directory, a .gguf file, or a hub id.
 
+    n_threads (numba backend): compute threads; None: the physical cores.
+
     packed_cache (numba backend): the kernels' repacked form of Q4_0/Q8_0/Q4_K weights is written once to a file in
-    the cache directory and memory-mapped on later loads (engine/packed_cache.py). None: only for models with at
-    least 256 MB of such weights; False: repack in memory at every load; True: always.
+    the cache directory and memory-mapped on later loads (engine/backends/numba/packed_cache.py). None: only for
+    models with at least 256 MB of such weights; False: repack in memory at every load; True: always.
 
     kernels (numba backend): the kernel family, "avx512vnni", "avxvnni", "avx2" or "portable"; None reads
     $MIXLOCAL_KERNELS, else takes the fastest this CPU runs. A family the CPU cannot run is a ValueError.
@@ -72,68 +92,29 @@ def load(source=None, *, quant: str | None = None, backend: str = "auto", n_ctx:
     mem_budget (numba backend): the memory the model may use, in bytes or as "16GiB" / "12GB"; None: the memory
     available now. The KV cache for n_ctx tokens and a margin come off it; if the weights do not fit in the rest,
     the dense weights stay resident and each block keeps as many experts as fit, reading the others from the file
-    when a token needs them (engine/backends/experts.py; expert_policy "lfru", "lfu" or "lru" picks which leave).
-    A budget too small for the dense weights plus two experts per block is a MemoryBudgetError (a ValueError)."""
+    when a token needs them (engine/backends/numba/experts.py; expert_policy "lfru" (None), "lfu" or "lru" picks
+    which leave). A budget too small for the dense weights plus two experts per block is a MemoryBudgetError (a
+    ValueError).
+
+    A numba-backend option given to the MLX backend is a ValueError naming it."""
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
         raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
-    backend = resolve_backend(backend)
-    if backend == "numba":
-        from mixlocal.quant.kernels import resolve_family
-        kernels = resolve_family(kernels)  # a bad name fails before the model is read
-    # requantizing at load works on ggml blocks, so an MLX folder then comes in ggml layout for either backend
-    config, weights, tok, name = open_source(source, backend if quant is None else "numba")
+    cls = backend_class(resolve_backend(backend))
+    # every option is checked (a bad kernel family, budget or cache format) before the model is read
+    options = cls.check_options(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, packed_cache=packed_cache,
+                                kernels=kernels, mem_budget=mem_budget, expert_policy=expert_policy)
+    config, weights, tok, name = read_source(source)
     if quant is not None:
         from .quantize import quantize_weights
-        weights = quantize_weights(weights, quant)
+        weights = quantize_weights(in_ggml_blocks(weights), quant)  # requantizing reads ggml blocks
     if tok.vocab_size > config.vocab_size:
         raise ModelFormatError(f"{name}: tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
     if on_weights is not None:
         on_weights(weights)
-    if backend == "mlx":
-        if mem_budget is not None:
-            raise ValueError("mem_budget is a numba-backend option: MLX keeps the whole model in unified memory")
-        from .backends.mlx import MLXBackend, MLXKVCache
-        return LLM(config, MLXBackend(weights), tok, MLXKVCache(config, n_ctx, kv_type), name=name,
-                   source=str(source))
-    from .backends.numba_cpu import NumbaCPUBackend
-    cache = KVCache(config, n_ctx, kv_type)  # pages are committed as positions fill, so this costs nothing yet
-    weight_budget, said = weight_budget_for(mem_budget, cache.bytes_per_token * n_ctx)
-    be = NumbaCPUBackend(weights, n_threads or physical_cores(), packed_cache=packed_cache, family=kernels,
-                         weight_budget=weight_budget, expert_policy=expert_policy)
-    if be.store is not None:
-        b = be.budget
-        print(f"mixlocal: memory budget {said}: dense weights {b['dense'] / 2**30:.2f} GiB resident, "
-              f"{b['n_slots']} of {config.n_experts} experts per block in memory "
-              f"({b['n_slots'] * b['slot'] * config.n_layers / 2**30:.2f} GiB), the rest read from "
-              f"{be.store.reader.path} "
-              "when needed", file=sys.stderr, flush=True)
+    be, cache = cls.build(weights, **options)
     return LLM(config, be, tok, cache, name=name, source=str(source))
-
-
-# Left out of a memory budget for what is not weights or KV cache: activations, the tokenizer, Python and numba.
-BUDGET_MARGIN = 512 << 20
-
-
-def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
-    """Bytes the weights may use under mem_budget (None: the memory available now), after the KV cache for the
-    whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known."""
-    from .backends.experts import MemoryBudgetError, parse_size
-    if mem_budget is None:
-        avail = available_memory()
-        if avail is None:
-            return None, "unknown"
-        budget, said = avail, f"{avail / 2**30:.1f} GiB (available now)"
-    else:
-        budget = parse_size(mem_budget)
-        said = f"{budget / 2**30:.1f} GiB"
-    weights = budget - kv_bytes - BUDGET_MARGIN
-    if weights <= 0:
-        raise MemoryBudgetError(f"a memory budget of {budget / 2**30:.2f} GiB leaves nothing for the weights after "
-                                f"the KV cache ({kv_bytes / 2**30:.2f} GiB for n_ctx tokens) and a "
-                                f"{BUDGET_MARGIN >> 20} MiB margin; lower n_ctx or raise the budget")
-    return weights, said
 
 
 def _mlx_importable() -> bool:

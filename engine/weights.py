@@ -13,7 +13,7 @@ from mixlocal.quant import QStack, QTensor, formats
 from .config import ModelConfig
 from .errors import ModelFormatError
 
-__all__ = ["LayerWeights", "ModelWeights", "assemble", "expected_shapes", "weight_stats"]
+__all__ = ["LayerWeights", "ModelWeights", "assemble", "expected_shapes", "in_ggml_blocks", "weight_stats"]
 
 Matrix = QTensor
 Experts = QTensor | QStack  # (E, rows, cols)
@@ -127,6 +127,26 @@ def assemble(config: ModelConfig, tensors: dict, origin: dict[str, str]) -> Mode
                         norm=small("output_norm.weight"), output=tensors["output.weight"], origin=origin)
 
 
+def in_ggml_blocks(weights: ModelWeights) -> ModelWeights:
+    """The weights with every MLX affine matrix (an mlx-community folder as stored) as ggml blocks: 4- and 5-bit
+    groups become Q4_1 / Q5_1 exactly, other widths float32 with a notice (quant/affine.py: ggml_from_affine).
+    The same object when there is none, so GGUF and HF weights pass through untouched. Requantizing (quant=), the
+    numba backend and the GGUF writer read ggml blocks."""
+    from mixlocal.quant.affine import AffineTensor, ggml_from_affine
+    tensors = weights.tensors()
+    if not any(isinstance(t, AffineTensor) for t in tensors.values()):
+        return weights
+    done: dict[int, object] = {}  # tied embeddings: one tensor under two names, converted once
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, AffineTensor):
+            if id(t) not in done:
+                done[id(t)] = ggml_from_affine(t, f"{weights.origin.get(name, 'model')}: {name}")
+            t = done[id(t)]
+        out[name] = t
+    return assemble(weights.config, out, weights.origin)
+
+
 def weight_stats(weights) -> dict:
     """Per format: tensor count, elements and bytes; totals; and the bytes one decoded token reads.
 
@@ -143,6 +163,8 @@ def weight_stats(weights) -> dict:
         seen.add(id(t))
         if isinstance(t, np.ndarray):
             fmt, nbytes, nelem = t.dtype.name.upper().replace("FLOAT", "F"), int(t.nbytes), int(t.size)
+        elif not hasattr(t, "qtype"):  # MLX affine groups as an mlx-community folder stores them
+            fmt, nbytes, nelem = f"AFFINE{t.bits}_G{t.group_size}", int(t.nbytes), int(np.prod(t.shape))
         else:
             fmt, nbytes, nelem = t.qtype.name, int(t.nbytes), int(t.n_elements)
         f = formats.setdefault(fmt, {"tensors": 0, "elements": 0, "bytes": 0})

@@ -13,7 +13,7 @@ lowest bits), `scales` and `biases` (one per group, float16 / bfloat16 / float32
   (a group of 64 or 128 is two or four such blocks), exactly. Other widths have no ggml twin; they are dequantized
   to F32 with a one-line notice.
 
-Numpy only, so machines without MLX read and write the format too (engine/sources/mlx.py, engine/backends/mlx.py).
+Numpy only, so machines without MLX read and write the format too (engine/sources/mlx.py, engine/backends/mlx/).
 """
 from __future__ import annotations
 

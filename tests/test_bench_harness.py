@@ -100,7 +100,7 @@ def test_full_shape_plan_is_mixtral_8x7b():
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q4_K_M"])
 def test_mixlocal_loads_small_slice(small_slices, qtype, monkeypatch):
-    from mixlocal.engine.backends import numba_cpu
+    from mixlocal.engine.backends.numba import backend as numba_cpu
 
     from mixlocal import engine
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mixlocal.engine.backends import numba_ops as ops
-from mixlocal.engine.backends.numba_ops import f32_to_f16_bits
+from mixlocal.engine.backends.numba import ops
+from mixlocal.engine.backends.numba.ops import f32_to_f16_bits
 from numba import njit
 
 from mixlocal import engine

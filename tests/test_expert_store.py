@@ -1,4 +1,4 @@
-"""Experts under a memory budget (engine/backends/experts.py): the same logits as with every expert resident, with
+"""Experts under a memory budget (engine/backends/numba/experts.py): the same logits as with every expert resident, with
 slots few enough to force evictions; budgets that cannot work fail at load with the numbers; reads bypass or drop
 the page cache; the I/O thread stops on close and on Ctrl-C."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 import gguf
 import numpy as np
 import pytest
-from mixlocal.engine.backends.experts import (
+from mixlocal.engine.backends.numba.backend import BUDGET_MARGIN
+from mixlocal.engine.backends.numba.experts import (
     LFRU,
     LFU,
     LRU,
@@ -23,7 +24,6 @@ from mixlocal.engine.backends.experts import (
     _Reader,
     parse_size,
 )
-from mixlocal.engine.loader import BUDGET_MARGIN
 
 from mixlocal import engine
 
@@ -145,7 +145,7 @@ def test_eviction_policies_pick_as_documented():
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 def test_reader_returns_the_file_bytes(tmp_path, direct):
     """O_DIRECT where the file system allows it; plain reads that then drop the pages where it does not."""
-    from mixlocal.engine.backends.experts import _aligned_buffer
+    from mixlocal.engine.backends.numba.experts import _aligned_buffer
     path = tmp_path / "data.bin"
     data = np.random.default_rng(0).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
     data.tofile(path)

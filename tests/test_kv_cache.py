@@ -13,8 +13,8 @@ import gguf
 import numba
 import numpy as np
 import pytest
-from mixlocal.engine.backends import numba_ops as ops
-from mixlocal.engine.cache import KV_TYPES, KVCache
+from mixlocal.engine.backends.numba import ops
+from mixlocal.engine.backends.numba.cache import KV_TYPES, KVCache
 from mixlocal.engine.config import ModelConfig
 from numba import njit
 
@@ -104,7 +104,7 @@ def test_cache_rejects_bad_settings_and_writes():
 
 MEMORY_PROBE = r"""
 import sys, numpy as np
-from mixlocal.engine.cache import KVCache
+from mixlocal.engine.backends.numba.cache import KVCache
 from mixlocal.engine.config import ModelConfig
 
 def rss():

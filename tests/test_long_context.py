@@ -128,7 +128,7 @@ SCRATCH_PROBE = r"""
 import json, sys
 import numpy as np
 from mixlocal import engine
-from mixlocal.engine.backends import numba_ops
+from mixlocal.engine.backends.numba import ops as numba_ops
 
 path, chunk = sys.argv[1], int(sys.argv[2])
 scratch = []

@@ -11,7 +11,7 @@ import pytest
 from conftest import mean_kl
 from gguf import GGMLQuantizationType as Q
 from gguf_fixtures import write_gguf_with_gguf_py
-from mixlocal.engine import packed_cache
+from mixlocal.engine.backends.numba import packed_cache
 from mixlocal.quant import kernels
 
 from mixlocal import engine

@@ -54,13 +54,13 @@ def test_machine_facts_without_proc(monkeypatch):
     monkeypatch.setattr(os, "sysconf", no_sysconf)
     assert machine.total_memory() is None and machine.available_memory() is None
     assert machine.describe()["ram_bytes"] is None
-    from mixlocal.engine.loader import weight_budget_for
+    from mixlocal.engine.backends.numba.backend import weight_budget_for
     assert weight_budget_for(None, 1 << 20) == (None, "unknown")  # no limit known: every expert resident
 
 
 def test_expert_reads_without_positional_reads_or_o_direct(tmp_path, monkeypatch):
     """Windows: no os.preadv and no O_DIRECT; the reader seeks a file object under a lock instead."""
-    from mixlocal.engine.backends.experts import _aligned_buffer, _Reader
+    from mixlocal.engine.backends.numba.experts import _aligned_buffer, _Reader
     path = tmp_path / "data.bin"
     data = np.random.default_rng(1).integers(0, 256, 5 * 4096 + 77, dtype=np.uint8)
     data.tofile(path)

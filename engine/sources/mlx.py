@@ -6,8 +6,8 @@ the format itself is quant/affine.py), and tokenizer files. Experts are stacked:
 `block_sparse_moe.switch_mlp.{gate,up,down}_proj` of shape (E, rows, packed cols); older folders keep one triplet
 per expert (`block_sparse_moe.experts.{e}.w{1,2,3}`), which we stack the same way.
 
-- `load_mlx` maps a folder: as `AffineTensor`s for the MLX backend, or as ggml blocks for the numba backend
-  (`ggml_from_affine`), so the numba backend reads these folders on machines without MLX.
+- `load_mlx` maps a folder: quantized matrices as the `AffineTensor`s they are stored as, whatever backend runs them
+  (the numba backend turns them into ggml blocks itself: engine/weights.py `in_ggml_blocks`).
 - `write_mlx_folder` writes one that mlx-lm loads.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from mixlocal.quant.affine import (
     GROUP_SIZES,
     AffineTensor,
     affine_from_ggml,
-    ggml_from_affine,
     quantize_affine,
 )
 
@@ -141,13 +140,10 @@ def _stack(name: str, parts: list, origin: str):
     raise ModelFormatError(f"{origin}: tensor {name}: experts differ in type or shape")
 
 
-def load_mlx(path: str | Path, layout: str = "ggml") -> tuple[ModelConfig, ModelWeights, Path]:
+def load_mlx(path: str | Path) -> tuple[ModelConfig, ModelWeights, Path]:
     """Map an mlx-community folder. Returns config, weights and the tokenizer.model path.
 
-    layout "mlx" keeps quantized matrices as AffineTensor for the MLX backend. layout "ggml" gives QTensors the
-    numba backend runs (see ggml_from_affine). Either way norms and the router come back as float32 arrays."""
-    if layout not in ("ggml", "mlx"):
-        raise ValueError(f"layout must be 'ggml' or 'mlx', got {layout!r}")
+    Quantized matrices stay AffineTensors as stored; norms and the router come back as float32 arrays."""
     path = Path(path)
     config = ModelConfig.from_hf(path / "config.json")
     default, overrides = _quant_params(path, _read_config(path))
@@ -178,11 +174,8 @@ def load_mlx(path: str | Path, layout: str = "ggml") -> tuple[ModelConfig, Model
         tensors[name] = _stack(name, [per[e] for e in range(config.n_experts)], origin[name])
 
     for name, t in tensors.items():
-        if isinstance(t, AffineTensor):
-            if name.endswith(_SMALL):  # norms and the router: float32 for both backends (the router stays float)
-                tensors[name] = t.dequantize()
-            elif layout == "ggml":
-                tensors[name] = ggml_from_affine(t, f"{origin[name]}: {name}")
+        if isinstance(t, AffineTensor) and name.endswith(_SMALL):  # norms and the router: float32 everywhere
+            tensors[name] = t.dequantize()
     weights = assemble(config, tensors, origin)
     tok = path / "tokenizer.model"
     if not tok.is_file():

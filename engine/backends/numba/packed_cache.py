@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from mixlocal.quant import kernels
 
-from .machine import available_memory
+from ...machine import available_memory
 
 __all__ = ["MIN_CACHED_BYTES", "cache_dir", "cached_weights", "prepare_weights"]
 
@@ -122,7 +122,7 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
 def cached_weights(named: dict, origin: dict[str, str], family: str) -> tuple[dict, Path] | None:
     """The packed form of every packable weight in `named`, mapped from the cache file (built now if missing), and
     that file's path; None when there can be no cache file (weights not from files, no room on disk). Never packs
-    in memory: the memory budget path (backends/experts.py) reads experts from this file, or else from the model
+    in memory: the memory budget path (experts.py) reads experts from this file, or else from the model
     file, but must not hold a packed copy of them all."""
     family = kernels.resolve_family(family)
     entries, total = _plan(named, family)

@@ -6,20 +6,23 @@ A active experts per token, F expert hidden width, V vocabulary.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
 
 import numba
 import numpy as np
 from mixlocal.quant import QType, formats, kernels
+from mixlocal.quant.kernels import resolve_family
 
-from ..cache import KVCache
-from ..config import ModelConfig
-from ..packed_cache import MIN_CACHED_BYTES, cached_weights, prepare_weights
-from ..weights import ModelWeights
-from . import numba_ops as ops
-from .experts import ExpertStore, MemoryBudgetError
+from ...config import ModelConfig
+from ...machine import available_memory, physical_cores
+from ...weights import ModelWeights, in_ggml_blocks
+from .. import RouterTrace
+from . import ops
+from .cache import KVCache, kv_row_size
+from .experts import POLICIES, ExpertStore, MemoryBudgetError, parse_size
+from .packed_cache import MIN_CACHED_BYTES, cached_weights, prepare_weights
 
-__all__ = ["NumbaCPUBackend", "RouterTrace"]
+__all__ = ["BUDGET_MARGIN", "NumbaCPUBackend", "plan_budget", "weight_budget_for"]
 
 # the matrices the kernels multiply by (GGUF name part -> layer attribute); the embedding is only gathered from
 _PREPARED = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate_exps": "w1",
@@ -72,14 +75,6 @@ def _single_origin(weights: ModelWeights) -> str:
         raise MemoryBudgetError("a memory budget needs every expert in one model file (GGUF); these come from "
                                 f"{sorted(map(str, files))}")
     return files.pop()
-
-
-@dataclass
-class RouterTrace:
-    """The named intermediates of one MoE block, so backends can be compared step by step."""
-    logits: np.ndarray     # (T, E) float32
-    expert_ids: np.ndarray  # (T, A) int64
-    weights: np.ndarray    # (T, A) float32, renormalised over the A chosen
 
 
 def route(h: np.ndarray, router: np.ndarray, n_used: int) -> RouterTrace:
@@ -191,12 +186,76 @@ def _product(bound: tuple, threads: list, n_threads: int, *out) -> None:
     kern(*args, *out)
 
 
+# Left out of a memory budget for what is not weights or KV cache: activations, the tokenizer, Python and numba.
+BUDGET_MARGIN = 512 << 20
+
+
+def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
+    """Bytes the weights may use under mem_budget (None: the memory available now), after the KV cache for the
+    whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known."""
+    if mem_budget is None:
+        avail = available_memory()
+        if avail is None:
+            return None, "unknown"
+        budget, said = avail, f"{avail / 2**30:.1f} GiB (available now)"
+    else:
+        budget = parse_size(mem_budget)
+        said = f"{budget / 2**30:.1f} GiB"
+    weights = budget - kv_bytes - BUDGET_MARGIN
+    if weights <= 0:
+        raise MemoryBudgetError(f"a memory budget of {budget / 2**30:.2f} GiB leaves nothing for the weights after "
+                                f"the KV cache ({kv_bytes / 2**30:.2f} GiB for n_ctx tokens) and a "
+                                f"{BUDGET_MARGIN >> 20} MiB margin; lower n_ctx or raise the budget")
+    return weights, said
+
+
 class NumbaCPUBackend:
     name = "numba"
 
+    @classmethod
+    def check_options(cls, *, n_ctx: int, n_threads: int | None = None, kv_type: str = "f16",
+                      packed_cache: bool | None = None, kernels: str | None = None, mem_budget=None,
+                      expert_policy: str | None = None) -> dict:
+        """The load options checked and resolved before the model is read: the kernel family (a family the CPU
+        lacks is a KernelFamilyError), the thread count (None: the physical cores), the cache format, the budget
+        and the eviction policy (None: "lfru")."""
+        kv_row_size(kv_type, 64)  # a bad name is a ValueError listing the formats
+        if mem_budget is not None:
+            parse_size(mem_budget)
+        policy = "lfru" if expert_policy is None else expert_policy
+        if policy not in POLICIES:
+            raise ValueError(f"expert_policy must be one of {', '.join(POLICIES)}, got {expert_policy!r}")
+        return {"n_ctx": n_ctx, "n_threads": n_threads or physical_cores(), "kv_type": kv_type,
+                "packed_cache": packed_cache, "kernels": resolve_family(kernels), "mem_budget": mem_budget,
+                "expert_policy": policy}
+
+    @classmethod
+    def build(cls, weights: ModelWeights, *, n_ctx: int, n_threads: int | None = None, kv_type: str = "f16",
+              packed_cache: bool | None = None, kernels: str | None = None, mem_budget=None,
+              expert_policy: str | None = None) -> tuple[NumbaCPUBackend, KVCache]:
+        """The backend and an empty KV cache for n_ctx positions. MLX affine weights become ggml blocks first
+        (engine/weights.py: in_ggml_blocks). Under a memory budget (mem_budget, None: the memory available now) the
+        KV cache for n_ctx positions and BUDGET_MARGIN come off it, and experts that do not fit are read from the
+        file when needed (experts.py)."""
+        o = cls.check_options(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, packed_cache=packed_cache,
+                              kernels=kernels, mem_budget=mem_budget, expert_policy=expert_policy)
+        weights = in_ggml_blocks(weights)
+        c = weights.config
+        cache = KVCache(c, n_ctx, kv_type)  # pages are committed as positions fill, so this costs nothing yet
+        weight_budget, said = weight_budget_for(mem_budget, cache.bytes_per_token * n_ctx)
+        be = cls(weights, o["n_threads"], packed_cache=packed_cache, family=o["kernels"],
+                 weight_budget=weight_budget, expert_policy=o["expert_policy"])
+        if be.store is not None:
+            b = be.budget
+            print(f"mixlocal: memory budget {said}: dense weights {b['dense'] / 2**30:.2f} GiB resident, "
+                  f"{b['n_slots']} of {c.n_experts} experts per block in memory "
+                  f"({b['n_slots'] * b['slot'] * c.n_layers / 2**30:.2f} GiB), the rest read from "
+                  f"{be.store.reader.path} when needed", file=sys.stderr, flush=True)
+        return be, cache
+
     def __init__(self, weights: ModelWeights, n_threads: int, packed_cache: bool | None = None,
                  family: str | None = None, weight_budget: int | None = None, expert_policy: str = "lfru"):
-        """packed_cache: keep repacked weights in a mapped cache file (see engine/packed_cache.py); None decides
+        """packed_cache: keep repacked weights in a mapped cache file (see packed_cache.py); None decides
         by size. family: the kernel family (quant/kernels/families.py); None: $MIXLOCAL_KERNELS, else the fastest
         this CPU runs. weight_budget: bytes the weights may take in memory (None: no limit); when all experts do
         not fit, each block keeps as many as fit in slots, read from the model file on demand (experts.py), with

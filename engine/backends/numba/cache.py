@@ -20,8 +20,8 @@ import numpy as np
 from mixlocal.quant import QType
 from mixlocal.quant.quantize import quantize_fast
 
-from .config import ModelConfig
-from .errors import ContextOverflowError
+from ...config import ModelConfig
+from ...errors import ContextOverflowError
 
 __all__ = ["KV_TYPES", "KVCache", "kv_row_size"]
 
