@@ -66,7 +66,7 @@ def add_model_args(p, *, sampling: bool, n_default: int):
 
 def add_budget_args(p):
     p.add_argument("--mem-budget", default=None, metavar="SIZE", help=MEM_BUDGET_HELP)
-    p.add_argument("--expert-policy", default="lfru", choices=("lfru", "lfu", "lru"),
+    p.add_argument("--expert-policy", default=None, choices=("lfru", "lfu", "lru"),
                    help="which expert leaves memory first under --mem-budget (default lfru: least used, recently)")
 
 
