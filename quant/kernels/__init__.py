@@ -438,7 +438,7 @@ def _matmul(qtype: QType, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> N
         return
     fmt = gen.FORMAT_CODE[qtype]
     if x.shape[0] <= _FUSED_MAX_ROWS:
-        gen.matmul_rows(fmt, rows, x, out, gen.F16_TABLE, 16)
+        gen.matmul_rows(fmt, rows, x, out, 16)
         return
     blas.match_numba_threads()
     tile_rows = max(16, _TILE_FLOATS // k)
@@ -446,7 +446,7 @@ def _matmul(qtype: QType, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> N
     for r0 in range(0, n, tile_rows):
         r1 = min(n, r0 + tile_rows)
         t = tile[:r1 - r0]
-        gen.dequantize_rows(fmt, rows[r0:r1], t, gen.F16_TABLE, 16)
+        gen.dequantize_rows(fmt, rows[r0:r1], t, 16)
         out[:, r0:r1] = x @ t.T
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..f16 import f16_at, f16_bits_to_f32
 from ..iq_grids import (
     IQ1S_DELTA,
     IQ1S_GRID,
@@ -26,7 +27,7 @@ from ..iq_grids import (
 )
 from ..tensor import QType
 
-__all__ = ["F16_TABLE", "FORMAT_CODE", "dequantize_rows", "matmul_rows"]
+__all__ = ["FORMAT_CODE", "dequantize_rows", "matmul_rows"]
 
 # One integer per format so that a single compiled kernel serves all formats (the branch is per row, so it is free).
 FORMAT_CODE = {
@@ -36,16 +37,6 @@ FORMAT_CODE = {
     QType.IQ4_NL: 13, QType.IQ4_XS: 14, QType.IQ3_XXS: 15, QType.IQ3_S: 16, QType.IQ2_XXS: 17, QType.IQ2_XS: 18,
     QType.IQ2_S: 19, QType.IQ1_S: 20, QType.IQ1_M: 21,
 }
-
-# Exact half -> float for every bit pattern; numba has no float16 on the CPU and a 256 KiB table is exact and fast.
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-@njit(inline="always")
-def _h(tab, src, o):
-    """The f16 stored little-endian at src[o:o+2], as float32."""
-    return tab[np.int64(src[o]) | (np.int64(src[o + 1]) << 8)]
-
 
 @njit(inline="always")
 def _i8(v):
@@ -60,20 +51,20 @@ def _i8(v):
 # lanes wide (about 3x faster). The offsets are ggml-common.h's block layouts.
 
 @njit(inline="always")
-def _row_q8_0(src, dst, tab, n16):  # d f16 | qs int8[32]                                    (34 bytes)
+def _row_q8_0(src, dst, n16):  # d f16 | qs int8[32]                                    (34 bytes)
     for b in range(dst.shape[0] // 32):
         o = b * 34
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for j in range(2 * n16):
             dst[b * 32 + j] = d * np.float32(_i8(src[o + 2 + j]))
 
 
 @njit(inline="always")
-def _row_q4(src, dst, tab, n16, size, has_min):  # Q4_0: d | qs[16] (18);  Q4_1: d | m | qs[16] (20)
+def _row_q4(src, dst, n16, size, has_min):  # Q4_0: d | qs[16] (18);  Q4_1: d | m | qs[16] (20)
     for b in range(dst.shape[0] // 32):
         o = b * size
-        d = _h(tab, src, o)
-        m = _h(tab, src, o + 2) if has_min else np.float32(-8.0) * d
+        d = f16_at(src, o)
+        m = f16_at(src, o + 2) if has_min else np.float32(-8.0) * d
         oq = o + (4 if has_min else 2)
         for j in range(n16):
             v = np.int32(src[oq + j])
@@ -82,11 +73,11 @@ def _row_q4(src, dst, tab, n16, size, has_min):  # Q4_0: d | qs[16] (18);  Q4_1:
 
 
 @njit(inline="always")
-def _row_q5(src, dst, tab, n16, size, has_min):  # Q5_0: d | qh u32 | qs[16] (22);  Q5_1: d | m | qh u32 | qs[16] (24)
+def _row_q5(src, dst, n16, size, has_min):  # Q5_0: d | qh u32 | qs[16] (22);  Q5_1: d | m | qh u32 | qs[16] (24)
     for b in range(dst.shape[0] // 32):
         o = b * size
-        d = _h(tab, src, o)
-        m = _h(tab, src, o + 2) if has_min else np.float32(-16.0) * d
+        d = f16_at(src, o)
+        m = f16_at(src, o + 2) if has_min else np.float32(-16.0) * d
         oh = o + (4 if has_min else 2)
         qh = (np.uint32(src[oh]) | (np.uint32(src[oh + 1]) << 8)
               | (np.uint32(src[oh + 2]) << 16) | (np.uint32(src[oh + 3]) << 24))
@@ -99,11 +90,11 @@ def _row_q5(src, dst, tab, n16, size, has_min):  # Q5_0: d | qh u32 | qs[16] (22
 
 
 @njit(inline="always")
-def _row_q2_k(src, dst, tab, n16):  # scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin   (84 bytes)
+def _row_q2_k(src, dst, n16):  # scales[16] (lo 4 bits scale, hi 4 bits min) | qs[64] | d | dmin   (84 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 84
-        d = _h(tab, src, o + 80)
-        dmin = _h(tab, src, o + 82)
+        d = f16_at(src, o + 80)
+        dmin = f16_at(src, o + 82)
         for half in range(2):
             for shift in range(4):
                 for part in range(2):  # 16 values share one scale
@@ -118,10 +109,10 @@ def _row_q2_k(src, dst, tab, n16):  # scales[16] (lo 4 bits scale, hi 4 bits min
 
 
 @njit(inline="always")
-def _row_q3_k(src, dst, tab, n16):  # hmask[32] | qs[64] | scales[12] (16 x 6 bits, offset 32) | d     (110 bytes)
+def _row_q3_k(src, dst, n16):  # hmask[32] | qs[64] | scales[12] (16 x 6 bits, offset 32) | d     (110 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 110
-        d = _h(tab, src, o + 108)
+        d = f16_at(src, o + 108)
         for half in range(2):
             for shift in range(4):
                 bit = half * 4 + shift
@@ -139,13 +130,13 @@ def _row_q3_k(src, dst, tab, n16):  # hmask[32] | qs[64] | scales[12] (16 x 6 bi
 
 
 @njit(inline="always")
-def _row_q45_k(src, dst, tab, n16, five):  # Q4_K: d | dmin | scales[12] | qs[128] (144); Q5_K: ... | qh[32] | qs (176)
+def _row_q45_k(src, dst, n16, five):  # Q4_K: d | dmin | scales[12] | qs[128] (144); Q5_K: ... | qh[32] | qs (176)
     size = 176 if five else 144
     oq = 48 if five else 16
     for b in range(dst.shape[0] // 256):
         o = b * size
-        d = _h(tab, src, o)
-        dmin = _h(tab, src, o + 2)
+        d = f16_at(src, o)
+        dmin = f16_at(src, o + 2)
         for s in range(8):
             sc, mn = _scale_min_k4(src, o + 4, s)
             ds = d * np.float32(sc)
@@ -160,10 +151,10 @@ def _row_q45_k(src, dst, tab, n16, five):  # Q4_K: d | dmin | scales[12] | qs[12
 
 
 @njit(inline="always")
-def _row_q6_k(src, dst, tab, n16):  # ql[128] | qh[64] | scales int8[16] | d          (210 bytes)
+def _row_q6_k(src, dst, n16):  # ql[128] | qh[64] | scales int8[16] | d          (210 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 210
-        d = _h(tab, src, o + 208)
+        d = f16_at(src, o + 208)
         for half in range(2):
             oql = o + half * 64
             oqh = o + 128 + half * 32
@@ -203,10 +194,10 @@ def _u32le(src, o):
 
 
 @njit(inline="always")
-def _row_iq4_nl(src, dst, tab):  # d | qs[16]: low nibbles elements 0-15, high 16-31           (18 bytes)
+def _row_iq4_nl(src, dst):  # d | qs[16]: low nibbles elements 0-15, high 16-31           (18 bytes)
     for b in range(dst.shape[0] // 32):
         o = b * 18
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for j in range(16):
             v = np.int32(src[o + 2 + j])
             dst[b * 32 + j] = d * np.float32(KVALUES_IQ4NL[v & 15])
@@ -214,10 +205,10 @@ def _row_iq4_nl(src, dst, tab):  # d | qs[16]: low nibbles elements 0-15, high 1
 
 
 @njit(inline="always")
-def _row_iq4_xs(src, dst, tab):  # d | scales_h u16 | scales_l[4] | qs[128]                    (136 bytes)
+def _row_iq4_xs(src, dst):  # d | scales_h u16 | scales_l[4] | qs[128]                    (136 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 136
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         sh = _u16(src, o + 2)
         for ib in range(8):
             ls = ((np.int64(src[o + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
@@ -231,10 +222,10 @@ def _row_iq4_xs(src, dst, tab):  # d | scales_h u16 | scales_l[4] | qs[128]     
 
 
 @njit(inline="always")
-def _row_iq3_xxs(src, dst, tab):  # d | qs[64] grid indices | 8 x u32 (4 x 7 sign bits, 4-bit scale)   (98 bytes)
+def _row_iq3_xxs(src, dst):  # d | qs[64] grid indices | 8 x u32 (4 x 7 sign bits, 4-bit scale)   (98 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 98
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             aux = _u32le(src, o + 66 + 4 * ib)
             db = d * (np.float32(0.5) + np.float32(aux >> 28)) * np.float32(0.5)
@@ -249,10 +240,10 @@ def _row_iq3_xxs(src, dst, tab):  # d | qs[64] grid indices | 8 x u32 (4 x 7 sig
 
 
 @njit(inline="always")
-def _row_iq3_s(src, dst, tab):  # d | qs[64] | qh[8] (9th index bits) | signs[32] | scales[4]      (110 bytes)
+def _row_iq3_s(src, dst):  # d | qs[64] | qh[8] (9th index bits) | signs[32] | scales[4]      (110 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 110
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             sc = (np.int64(src[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15
             db = d * np.float32(1 + 2 * sc)
@@ -266,10 +257,10 @@ def _row_iq3_s(src, dst, tab):  # d | qs[64] | qh[8] (9th index bits) | signs[32
 
 
 @njit(inline="always")
-def _row_iq2_xxs(src, dst, tab):  # d | 8 x (u32 4 grid indices, u32 4 x 7 sign bits + 4-bit scale)   (66 bytes)
+def _row_iq2_xxs(src, dst):  # d | 8 x (u32 4 grid indices, u32 4 x 7 sign bits + 4-bit scale)   (66 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 66
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             aux = _u32le(src, o + 2 + 8 * ib + 4)
             db = d * (np.float32(0.5) + np.float32(aux >> 28)) * np.float32(0.25)
@@ -282,10 +273,10 @@ def _row_iq2_xxs(src, dst, tab):  # d | 8 x (u32 4 grid indices, u32 4 x 7 sign 
 
 
 @njit(inline="always")
-def _row_iq2_xs(src, dst, tab):  # d | qs u16[32] (9-bit index, 7 sign bits) | scales[8]            (74 bytes)
+def _row_iq2_xs(src, dst):  # d | qs u16[32] (9-bit index, 7 sign bits) | scales[8]            (74 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 74
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             sc = np.int64(src[o + 66 + ib])
             for l in range(4):
@@ -298,10 +289,10 @@ def _row_iq2_xs(src, dst, tab):  # d | qs u16[32] (9-bit index, 7 sign bits) | s
 
 
 @njit(inline="always")
-def _row_iq2_s(src, dst, tab):  # d | qs[32] | signs[32] | qh[8] (2 index bits each) | scales[8]  (82 bytes)
+def _row_iq2_s(src, dst):  # d | qs[32] | signs[32] | qh[8] (2 index bits each) | scales[8]  (82 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 82
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             sc = np.int64(src[o + 74 + ib])
             qh = np.int64(src[o + 66 + ib])
@@ -315,10 +306,10 @@ def _row_iq2_s(src, dst, tab):  # d | qs[32] | signs[32] | qh[8] (2 index bits e
 
 
 @njit(inline="always")
-def _row_iq1_s(src, dst, tab):  # d | qs[32] | qh u16[8] (4 x 3 index bits, 3-bit scale, delta sign)   (50 bytes)
+def _row_iq1_s(src, dst):  # d | qs[32] | qh u16[8] (4 x 3 index bits, 3-bit scale, delta sign)   (50 bytes)
     for b in range(dst.shape[0] // 256):
         o = b * 50
-        d = _h(tab, src, o)
+        d = f16_at(src, o)
         for ib in range(8):
             qh = _u16(src, o + 34 + 2 * ib)
             dl = d * np.float32(2 * ((qh >> 12) & 7) + 1)
@@ -331,12 +322,12 @@ def _row_iq1_s(src, dst, tab):  # d | qs[32] | qh u16[8] (4 x 3 index bits, 3-bi
 
 
 @njit(inline="always")
-def _row_iq1_m(src, dst, tab):  # qs[32] | qh[16] | scales u16[4] (3-bit scales; the f16 d in the top nibbles) (56)
+def _row_iq1_m(src, dst):  # qs[32] | qh[16] | scales u16[4] (3-bit scales; the f16 d in the top nibbles) (56)
     for b in range(dst.shape[0] // 256):
         o = b * 56
         s0, s1, s2, s3 = _u16(src, o + 48), _u16(src, o + 50), _u16(src, o + 52), _u16(src, o + 54)
         bits = (s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)
-        d = tab[bits]
+        d = f16_bits_to_f32(np.uint16(bits))
         for ib in range(8):
             sc = _u16(src, o + 48 + 2 * (ib // 2))
             for l in range(4):
@@ -350,7 +341,7 @@ def _row_iq1_m(src, dst, tab):  # qs[32] | qh[16] | scales u16[4] (3-bit scales;
 
 
 @njit(cache=True)
-def _decode_row(fmt, src, dst, tab, n16):
+def _decode_row(fmt, src, dst, n16):
     """Decode one row of blocks src (uint8, row_bytes) into dst (float32, cols)."""
     cols = dst.shape[0]
     if fmt == 0:  # F32
@@ -359,49 +350,49 @@ def _decode_row(fmt, src, dst, tab, n16):
             dst[k] = f[k]
     elif fmt == 1:  # F16
         for k in range(cols):
-            dst[k] = _h(tab, src, 2 * k)
+            dst[k] = f16_at(src, 2 * k)
     elif fmt == 2:  # BF16: the high half of an f32
         u = dst.view(np.uint32)
         for k in range(cols):
             u[k] = (np.uint32(src[2 * k]) << 16) | (np.uint32(src[2 * k + 1]) << 24)
     elif fmt == 3:
-        _row_q8_0(src, dst, tab, n16)
+        _row_q8_0(src, dst, n16)
     elif fmt == 4:
-        _row_q4(src, dst, tab, n16, 18, False)
+        _row_q4(src, dst, n16, 18, False)
     elif fmt == 5:
-        _row_q4(src, dst, tab, n16, 20, True)
+        _row_q4(src, dst, n16, 20, True)
     elif fmt == 6:
-        _row_q5(src, dst, tab, n16, 22, False)
+        _row_q5(src, dst, n16, 22, False)
     elif fmt == 7:
-        _row_q5(src, dst, tab, n16, 24, True)
+        _row_q5(src, dst, n16, 24, True)
     elif fmt == 8:
-        _row_q2_k(src, dst, tab, n16)
+        _row_q2_k(src, dst, n16)
     elif fmt == 9:
-        _row_q3_k(src, dst, tab, n16)
+        _row_q3_k(src, dst, n16)
     elif fmt == 10:
-        _row_q45_k(src, dst, tab, n16, False)
+        _row_q45_k(src, dst, n16, False)
     elif fmt == 11:
-        _row_q45_k(src, dst, tab, n16, True)
+        _row_q45_k(src, dst, n16, True)
     elif fmt == 12:
-        _row_q6_k(src, dst, tab, n16)
+        _row_q6_k(src, dst, n16)
     elif fmt == 13:
-        _row_iq4_nl(src, dst, tab)
+        _row_iq4_nl(src, dst)
     elif fmt == 14:
-        _row_iq4_xs(src, dst, tab)
+        _row_iq4_xs(src, dst)
     elif fmt == 15:
-        _row_iq3_xxs(src, dst, tab)
+        _row_iq3_xxs(src, dst)
     elif fmt == 16:
-        _row_iq3_s(src, dst, tab)
+        _row_iq3_s(src, dst)
     elif fmt == 17:
-        _row_iq2_xxs(src, dst, tab)
+        _row_iq2_xxs(src, dst)
     elif fmt == 18:
-        _row_iq2_xs(src, dst, tab)
+        _row_iq2_xs(src, dst)
     elif fmt == 19:
-        _row_iq2_s(src, dst, tab)
+        _row_iq2_s(src, dst)
     elif fmt == 20:
-        _row_iq1_s(src, dst, tab)
+        _row_iq1_s(src, dst)
     elif fmt == 21:
-        _row_iq1_m(src, dst, tab)
+        _row_iq1_m(src, dst)
 
 
 @njit(inline="always")
@@ -415,12 +406,12 @@ def _scale_min_k4(src, o, s):
 
 
 @njit(parallel=True, cache=True)
-def dequantize_rows(fmt, rows, dst, tab, n16):
+def dequantize_rows(fmt, rows, dst, n16):
     """Decode rows (uint8, (n, row_bytes)) into dst (float32, (n, cols)), rows split across threads.
 
     n16 must be 16; it is an argument only so that LLVM sees a run-time trip count (see the decoders)."""
     for r in prange(rows.shape[0]):
-        _decode_row(fmt, rows[r], dst[r], tab, n16)
+        _decode_row(fmt, rows[r], dst[r], n16)
 
 
 # Rows per parallel task: enough to amortise the task, few enough to balance 14336 / 4096 rows over the threads.
@@ -428,7 +419,7 @@ _ROWS_PER_TASK = 16
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def matmul_rows(fmt, rows, x, out, tab, n16):
+def matmul_rows(fmt, rows, x, out, n16):
     """out[t, r] = dot(decoded row r, x[t]) for rows (uint8 (N, row_bytes)), x (T, K) float32, out (T, N).
 
     Each row is decoded once into a per-task buffer and then used for all T activation rows, so this is meant for
@@ -441,7 +432,7 @@ def matmul_rows(fmt, rows, x, out, tab, n16):
         buf = np.empty(k, np.float32)
         r1 = min(n, (task + 1) * _ROWS_PER_TASK)
         for r in range(task * _ROWS_PER_TASK, r1):
-            _decode_row(fmt, rows[r], buf, tab, n16)
+            _decode_row(fmt, rows[r], buf, n16)
             for t in range(t_count):
                 xt = x[t]
                 s = np.float32(0.0)

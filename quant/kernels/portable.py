@@ -20,10 +20,12 @@ Shapes are checked by the caller (quant/kernels.py) before anything here runs.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core.errors import TypingError
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from ..f16 import HALVES_WIDTH
+from ..f16 import (
+    halves_to_float as _halves_to_float,  # the name quads.py and the IQ kernels import from here
+)
 
 __all__ = [
     "ROWS",
@@ -41,6 +43,7 @@ __all__ = [
 
 # Rows per interleaved group: 4 vectors of 16 int16 lanes; the last group of a matrix is padded with zero rows.
 ROWS = 64
+assert ROWS == HALVES_WIDTH  # a group's f16 scales convert in one vector (quant/f16.py: halves_to_float)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,31 +131,6 @@ def _store_group(out, accf, g, m0, m1, n_rows):
     for m in range(m0, m1):
         for r in range(r_end):
             out[m, g * ROWS + r] = accf[m - m0, r]
-
-
-@intrinsic
-def _halves_to_float(typingctx, h, dst):
-    """ROWS float16 bit patterns (C-contiguous uint16) -> ROWS float32, exactly (LLVM's fpext: vcvtph2ps on x86).
-
-    Not the exponent-rebias trick: for f16 subnormals (|d| < 6.1e-5, which Q4_K super-block scales can be) it makes
-    f32 denormals, and Intel cores take a microcode assist of about 100 cycles per denormal multiply, enough to slow
-    a whole K-quant decode down.
-    """
-    for ty in (h, dst):
-        if not isinstance(ty, types.Array) or ty.layout != "C" or ty.ndim != 1:
-            raise TypingError(f"_halves_to_float needs 1-D C-contiguous arrays, got {ty}")
-    sig = types.void(h, dst)
-
-    def codegen(context, builder, signature, args):
-        src = context.make_array(signature.args[0])(context, builder, args[0])
-        out = context.make_array(signature.args[1])(context, builder, args[1])
-        halves = ir.VectorType(ir.HalfType(), ROWS)
-        floats = ir.VectorType(ir.FloatType(), ROWS)
-        v = builder.load(builder.bitcast(src.data, halves.as_pointer()), align=2)
-        builder.store(builder.fpext(v, floats), builder.bitcast(out.data, floats.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(inline="always")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
-from mixlocal.quant import QType
+from mixlocal.quant import QType, block_size, type_size
 from mixlocal.quant.quantize import quantize_fast
 
 from ...config import ModelConfig
@@ -27,7 +27,7 @@ __all__ = ["KV_TYPES", "KVCache", "kv_row_size"]
 
 KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.uint8}  # format -> storage dtype
 
-_Q8_0_BLOCK, _Q8_0_BYTES = 32, 34
+_Q8_0_BLOCK, _Q8_0_BYTES = block_size(QType.Q8_0), type_size(QType.Q8_0)  # 32 values in 34 bytes
 
 
 def kv_row_size(kv_type: str, head_dim: int) -> int:

@@ -9,6 +9,8 @@ import math
 import numba
 import numpy as np
 from llvmlite import ir
+from mixlocal.quant import QType, block_size, type_size
+from mixlocal.quant.f16 import f16_bits_to_f32, f32_to_f16_bits
 from mixlocal.quant.kernels import SERIAL_MAX_MACS, serial_below
 from mixlocal.quant.kernels.activations import quantize_q8_k_row
 from mixlocal.quant.kernels.portable import _quantize_row
@@ -33,8 +35,8 @@ KEY_BLOCK = 128       # keys decoded and scored together; with QUERY_BLOCK it bo
 QUERY_BLOCK = 16      # queries of one job: they share each decoded key block, so K/V are read once per 16 queries
 TILE = 4              # the score and value products work on 4 rows x 4 keys held in registers
 JOBS_PER_THREAD = 4   # below this many (KV head, query block) jobs per thread the key range is split (decode)
-Q8_0_BLOCK = 32       # ggml Q8_0: 32 values share one float16 scale ...
-Q8_0_BLOCK_BYTES = 34  # ... stored first: 2 bytes of scale, then 32 int8
+# ggml Q8_0 (the q8_0 KV cache): 32 values share one float16 scale, stored first, then 32 int8 (34 bytes)
+Q8_0_BLOCK, Q8_0_BLOCK_BYTES = block_size(QType.Q8_0), type_size(QType.Q8_0)
 
 # fastmath without nnan/ninf: masked scores are -inf and must stay -inf. reassoc lets LLVM vectorise the sums.
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
@@ -126,20 +128,8 @@ def _silu_mul(g, u):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Bit-level helpers. LLVM's own conversions: exact, and they vectorise (vcvtph2ps on x86 with F16C, fcvt on ARM),
-# where a 64K-entry lookup table is a gather per element.
+# Bit-level helpers (float16 ones are quant/f16.py's).
 # ----------------------------------------------------------------------------------------------------------------------
-
-@intrinsic
-def f16_bits_to_f32(typingctx, bits):
-    """The float32 value of a float16 stored as its uint16 bit pattern (numba has no float16 arrays)."""
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
-
 
 @intrinsic
 def _f32_from_bits(typingctx, bits):
@@ -528,17 +518,6 @@ def set_threads(n: int) -> None:
 # would bind them statically, numba's cache cannot keep a caller of a parallel function, and it would not see a
 # change in the kernels' files (nor the kernel family chosen at load).
 # ----------------------------------------------------------------------------------------------------------------------
-
-@intrinsic
-def f32_to_f16_bits(typingctx, x):
-    """The uint16 bit pattern of float32 x rounded to float16 (nearest even, as numpy's astype(float16))."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(types.float32), codegen
-
 
 def _store_kv_row(src, dst):  # pragma: no cover - replaced by the overload below inside numba
     raise NotImplementedError
