@@ -113,8 +113,10 @@ def _act(rows: int, width: int) -> tuple:
 class DecodeState:
     """Buffers of the one-token decode step, allocated once per backend (llama2.c's RunState)."""
 
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, tok_embd):
         d, a, f = c.dim, c.n_experts_used, c.ffn_dim
+        self.embd_rows = tok_embd.rows_view()                        # (V, row bytes) the embedding table, as stored
+        self.embd_row = np.zeros((1, self.embd_rows.shape[1]), self.embd_rows.dtype)  # the token's row, gathered
         self.x = np.zeros((1, d), np.float32)                        # (1, D) residual stream
         self.h = np.zeros((1, d), np.float32)                        # (1, D) rmsnorm(x)
         self.q = np.zeros((1, c.n_heads, c.head_dim), np.float32)    # (1, H, Dh)
@@ -137,6 +139,7 @@ class DecodeState:
         self.probs = np.zeros(c.n_experts, np.float64)               # (E,) router softmax
         self.ids = np.zeros(a, np.int64)                             # (A,) chosen experts, most probable first
         self.wts = np.zeros(a, np.float32)                           # (A,) their renormalised weights
+        self.guess = np.zeros(c.n_experts, np.float32)               # (E,) next block's router (memory budget)
         self.attention = ops.DecodeAttention(c.n_heads, c.n_kv_heads, c.head_dim)  # and its workspaces
 
 
@@ -309,7 +312,7 @@ class NumbaCPUBackend:
         c = self.config
         if c.n_experts_used >= 4:
             return None
-        st = DecodeState(c)
+        st = DecodeState(c, self.w.tok_embd)
         one, runs = (st.one_start, st.one_expert), (st.run_start, st.run_expert)
         blocks = []
         for m in self.mats:
@@ -374,7 +377,10 @@ class NumbaCPUBackend:
         n_threads = numba.get_num_threads()
         threads = [n_threads]  # the count set now: switched only when a product's size calls for another
         x = st.x
-        x[:] = self.embed(tokens)
+        if not 0 <= tokens[0] < st.embd_rows.shape[0]:  # np.take below clips instead of raising
+            raise IndexError(f"token id {tokens[0]} outside the vocabulary of {st.embd_rows.shape[0]}")
+        np.take(st.embd_rows, tokens, axis=0, out=st.embd_row, mode="clip")  # embed(), without its copies
+        x[:] = formats.dequantize(self.w.tok_embd.qtype, st.embd_row)
         for li, (b, lw) in enumerate(zip(blocks, self.w.layers)):
             ops.decode_pre_attention(x, st.y, st.ids, st.wts, st.run_expert, li > 0, lw.attn_norm, c.norm_eps,
                                      st.h, st.act_h, b["wq"][2] | b["wk"][2] | b["wv"][2])
@@ -395,7 +401,7 @@ class NumbaCPUBackend:
             _product(b["w2"], threads, n_threads)
         cache.advance(1)
         ops.decode_pre_head(x, st.y, st.ids, st.wts, st.run_expert, self.w.norm, c.norm_eps, st.act_head, head[2])
-        logits = np.empty((1, c.vocab_size), np.float32)
+        logits = np.empty((1, c.vocab_size), np.float32)  # the caller keeps each step's logits: a fresh array
         _product(head, threads, n_threads, logits)
         if threads[0] != n_threads:
             numba.set_num_threads(n_threads)
@@ -406,7 +412,7 @@ class NumbaCPUBackend:
         this block's experts resident and switch the step's expert ids to their slots."""
         store, c = self.store, self.config
         if li + 1 < c.n_layers:
-            guess = self.w.layers[li + 1].router @ st.h[0]
+            guess = np.matmul(self.w.layers[li + 1].router, st.h[0], out=st.guess)
             store.prefetch(li + 1, np.argsort(-guess)[:c.n_experts_used])
         slots = store.ensure(li, st.ids)
         st.ids[:] = slots
