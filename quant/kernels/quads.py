@@ -25,6 +25,9 @@ family has its own trick for that (signed_dot). Every sum stays far inside int32
 
 Shapes are checked by the caller (quant/kernels/__init__.py) before anything here runs; an intrinsic that reads past
 a buffer kills the process.
+
+One file of about 900 lines because numba caches a kernel by its own file only: the intrinsics, the packers that fix
+the layout they read, and the run kernels that inline them must change together for a change to recompile them.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ block's `ensure` repacks them when they are really needed (a wrong guess costs o
 
 The pools are ordinary stacked weights with n_slots experts, so the kernels run on them unchanged with slot ids in
 place of expert ids: the logits equal the unbudgeted engine's exactly.
+
+A little over 500 lines in one file because its three parts (eviction policies, the reader, the slot store) are
+one mechanism with one user, ExpertStore, and no other code reads the reader or the policies.
 """
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
 """numba kernels for the parts of the forward pass that are not weight products: RMSNorm, RoPE, attention.
 
 Shapes use T tokens, H query heads, Hkv KV heads, G = H / Hkv query heads per KV head, Dh head width.
+
+Over 500 lines and one file for now: the T-token ops, routing and the one-token decode steps share the compiled row
+helpers and fastmath flags that make a decode step's logits equal forward()'s bit for bit; attention (cache-row
+decoding, blocked products, plan, workspaces, DecodeAttention) is the seam to split along next, once the tests and
+benches that patch `ops.attention` and `ops._workspace` patch that module instead.
 """
 from __future__ import annotations
 
