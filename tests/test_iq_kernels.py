@@ -29,7 +29,7 @@ from test_kernels import assert_matches
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL]
+IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS]
 
 
 def iq_raw(qtype: QType, shape: tuple[int, ...], rng: np.random.Generator, scale=None) -> np.ndarray:
@@ -47,7 +47,7 @@ def weight_of(qtype: QType, raw: np.ndarray, shape: tuple[int, ...]) -> tuple[QT
 
 
 def cols(qtype: QType) -> int:
-    return 512 if qtype == QType.IQ4_XS else 160  # several (super-)blocks, 160 not a power of two
+    return 160 if qtype == QType.IQ4_NL else 512  # several (super-)blocks, 160 not a power of two
 
 
 def family_or_skip(family: str) -> None:
@@ -66,11 +66,13 @@ def test_iq4_formats_have_packed_layouts_in_every_family():
     for family in kernels.FAMILIES:
         assert set(IQ_PACKED) <= kernels.packed_types(family)
         assert {q.name for q in IQ_PACKED} <= set(kernels._RUNS[family])
-    for qtype in IQ_PACKED:  # the packed arrays keep about the file's size (IQ4_XS: 138 bytes per 256 for 136)
+    # the packed arrays keep about the file's size: bytes per (super-)block, packed against the file's
+    most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98)}
+    for qtype in IQ_PACKED:
         for layout in ("quads", "rows"):
             n_bytes = sum(int(np.prod(s)) * dt.itemsize for s, dt in kernels.packed_shapes(qtype, 1, 64, 512, layout))
             file_bytes = 64 * 512 // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1]
-            assert file_bytes <= n_bytes <= file_bytes * 138 // 136
+            assert file_bytes <= n_bytes <= file_bytes * most[qtype][0] // most[qtype][1], (qtype.name, layout)
 
 
 @pytest.mark.parametrize("family", kernels.FAMILIES)
@@ -84,7 +86,7 @@ def test_every_family_matches_reference(qtype, family):
     w, ref = weight_of(qtype, iq_raw(qtype, (n_exp, n, k), rng), (n_exp, n, k))
     p = kernels.prepare(w, family=family)
     assert isinstance(p, kernels.PackedWeight) and p.family == family
-    want_act = QType.Q8_K if qtype == QType.IQ4_XS and family != "portable" else QType.Q8_0
+    want_act = QType.Q8_K if qtype != QType.IQ4_NL and family != "portable" else QType.Q8_0
     assert kernels.activation_type(p) == want_act  # llama.cpp's rounding for the format
     for t in (1, 2, 40):
         check_experts(p, ref, rng.standard_normal((t, k)).astype(np.float32), rng.integers(0, n_exp, t),
@@ -97,7 +99,8 @@ def test_every_family_matches_reference(qtype, family):
 @pytest.mark.parametrize("family", kernels.FAMILIES)
 @pytest.mark.parametrize("qtype", IQ_PACKED, ids=lambda q: q.name)
 def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
-    """Every code at the codebook's ends (-127 and 113), every IQ4_XS sub-block scale at -32 or 31, activations at
+    """Every code at the codebook's ends (-127 and 113; IQ3_XXS: grid entry 0 with scale 1 and all signs +, entry 255
+    with scale 31 and all signs -), every IQ4_XS sub-block scale at -32 or 31, activations at
     full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""
     family_or_skip(family)
     n_exp, n, k = 2, 64, cols(qtype)
@@ -179,9 +182,10 @@ _CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("family", ["avx2", "avxvnni"])
-def test_256_bit_families_run_without_avx512(family):
+def test_256_bit_families_run_without_avx512(family, tmp_path):
     family_or_skip(family)
-    env = {**os.environ, **families.emulation_env(family), "PYTHONPATH": str(ROOT)}
+    # a fresh numba cache: kernels loaded from a cache have no assembly to inspect
+    env = {**os.environ, **families.emulation_env(family), "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path)}
     env.pop("NUMBA_DISABLE_JIT", None)
     out = subprocess.run([sys.executable, "-c", _CHILD, family], check=False, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)

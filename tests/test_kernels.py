@@ -190,7 +190,7 @@ def test_prepare_can_place_packed_arrays_in_a_mapped_file(tmp_path):
 
 
 # gguf-py has no quantizer for the IQ formats: their packed kernels are tested on random blocks in test_iq_kernels.py
-_IQ = frozenset({QType.IQ4_XS, QType.IQ4_NL})
+_IQ = frozenset({QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS})
 
 
 @pytest.mark.parametrize("qtype", sorted(kernels.packed_types("portable") - _IQ, key=lambda q: q.name),

@@ -34,7 +34,17 @@ import numpy as np
 
 from ..tensor import QStack, QTensor, QType, nbytes_for
 from . import activations as act
-from . import avx2, avx512vnni, avxvnni, blas, families, iq_portable, iq_quads, quads
+from . import (
+    avx2,
+    avx512vnni,
+    avxvnni,
+    blas,
+    families,
+    iq_grid_quads,
+    iq_portable,
+    iq_quads,
+    quads,
+)
 from . import generic as gen
 from . import portable as pk
 from .families import FAMILIES, KernelFamilyError
@@ -101,20 +111,21 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 4
+PACK_LAYOUT_VERSION = 5
 
 host_families = families.host_families
 resolve_family = families.resolve
 
 # The integer families' kernels by format: (decode, prefill). They share the quads layout; portable has its own.
-_RUNS = {"avx512vnni": {**avx512vnni.RUNS, **iq_quads.make_iq_runs(avx512vnni.KEY)},
-         "avxvnni": {**avxvnni.RUNS, **iq_quads.make_iq_runs(avxvnni.KEY)},
-         "avx2": {**avx2.RUNS, **iq_quads.make_iq_runs(avx2.KEY)},
-         "portable": {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
-                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2}}
+# (the IQ formats' kernels come from iq_quads.py and iq_grid_quads.py, built for each integer family)
+_RUNS = {name: {**fam.RUNS, **iq_quads.make_iq_runs(fam.KEY), **iq_grid_quads.make_grid_runs(fam.KEY)}
+         for name, fam in (("avx512vnni", avx512vnni), ("avxvnni", avxvnni), ("avx2", avx2))}
+_RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
+                     "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2,
+                     "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
-                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL}),
-                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL})}
+                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS}),
+                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS})}
 
 
 def layout_of(family: str) -> str:
@@ -175,6 +186,11 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
     if qtype == QType.IQ4_XS:  # iq_quads.py, iq_portable.py
         codes = (n_exp, g, k // 256, 4, 8, 4, 16, 4) if quads_ else (n_exp, g, k // 256, 128, rows)
         return [(codes, u8), ((n_exp, g, k // 256, 8, rows), np.dtype(np.int8)), ((n_exp, g, k // 256, rows), u16)]
+    if qtype == QType.IQ3_XXS:  # iq_grid_quads.py, iq_portable.py
+        if not quads_:
+            return [((n_exp, g, k // 256, 96, rows), u8), ((n_exp, g, k // 256, rows), u16)]
+        return [((n_exp, g, k // 256, 4, 24, 16, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
+                ((n_exp, g, k // 256, rows), u16)]
     if qtype in (QType.Q4_0, QType.IQ4_NL):
         codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
@@ -198,9 +214,10 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
 _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q2_K: quads.pack_q2_k,
                       QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
                       QType.Q6_K: quads.pack_q6_k, QType.IQ4_XS: iq_quads.pack_iq4_xs,
-                      QType.IQ4_NL: iq_quads.pack_iq4_nl},
+                      QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
-                     QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl}}
+                     QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
+                     QType.IQ3_XXS: iq_portable.pack_iq3_xxs}}
 
 
 def packer(qtype: QType, layout: str):
@@ -471,6 +488,6 @@ def activation_type(w) -> QType | None:
     256, as llama.cpp does for K-quants: activations.py) or None (x stays float)."""
     if not isinstance(w, PackedWeight):
         return None
-    if w.layout == "quads" and (w.qtype in _K_TYPES or w.qtype == QType.IQ4_XS):
+    if w.layout == "quads" and (w.qtype in _K_TYPES or w.qtype in (QType.IQ4_XS, QType.IQ3_XXS)):
         return QType.Q8_K
     return QType.Q8_0
