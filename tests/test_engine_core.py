@@ -231,7 +231,7 @@ def test_text_continuation_decodes_as_one_with_its_prompt(llm):
 def test_openmp_threads_spin_briefly_unless_the_user_chose(user_env):
     """Long-spinning OpenMP team threads would hold the cores that BLAS threads (and everyone else) need between
     kernels; the backend bounds libgomp's spinning before numba loads it, and leaves a user's choice alone."""
-    code = ("import os, engine; engine.load(n_ctx=64, n_threads=2); "
+    code = ("import os; from mixlocal import engine; engine.load(n_ctx=64, n_threads=2); "
             "from numba.np.ufunc import parallel; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), parallel._is_initialized)")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

@@ -175,7 +175,8 @@ def test_io_thread_stops_on_close(full):
 def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
     budget = budget_for(full, 2)
     script = textwrap.dedent(f"""
-        import sys, engine
+        import sys
+        from mixlocal import engine
         llm = engine.load(n_ctx={N_CTX}, kv_type="f32", mem_budget={budget})
         print("loaded", flush=True)
         try:
