@@ -17,7 +17,13 @@ from numba import njit, prange
 
 from .formats import QK_K
 from .quantize_common import _f32, _nearest_int, _put_f16
-from .quantize_k import _make_qx_quants_w, _pack_2bit
+from .quantize_k import (
+    _finish_q6_k_block,
+    _make_qx_quants_w,
+    _pack_2bit,
+    _pack_q4_k_codes,
+    _pack_q5_k_codes,
+)
 from .tensor import QType
 
 __all__ = ["WEIGHTED_DRIVERS"]
@@ -320,33 +326,12 @@ def _row_k45_w(x, qw, out, nmax, block_bytes):
 
 @njit
 def _row_q4_k_w(x, qw, out):
-    L = _row_k45_w(x, qw, out, 15, 144)
-    for b in range(L.shape[0]):
-        qo = b * 144 + 16
-        for k in range(4):
-            for l in range(32):
-                out[qo + 32 * k + l] = L[b, 64 * k + l] | (L[b, 64 * k + 32 + l] << 4)
+    _pack_q4_k_codes(_row_k45_w(x, qw, out, 15, 144), out)
 
 
 @njit
 def _row_q5_k_w(x, qw, out):
-    L = _row_k45_w(x, qw, out, 31, 176)
-    for b in range(L.shape[0]):
-        ho = b * 176 + 16
-        qo = ho + 32
-        for l in range(32):
-            out[ho + l] = 0
-        for k in range(4):
-            for l in range(32):
-                l1 = L[b, 64 * k + l]
-                l2 = L[b, 64 * k + 32 + l]
-                if l1 > 15:
-                    l1 -= 16
-                    out[ho + l] |= 1 << (2 * k)
-                if l2 > 15:
-                    l2 -= 16
-                    out[ho + l] |= 2 << (2 * k)
-                out[qo + 32 * k + l] = l1 | (l2 << 4)
+    _pack_q5_k_codes(_row_k45_w(x, qw, out, 31, 176), out)
 
 
 @njit
@@ -368,25 +353,8 @@ def _row_q6_k_w(x, qw, out):
         if max_abs < _f32(1e-15):
             for k in range(210):
                 out[o + k] = 0
-            continue
-        iscale = _f32(-128) / max_scale
-        d = _put_f16(out, o + 208, _f32(1) / iscale, sf, su)
-        for j in range(16):
-            out[o + 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
-        for j in range(16):
-            sc = ((np.int64(out[o + 192 + j]) + 128) & 0xFF) - 128  # int8_t
-            dd = d * _f32(sc)
-            if dd == 0:
-                continue
-            for i in range(16):
-                L[16 * j + i] = max(-32, min(31, _nearest_int(x[xo + 16 * j + i] / dd))) + 32
-        for h in range(2):
-            for l in range(32):
-                e = 128 * h + l
-                out[o + 64 * h + l] = (L[e] & 0xF) | ((L[e + 64] & 0xF) << 4)
-                out[o + 64 * h + 32 + l] = (L[e + 32] & 0xF) | ((L[e + 96] & 0xF) << 4)
-                out[o + 128 + 32 * h + l] = ((L[e] >> 4) | ((L[e + 32] >> 4) << 2) | ((L[e + 64] >> 4) << 4)
-                                             | ((L[e + 96] >> 4) << 6))
+        else:
+            _finish_q6_k_block(x, xo, out, o, scales, max_scale, L, sf, su)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -369,9 +369,9 @@ def _row_k4(x, out, nmax, rmin, rdelta, nstep, block_bytes):
     return L
 
 
-@njit
-def _row_q4_k(x, out):
-    L = _row_k4(x, out, 15, _f32(-1.0), _f32(0.1), 20, 144)
+@njit(inline="always")
+def _pack_q4_k_codes(L, out):
+    """Q4_K's 4-bit codes (per super-block, from _row_k4 or the weighted search) into their 128 bytes."""
     for b in range(L.shape[0]):
         qo = b * 144 + 16
         for k in range(4):
@@ -379,9 +379,9 @@ def _row_q4_k(x, out):
                 out[qo + 32 * k + l] = L[b, 64 * k + l] | (L[b, 64 * k + 32 + l] << 4)
 
 
-@njit
-def _row_q5_k(x, out):
-    L = _row_k4(x, out, 31, _f32(-0.5), _f32(0.1), 15, 176)
+@njit(inline="always")
+def _pack_q5_k_codes(L, out):
+    """Q5_K's 5-bit codes: the low nibbles as Q4_K's, the fifth bits in the 32 qh bytes before them."""
     for b in range(L.shape[0]):
         ho = b * 176 + 16
         qo = ho + 32
@@ -398,6 +398,40 @@ def _row_q5_k(x, out):
                     l2 -= 16
                     out[ho + l] |= 2 << (2 * k)
                 out[qo + 32 * k + l] = l1 | (l2 << 4)
+
+
+@njit(inline="always")
+def _finish_q6_k_block(x, xo, out, o, scales, max_scale, L, sf, su):
+    """One Q6_K super-block from its 16 sub-block scales (found by either search): the int8 scales, d, the codes
+    re-rounded against the stored scales, and their ql/qh bytes."""
+    iscale = _f32(-128) / max_scale
+    d = _put_f16(out, o + 208, _f32(1) / iscale, sf, su)
+    for j in range(16):
+        out[o + 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
+    for j in range(16):
+        sc = ((np.int64(out[o + 192 + j]) + 128) & 0xFF) - 128  # int8_t
+        dd = d * _f32(sc)
+        if dd == 0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = max(-32, min(31, _nearest_int(x[xo + 16 * j + i] / dd))) + 32
+    for h in range(2):
+        for l in range(32):
+            e = 128 * h + l
+            out[o + 64 * h + l] = (L[e] & 0xF) | ((L[e + 64] & 0xF) << 4)
+            out[o + 64 * h + 32 + l] = (L[e + 32] & 0xF) | ((L[e + 96] & 0xF) << 4)
+            out[o + 128 + 32 * h + l] = ((L[e] >> 4) | ((L[e + 32] >> 4) << 2) | ((L[e + 64] >> 4) << 4)
+                                         | ((L[e + 96] >> 4) << 6))
+
+
+@njit
+def _row_q4_k(x, out):
+    _pack_q4_k_codes(_row_k4(x, out, 15, _f32(-1.0), _f32(0.1), 20, 144), out)
+
+
+@njit
+def _row_q5_k(x, out):
+    _pack_q5_k_codes(_row_k4(x, out, 31, _f32(-0.5), _f32(0.1), 15, 176), out)
 
 
 @njit
@@ -418,25 +452,8 @@ def _row_q6_k(x, out):
         if max_abs < _f32(1e-15):
             for k in range(210):
                 out[o + k] = 0
-            continue
-        iscale = _f32(-128) / max_scale
-        d = _put_f16(out, o + 208, _f32(1) / iscale, sf, su)
-        for j in range(16):
-            out[o + 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
-        for j in range(16):
-            sc = ((np.int64(out[o + 192 + j]) + 128) & 0xFF) - 128  # int8_t
-            dd = d * _f32(sc)
-            if dd == 0:
-                continue
-            for i in range(16):
-                L[16 * j + i] = max(-32, min(31, _nearest_int(x[xo + 16 * j + i] / dd))) + 32
-        for h in range(2):
-            for l in range(32):
-                e = 128 * h + l
-                out[o + 64 * h + l] = (L[e] & 0xF) | ((L[e + 64] & 0xF) << 4)
-                out[o + 64 * h + 32 + l] = (L[e + 32] & 0xF) | ((L[e + 96] & 0xF) << 4)
-                out[o + 128 + 32 * h + l] = ((L[e] >> 4) | ((L[e + 32] >> 4) << 2) | ((L[e + 64] >> 4) << 4)
-                                             | ((L[e + 96] >> 4) << 6))
+        else:
+            _finish_q6_k_block(x, xo, out, o, scales, max_scale, L, sf, su)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
