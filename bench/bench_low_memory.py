@@ -111,10 +111,9 @@ def _worker(args) -> dict:
         out["budget"] = {k: v for k, v in llm.backend.budget.items()}
         if store is not None:
             s = store.stats
-            out["experts"] = {"n_slots": store.n_slots, "hit_rate": round(s.hit_rate, 4), "misses": s.misses,
-                              "prefetched": s.prefetched, "prefetch_used": s.prefetch_used,
-                              "wait_s": round(s.wait_s, 3), "copy_s": round(s.copy_s, 3),
-                              "repack": store.repack}
+            out["experts"] = {"slots_per_block": list(store.slots_per_block), "hit_rate": round(s.hit_rate, 4),
+                              "misses": s.misses, "prefetched": s.prefetched, "prefetch_used": s.prefetch_used,
+                              "wait_s": round(s.wait_s, 3), "repack": store.repack}
         llm.close()
     return out
 

@@ -35,8 +35,8 @@ def budget_for(llm, n_slots: int) -> int:
     b = llm.backend.budget
     kv = llm.cache.bytes_per_token * N_CTX
     layer = {m: getattr(llm.backend.w.layers[0], m) for m in ("w1", "w3", "w2")}
-    staging = ExpertStore.staging_bytes(b["slot"], ExpertStore.largest_read(layer, llm.backend.kernels))
-    return b["dense"] + staging + n_slots * b["slot"] * llm.config.n_layers + kv + BUDGET_MARGIN + 1
+    io = ExpertStore.io_bytes(ExpertStore.largest_read(layer, llm.backend.kernels))
+    return b["dense"] + io + n_slots * b["slot"] * llm.config.n_layers + kv + BUDGET_MARGIN + 1
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,54 @@ def test_budgeted_logits_equal_unbudgeted(full, n_slots):
             # the prompt's tokens use more experts per block than there are slots: experts were evicted
             assert s.misses > n_slots * llm.config.n_layers
         assert 0 <= s.prefetch_used <= s.prefetched
+
+
+def test_leftover_budget_gives_some_blocks_one_more_slot(full):
+    """A budget between two whole slot counts is not wasted: the first blocks get one slot more, and the logits stay
+    exact."""
+    ids = prompt(full)
+    full.reset()
+    want = full.eval(ids)
+    want_steps = [full.eval([t]) for t in ids[:6]]
+    budget = budget_for(full, 3) + 2 * full.backend.budget["slot"]
+    with engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget) as llm:
+        store = llm.backend.store
+        assert list(store.slots_per_block) == [4, 4] + [3] * (llm.config.n_layers - 2)
+        assert [p["w1"].shape[0] for p in store.pools] == list(store.slots_per_block)
+        assert store.describe_slots() == "3-4"
+        assert llm.backend.budget["resident_experts"] == sum(store.slots_per_block) * llm.backend.budget["slot"]
+        assert np.array_equal(llm.eval(ids), want)
+        for t, w in zip(ids[:6], want_steps):
+            assert np.array_equal(llm.eval([t]), w)
+        assert store.stats.prefetched > 0  # decode guessed, and read the guesses straight into slots
+
+
+def test_blocks_with_larger_experts_cost_more_per_slot(tmp_path):
+    """A mix whose blocks carry different expert types (q4_k_m gives some blocks' ffn_down more bits): the budget
+    prices each block's slots at its own size, the pools take each block's own shapes, and the logits stay exact."""
+    from mixlocal.engine.export import write_gguf
+    from mixlocal.engine.loader import open_source
+    _, weights, tokenizer, _ = open_source(None)
+    path = write_gguf(weights, tokenizer, tmp_path / "mix.gguf", level="q4_k_m")
+    ref = engine.load(path, n_ctx=N_CTX, kv_type="f32")
+    sizes = {ExpertStore.slot_bytes({m: getattr(lw, m) for m in ("w1", "w3", "w2")}, ref.backend.kernels)
+             for lw in ref.backend.w.layers}
+    assert len(sizes) > 1, "the mix should give blocks different expert sizes"
+    ids = prompt(ref)
+    want = ref.eval(ids)
+    # three slots of the largest block's size per block, and room for one more in the two blocks of smallest slots
+    budget = budget_for(ref, 3) + 2 * min(sizes) - ref.config.n_layers * (max(sizes) - min(sizes)) + 1
+    with engine.load(path, n_ctx=N_CTX, kv_type="f32", mem_budget=budget) as llm:
+        b, store = llm.backend.budget, llm.backend.store
+        size_of = [ExpertStore.slot_bytes({m: getattr(lw, m) for m in ("w1", "w3", "w2")}, llm.backend.kernels)
+                   for lw in llm.backend.w.layers]
+        assert b["resident_experts"] == sum(n * z for n, z in zip(store.slots_per_block, size_of))
+        assert b["resident_experts"] + b["dense"] + b["io"] <= b["budget"]
+        assert b["budget"] - b["resident_experts"] - b["dense"] - b["io"] < min(sizes)  # nothing left unused
+        assert min(store.slots_per_block) >= 3 and max(store.slots_per_block) > min(store.slots_per_block)
+        assert store.nbytes == b["resident_experts"] + b["io"]
+        assert np.array_equal(llm.eval(ids), want)
+        assert store.stats.misses > 0
 
 
 def test_budget_reads_experts_already_packed_from_the_cache_file(full, tmp_path, monkeypatch):
@@ -230,8 +278,9 @@ def test_cli_shows_and_takes_the_budget(full):
     r = run_cli("info", "--json", "--mem-budget", budget, "--n-ctx", N_CTX, "--kv-type", "f32")
     assert r.returncode == 0, r.stderr
     mem = json.loads(r.stdout)["memory"]
-    assert mem["n_slots"] == 3 and mem["resident_experts"] == 3 * mem["slot"] * full.config.n_layers
-    args = ("generate", "-p", "Once upon a time", "-n", "12", "--temp", "0", "--n-ctx", N_CTX)
+    assert mem["n_slots"] == 3 and mem["slots_per_block"] == [3] * full.config.n_layers
+    assert mem["resident_experts"] == 3 * mem["slot"] * full.config.n_layers
+    args = ("generate", "-p", "Once upon a time", "-n", "12", "--temp", "0", "--n-ctx", N_CTX, "--kv-type", "f32")
     free = run_cli(*args)
     tight = run_cli(*args, "--mem-budget", budget)
     assert free.returncode == 0 and tight.returncode == 0, tight.stderr

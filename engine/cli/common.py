@@ -103,7 +103,7 @@ def expert_line(llm, before: dict | None) -> str:
     used = d["hits"] + d["misses"]
     rate = d["hits"] / used if used else 1.0
     share = d["wait_s"] / d["wall_s"] if d["wall_s"] > 0 else 0.0
-    return (f"; experts {llm.backend.store.n_slots}/{llm.config.n_experts} per block resident, hit rate {rate:.2f}, "
+    return (f"; experts {llm.backend.store.describe_slots()}/{llm.config.n_experts} per block resident, hit rate {rate:.2f}, "
             f"{human_bytes(d['bytes_read'])} read, {share:.0%} of the time waiting on the disk")
 
 

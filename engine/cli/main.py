@@ -222,7 +222,8 @@ def _info(args) -> int:
               f"within {mem['budget_said']}")
     else:
         print(f"memory: within {mem['budget_said']}, dense weights {human_bytes(mem['dense'])} resident and "
-              f"{mem['n_slots']} of {config.n_experts} experts per block ({human_bytes(mem['resident_experts'])}); "
+              f"{_slot_range(mem['slots_per_block'])} of {config.n_experts} experts per block "
+              f"({human_bytes(mem['resident_experts'])}); "
               f"the others are read from the file when a token needs them")
     m = info["machine"]
     print(f"machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), "
@@ -299,6 +300,11 @@ def _unavailable(command: str, why: str) -> int:
     raise RuntimeError(f"{command} is not available in this build ({why})")
 
 
+def _slot_range(per_block: list[int]) -> str:
+    lo, hi = min(per_block), max(per_block)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
     """How engine.load would place the weights under mem_budget (numba backend): the same plan, without loading."""
     from ..backends.numba.backend import _PREPARED, plan_budget, weight_budget_for
@@ -308,8 +314,7 @@ def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:
     # what changes from one moment to the next (the memory available now) stays out of the JSON report, so two
     # reports on the same model compare equal; the text line says it
     stable = {k: v for k, v in plan.items() if k != "budget"}
-    return {**stable, "mem_budget": mem_budget, "budget_said": said,
-            "resident_experts": plan["n_slots"] * plan["slot"] * weights.config.n_layers}
+    return {**stable, "mem_budget": mem_budget, "budget_said": said}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

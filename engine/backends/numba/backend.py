@@ -43,28 +43,41 @@ def _runtime_bytes(w, family: str) -> int:
 
 
 def plan_budget(weights: ModelWeights, named: dict, family: str, weight_budget: int | None) -> dict:
-    """How the weights fit in weight_budget bytes: {"dense", "experts", "slot", "n_slots", "staging"} (bytes, and
-    expert slots per block). n_slots = n_experts means every expert resident, as without a budget. A budget that
-    cannot hold the dense weights plus the experts one token uses per block raises MemoryBudgetError."""
+    """How the weights fit in weight_budget bytes: {"dense", "experts", "slot", "n_slots", "slots_per_block",
+    "resident_experts", "io"} (bytes; "slot" is the largest block's slot; expert slots per block). n_slots = n_experts
+    means every expert resident, as without a budget; else n_slots is the fewest any block has, and the bytes left
+    over give some blocks one more (blocks whose experts are larger, as in a Q4_K_M mix, cost more per slot). A budget
+    that cannot hold the dense weights plus the experts one token uses per block raises MemoryBudgetError."""
     c = weights.config
     dense = sum(_runtime_bytes(w, family) for k, w in named.items() if k.split(".")[-2] not in _EXPERT_NAMES)
     dense += sum(lw.router.nbytes + lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in weights.layers)
     layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
-    slot = ExpertStore.slot_bytes(layers[0], family)
-    experts = slot * c.n_experts * c.n_layers
-    plan = {"budget": weight_budget, "dense": dense, "experts": experts, "slot": slot, "n_slots": c.n_experts,
-            "staging": 0}
+    slots = [ExpertStore.slot_bytes(layer, family) for layer in layers]
+    experts = sum(slots) * c.n_experts
+    plan = {"budget": weight_budget, "dense": dense, "experts": experts, "slot": max(slots),
+            "n_slots": c.n_experts, "slots_per_block": [c.n_experts] * c.n_layers, "resident_experts": experts,
+            "io": 0}
     if weight_budget is None or dense + experts <= weight_budget:
         return plan
-    staging = ExpertStore.staging_bytes(slot, ExpertStore.largest_read(layers[0], family))
-    n_slots = (weight_budget - dense - staging) // (slot * c.n_layers)
-    if n_slots < c.n_experts_used:
-        need = dense + staging + slot * c.n_layers * c.n_experts_used
+    io = ExpertStore.io_bytes(max(ExpertStore.largest_read(layer, family) for layer in layers))
+    left = weight_budget - dense - io - sum(slots) * c.n_experts_used
+    if left < 0:
+        need = dense + io + sum(slots) * c.n_experts_used
         raise MemoryBudgetError(
             f"a weight budget of {weight_budget / 2**30:.2f} GiB cannot hold the dense weights "
             f"({dense / 2**30:.2f} GiB) plus {c.n_experts_used} experts per block ({c.n_layers} blocks x "
-            f"{c.n_experts_used} x {slot / 2**20:.0f} MiB): it needs at least {need / 2**30:.2f} GiB")
-    plan.update(n_slots=int(n_slots), staging=staging)
+            f"{c.n_experts_used} x {max(slots) / 2**20:.0f} MiB): it needs at least {need / 2**30:.2f} GiB")
+    per_block = [c.n_experts_used] * c.n_layers
+    grew = True
+    while grew:  # one more slot for every block in turn, while the budget lasts: the blocks stay within one of each other
+        grew = False
+        for b, size in enumerate(slots):
+            if per_block[b] < c.n_experts and size <= left:
+                per_block[b] += 1
+                left -= size
+                grew = True
+    plan.update(n_slots=min(per_block), slots_per_block=per_block, io=io,
+                resident_experts=sum(n * size for n, size in zip(per_block, slots)))
     return plan
 
 
@@ -251,8 +264,8 @@ class NumbaCPUBackend:
         if be.store is not None:
             b = be.budget
             print(f"mixlocal: memory budget {said}: dense weights {b['dense'] / 2**30:.2f} GiB resident, "
-                  f"{b['n_slots']} of {c.n_experts} experts per block in memory "
-                  f"({b['n_slots'] * b['slot'] * c.n_layers / 2**30:.2f} GiB), the rest read from "
+                  f"{be.store.describe_slots()} of {c.n_experts} experts per block in memory "
+                  f"({b['resident_experts'] / 2**30:.2f} GiB), the rest read from "
                   f"{be.store.reader.path} when needed", file=sys.stderr, flush=True)
         return be, cache
 
@@ -273,7 +286,7 @@ class NumbaCPUBackend:
         named = {name: t for name, t in weights.tensors().items() if name.split(".")[-2] in _PREPARED}
         self.store: ExpertStore | None = None
         self.budget = plan_budget(weights, named, self.kernels, weight_budget)
-        if self.budget["n_slots"] < c.n_experts:
+        if min(self.budget["slots_per_block"]) < c.n_experts:
             dense = {k: v for k, v in named.items() if k.split(".")[-2] not in _EXPERT_NAMES}
             path = _single_origin(weights)
             layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
@@ -288,7 +301,7 @@ class NumbaCPUBackend:
                            for name, attr in _EXPERT_NAMES.items()} for i in range(c.n_layers)]
             else:
                 prepared = prepare_weights(dense, weights.origin, use_cache=packed_cache, family=self.kernels)
-            self.store = ExpertStore(layers, str(path), c.n_experts, self.budget["n_slots"], self.kernels,
+            self.store = ExpertStore(layers, str(path), c.n_experts, self.budget["slots_per_block"], self.kernels,
                                      policy=expert_policy)
             for i, pool in enumerate(self.store.pools):
                 prepared.update({f"blk.{i}.{name}.weight": pool[attr] for name, attr in _EXPERT_NAMES.items()})
@@ -433,8 +446,9 @@ class NumbaCPUBackend:
         else:  # the chunk's experts a slot-full at a time, each read once for all of its tokens
             y = np.empty_like(xa)
             distinct = np.unique(experts)
-            for g0 in range(0, len(distinct), self.store.n_slots):
-                rows = np.flatnonzero(np.isin(experts, distinct[g0:g0 + self.store.n_slots]))
+            n_slots = self.store.slots_per_block[block]
+            for g0 in range(0, len(distinct), n_slots):
+                rows = np.flatnonzero(np.isin(experts, distinct[g0:g0 + n_slots]))
                 slots = self.store.ensure(block, experts[rows])
                 y[rows] = self._experts(m, np.ascontiguousarray(xa[rows]), slots,
                                         self._down_observer(block, experts[rows]))

@@ -12,8 +12,8 @@ experts a block keeps coming back to than LRU does, and LFRU's decay lets that p
 the default.
 
 Prefetch: the numba backend asks for block l+1's likely experts (block l+1's router applied to block l's hidden
-state, as mixtral-offloading does) while block l computes; an I/O thread reads them into staging buffers, and the
-block's `ensure` repacks them when they are really needed (a wrong guess costs one read, nothing is evicted for it).
+state, as mixtral-offloading does) while block l computes; an I/O thread reads and repacks them straight into the
+slots the policy gives up (nothing is copied when the guess is right; a wrong guess costs a read and an eviction).
 
 The pools are ordinary stacked weights with n_slots experts, so the kernels run on them unchanged with slot ids in
 place of expert ids: the logits equal the unbudgeted engine's exactly.
@@ -273,7 +273,6 @@ class ExpertStats:
     prefetch_used: int = 0    # ... that the block then needed
     bytes_read: int = 0
     wait_s: float = 0.0       # time the compute thread waited for reads (and their repacking)
-    copy_s: float = 0.0       # time the compute thread spent copying staged experts into slots
     per_block: list = field(default_factory=list)
 
     @property
@@ -282,26 +281,11 @@ class ExpertStats:
         return self.hits / n if n else 1.0
 
 
-class _Staging:
-    """One expert read (and repacked) ahead of its slot: each matrix in the pool's runtime form, one expert deep."""
-
-    def __init__(self, pools: dict):
-        self.arrays = {name: tuple(_aligned_array((1,) + a.shape[1:], a.dtype) for a in _pool_arrays(w))
-                       for name, w in pools.items()}
-        self.future: Future | None = None
-        self.key: tuple[int, int] | None = None  # (block, expert)
-
-
 def _pool_arrays(w) -> tuple[np.ndarray, ...]:
     """A pool's arrays, each with the slot axis first (a file-layout pool is one (n_slots, bytes) array)."""
     if isinstance(w, kernels.PackedWeight):
         return w.arrays
     return (w.data.reshape(w.shape[0], -1),)
-
-
-def _aligned_array(shape, dtype) -> np.ndarray:
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(_aligned_buffer(nbytes), np.uint8, count=nbytes).view(dtype).reshape(shape)
 
 
 @njit(nogil=True, cache=True)
@@ -319,18 +303,22 @@ class ExpertStore:
 
     layers: per block {"w1", "w3", "w2"}: the stacked expert weights to read from, either the model file's QTensor
     (or QStack) of `path`, or the PackedWeight mapped from the packed-weight cache file `path`, whose bytes are
-    already in the kernels' form (nothing to repack)."""
+    already in the kernels' form (nothing to repack). n_slots: slots per block, one count for all or one per block
+    (a budget that does not divide evenly gives some blocks one more)."""
 
-    def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots: int, family: str,
-                 policy: str = "lfru", n_staging: int = 2):
+    def __init__(self, layers: list[dict], path: str, n_experts: int, n_slots, family: str,
+                 policy: str = "lfru"):
         if policy not in POLICIES:
             raise MemoryBudgetError(f"unknown eviction policy {policy!r}; choose {', '.join(POLICIES)}")
-        self.family, self.n_experts, self.n_slots = family, n_experts, n_slots
+        per_block = [int(n_slots)] * len(layers) if np.ndim(n_slots) == 0 else [int(n) for n in n_slots]
+        if len(per_block) != len(layers) or min(per_block) < 1:
+            raise MemoryBudgetError(f"slots per block {n_slots!r} do not fit {len(layers)} blocks")
+        self.family, self.n_experts, self.slots_per_block = family, n_experts, tuple(per_block)
         self.reader = _Reader(path)
         self.sources = []   # per block: {mat: per expert, [(offset, nbytes)] of each array to read}
-        self.pools = []     # per block: {mat: stacked weight with n_slots experts}
+        self.pools = []     # per block: {mat: stacked weight with that block's slot count}
         self.qtypes = []
-        for lw in layers:
+        for lw, n in zip(layers, per_block):
             src, pool, qt = {}, {}, {}
             for name in MATS:
                 w = lw[name]
@@ -339,34 +327,47 @@ class ExpertStore:
                     raise MemoryBudgetError(f"{name} experts are not read from {path}: a memory budget needs the "
                                             "experts in the model file (not made at load, e.g. by quant=)")
                 qt[name] = w.qtype
-                pool[name] = self._make_pool(w.qtype, tuple(w.shape[1:]))
+                pool[name] = self._make_pool(w.qtype, n, tuple(w.shape[1:]))
             self.sources.append(src)
             self.pools.append(pool)
             self.qtypes.append(qt)
         self.repack = not isinstance(layers[0]["w1"], kernels.PackedWeight)
         self.slot_of = np.full((len(layers), n_experts), -1, np.int64)
-        self.expert_in = np.full((len(layers), n_slots), -1, np.int64)
-        self.policies = [POLICIES[policy](n_slots, n_experts) for _ in layers]
+        self.expert_in = [np.full(n, -1, np.int64) for n in per_block]
+        # reads into a slot not yet waited for (guesses, and demand reads until ensure collects them), and the slots
+        # filled on a guess that no step has used yet
+        self.pending: list[dict[int, Future]] = [{} for _ in layers]
+        self.guessed: list[set[int]] = [set() for _ in layers]
+        self.policies = [POLICIES[policy](n, n_experts) for n in per_block]
         self.stats = ExpertStats(per_block=[[0, 0] for _ in layers])
         largest = max(n for s in self.sources for per in s.values() for reads in per for _, n in reads)
         self._window_bytes = _Reader.window_bytes(largest)
         self._local = threading.local()  # each I/O thread's read buffer
-        self.staging = [_Staging(self.pools[0]) for _ in range(n_staging)]
         # two I/O threads, so that one reads while the other repacks what it read (each repack on one core)
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="mixlocal-experts",
                                       initializer=numba.set_num_threads, initargs=(1,))
         self._lock = threading.Lock()
         self._closed = False
 
+    @property
+    def n_slots(self) -> int:
+        """The fewest slots any block has: at most this many distinct experts are ever needed at once."""
+        return min(self.slots_per_block)
+
+    def describe_slots(self) -> str:
+        """'4' or '4-5': the slots per block, for messages."""
+        lo, hi = min(self.slots_per_block), max(self.slots_per_block)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
     # -- sizes ----------------------------------------------------------------------------------------------------
 
-    def _make_pool(self, qtype, shape):
+    def _make_pool(self, qtype, n_slots: int, shape):
         n, k = shape
         if qtype in kernels.packed_types(self.family):
             arrays = tuple(np.zeros(s, d) for s, d in
-                           kernels.packed_shapes(qtype, self.n_slots, n, k, kernels.layout_of(self.family)))
-            return kernels.PackedWeight(qtype, (self.n_slots, n, k), arrays, self.family)
-        return QTensor(qtype, (self.n_slots, n, k), np.zeros(nbytes_for(qtype, (self.n_slots, n, k)), np.uint8))
+                           kernels.packed_shapes(qtype, n_slots, n, k, kernels.layout_of(self.family)))
+            return kernels.PackedWeight(qtype, (n_slots, n, k), arrays, self.family)
+        return QTensor(qtype, (n_slots, n, k), np.zeros(nbytes_for(qtype, (n_slots, n, k)), np.uint8))
 
     @staticmethod
     def slot_bytes(layer: dict, family: str) -> int:
@@ -396,22 +397,21 @@ class ExpertStore:
         return out
 
     @staticmethod
-    def staging_bytes(slot: int, largest_read: int, n_staging: int = 2) -> int:
-        """Memory besides the slots: the staged experts and the I/O threads' read windows."""
-        return n_staging * slot + _IO_THREADS * _Reader.window_bytes(largest_read)
+    def io_bytes(largest_read: int) -> int:
+        """Memory besides the slots: the I/O threads' read windows."""
+        return _IO_THREADS * _Reader.window_bytes(largest_read)
 
     @property
     def nbytes(self) -> int:
         pools = sum(a.nbytes for p in self.pools for w in p.values() for a in _pool_arrays(w))
-        staged = sum(a.nbytes for st in self.staging for arrays in st.arrays.values() for a in arrays)
-        return pools + staged + _IO_THREADS * self._window_bytes
+        return pools + _IO_THREADS * self._window_bytes
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
     def _read(self, arrays: dict, block: int, expert: int) -> None:
-        """On an I/O thread: the expert's three matrices into `arrays` ({mat: its arrays, expert axis of 1}: a
-        staging buffer, or the slot itself), repacked for the kernels if read from the model file (the repack runs
-        here, without the GIL, on one core, while the compute thread goes on)."""
+        """On an I/O thread: the expert's three matrices into `arrays` ({mat: its slot's arrays, slot axis of 1}),
+        repacked for the kernels if read from the model file (the repack runs here, without the GIL, on one core,
+        while the compute thread goes on)."""
         window = getattr(self._local, "window", None)
         if window is None:
             window = self._local.window = _aligned_buffer(self._window_bytes)
@@ -434,98 +434,98 @@ class ExpertStore:
         with self._lock:
             self.stats.bytes_read += n_read
 
-    def _start(self, block: int, expert: int) -> _Staging | None:
-        """Begin reading (block, expert) into a free staging buffer; None if every buffer is busy."""
-        for st in self.staging:
-            if st.key is None:
-                st.key = (block, expert)
-                st.future = self._io.submit(self._read, st.arrays, block, expert)
-                return st
-        return None
+    def _fill(self, block: int, slot: int, expert: int) -> None:
+        """Start reading `expert` straight into `slot` (the caller has freed it); the read is pending until waited."""
+        target = {name: tuple(a[slot:slot + 1] for a in _pool_arrays(self.pools[block][name])) for name in MATS}
+        self.expert_in[block][slot] = expert
+        self.slot_of[block, expert] = slot
+        self.pending[block][slot] = self._io.submit(self._read, target, block, expert)
 
-    def _staged(self, block: int, expert: int) -> _Staging | None:
-        for st in self.staging:
-            if st.key == (block, expert):
-                return st
-        return None
+    def _free(self, block: int, slot: int) -> None:
+        """Empty `slot` for a new expert: a read still writing into it finishes first."""
+        future = self.pending[block].pop(slot, None)
+        if future is not None:
+            t0 = time.perf_counter()
+            future.result()
+            self.stats.wait_s += time.perf_counter() - t0
+        self.guessed[block].discard(slot)  # a guess never used: its read was wasted
+        old = self.expert_in[block][slot]
+        if old >= 0:
+            self.slot_of[block, old] = -1
+        self.expert_in[block][slot] = -1
+
+    def _victim(self, block: int, keep: set) -> int | None:
+        """The policy's choice among the block's slots outside `keep`, preferring slots no read is writing into."""
+        free = [s for s in range(self.slots_per_block[block]) if s not in keep]
+        idle = [s for s in free if s not in self.pending[block] or self.pending[block][s].done()]
+        candidates = idle or free
+        return self.policies[block].victim(candidates, self.expert_in[block]) if candidates else None
 
     def prefetch(self, block: int, experts) -> None:
-        """Start reading the experts of `block` that are guessed and not resident (best effort, never blocks)."""
+        """Start reading the guessed experts of `block` that are not resident, each straight into the slot the
+        policy would give up next (as mixtral-offloading does): nothing is copied when the guess is right, and a
+        wrong guess costs one read and one eviction. Never waits."""
         if self._closed:
             return
-        for e in experts:
-            e = int(e)
-            if self.slot_of[block, e] >= 0 or self._staged(block, e) is not None:
+        guess = [int(e) for e in experts]
+        keep = {int(self.slot_of[block, e]) for e in guess if self.slot_of[block, e] >= 0}
+        for e in guess:
+            if self.slot_of[block, e] >= 0:
                 continue
-            st = self._start(block, e)
-            if st is None:
+            # never wait here: a slot whose earlier read is still running is not taken for a guess
+            idle = [s for s in range(self.slots_per_block[block]) if s not in keep
+                    and (s not in self.pending[block] or self.pending[block][s].done())]
+            if not idle:
                 return
+            slot = self.policies[block].victim(idle, self.expert_in[block])
+            self._free(block, slot)
+            keep.add(slot)
+            self._fill(block, slot, e)
+            self.guessed[block].add(slot)
             self.stats.prefetched += 1
-
-    def _drop_stale(self, block: int) -> None:
-        """Free the buffers of finished guesses for blocks other than this one and the next."""
-        keep = (block, (block + 1) % len(self.pools))
-        for st in self.staging:
-            if st.key is not None and st.key[0] not in keep and st.future.done():
-                st.key, st.future = None, None
 
     # -- the step's experts ---------------------------------------------------------------------------------------
 
     def ensure(self, block: int, experts: np.ndarray) -> np.ndarray:
-        """Make the experts of `block` resident (at most n_slots distinct); returns their slot ids, same shape."""
-        need = np.unique(experts)
-        if len(need) > self.n_slots:
-            raise MemoryBudgetError(f"block {block} needs {len(need)} experts at once, only {self.n_slots} slots")
-        slot_of, expert_in, pol = self.slot_of[block], self.expert_in[block], self.policies[block]
-        self._drop_stale(block)
-        busy = {int(slot_of[e]) for e in need if slot_of[e] >= 0}
-        missing = [int(e) for e in need if slot_of[e] < 0]
-        hits = len(need) - len(missing)
-        self.stats.hits += hits
-        self.stats.misses += len(missing)
-        self.stats.per_block[block][0] += hits
-        self.stats.per_block[block][1] += len(missing)
-        def claim(e: int) -> int:  # the slot expert e will take: the policy's victim among those not needed now
-            slot = pol.victim([s for s in range(self.n_slots) if s not in busy], expert_in)
-            old = expert_in[slot]
-            if old >= 0:
-                slot_of[old] = -1
-            expert_in[slot] = -1
-            busy.add(slot)
-            return slot
-
-        # experts read on a guess are copied from their staging buffer; the rest are read straight into the slot
-        # they take (no copy), all reads started before the first wait
-        pending = []
-        for e in missing:
-            st = self._staged(block, e)
-            if st is not None:
-                self.stats.prefetch_used += 1
-                pending.append((e, claim(e), st, st.future))
-            else:
-                slot = claim(e)
-                target = {name: tuple(a[slot:slot + 1] for a in _pool_arrays(self.pools[block][name]))
-                          for name in MATS}
-                pending.append((e, slot, None, self._io.submit(self._read, target, block, e)))
-        for e, slot, st, future in pending:
-            t0 = time.perf_counter()
-            future.result()
-            t1 = time.perf_counter()
-            if st is not None:
-                self._fill(block, slot, st)
-                st.key, st.future = None, None
-            slot_of[e], expert_in[slot] = slot, e
-            self.stats.wait_s += t1 - t0
-            self.stats.copy_s += time.perf_counter() - t1
+        """Make the experts of `block` resident (at most its slot count distinct); returns their slot ids, same
+        shape."""
+        need = [int(e) for e in np.unique(experts)]
+        if len(need) > self.slots_per_block[block]:
+            raise MemoryBudgetError(f"block {block} needs {len(need)} experts at once, only "
+                                    f"{self.slots_per_block[block]} slots")
+        slot_of = self.slot_of[block]
+        keep = {int(slot_of[e]) for e in need if slot_of[e] >= 0}
+        hits = 0
         for e in need:
-            pol.touch(int(slot_of[e]), int(e))
-        return slot_of[experts]
-
-    def _fill(self, block: int, slot: int, st: _Staging) -> None:
-        """Copy a staged expert into slot `slot` of the block's pools."""
-        for name in MATS:
-            for pool_array, staged in zip(_pool_arrays(self.pools[block][name]), st.arrays[name]):
-                pool_array[slot] = staged[0].reshape(pool_array.shape[1:])
+            slot = int(slot_of[e])
+            if slot < 0:
+                continue
+            if slot in self.guessed[block]:  # read on a guess: a disk read all the same, but started early
+                self.guessed[block].discard(slot)
+                self.stats.prefetch_used += 1
+            else:
+                hits += 1
+        for e in need:
+            if slot_of[e] < 0:
+                slot = self._victim(block, keep)
+                self._free(block, slot)
+                keep.add(slot)
+                self._fill(block, slot, e)
+        misses = len(need) - hits
+        self.stats.hits += hits
+        self.stats.misses += misses
+        self.stats.per_block[block][0] += hits
+        self.stats.per_block[block][1] += misses
+        t0 = time.perf_counter()
+        for e in need:
+            future = self.pending[block].pop(int(slot_of[e]), None)
+            if future is not None:
+                future.result()
+        self.stats.wait_s += time.perf_counter() - t0
+        pol = self.policies[block]
+        for e in need:
+            pol.touch(int(slot_of[e]), e)
+        return slot_of[np.asarray(experts)]
 
     def close(self) -> None:
         """Stop the I/O thread (reads in flight finish) and close the file."""
