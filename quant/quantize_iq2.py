@@ -1,0 +1,385 @@
+"""IQ2_XXS, IQ2_XS and IQ2_S quantizers with an importance matrix, byte-identical to ggml's ggml_quantize_chunk.
+
+The three formats code 8 weights at a time as one point of a fixed lattice (256, 512 or 1024 points whose
+coordinates are 1, 3 or 5 times a scale), with a sign per weight and a 4-bit scale per 16 or 32 weights. The
+search is ggml's (ggml-quants.c: quantize_row_iq2_xxs_impl, quantize_row_iq2_xs_impl, quantize_row_iq2_s_impl):
+for each of a few trial scales round every weight to the nearest level, and when the 8 levels are not a lattice
+point take the best of the lattice points nearest to them (the neighbour lists iq2xs_init_impl builds); keep the
+trial with the best weighted fit. Float32 rules as in `quant.quantize` (every int that meets a float goes through
+`_f32()`, no fastmath), so each operation rounds as ggml's C does.
+
+ggml refuses IQ2_XXS and IQ2_XS without an importance matrix (ggml_quantize_requires_imatrix; the process aborts
+on a GGML_ASSERT). We refuse them with `ImatrixRequiredError` instead. IQ2_S takes either.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from .formats import QK_K, row_bytes
+from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID
+from .quantize_common import _f32, _put_f16
+from .tensor import QType
+
+__all__ = ["IMATRIX_REQUIRED", "IQ2_DRIVERS", "IQ2_TYPES", "ImatrixRequiredError", "quantize_iq2"]
+
+IQ2_TYPES: tuple[QType, ...] = (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S)
+IMATRIX_REQUIRED: tuple[QType, ...] = (QType.IQ2_XXS, QType.IQ2_XS)
+
+_BLOCK_BYTES = {QType.IQ2_XXS: 66, QType.IQ2_XS: 74, QType.IQ2_S: 82}
+_KMAP_SIZE = 43692  # ggml's kmap_size: every 8-digit base-4 index up to 0xAAAA (all digits 2) fits
+_FLT_MAX = 3.4028234663852886e38
+
+
+class ImatrixRequiredError(ValueError):
+    """The format is only made with an importance matrix (llama.cpp refuses it without one)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lattice tables: ggml's iq2xs_init_impl, built once per format with numpy
+# ----------------------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid, kmap, neighbours) as ggml's iq2_data[] holds them.
+
+    grid (points, 8) int8: each coordinate 2*l+1 for its level l in 0..2. kmap (43692,) int32: for a base-4 index of
+    8 levels, its grid point, or -(offset+1) into neighbours when it is not a grid point. neighbours: at offset, a
+    count n, then the n grid points nearest to that index (every point at the nwant smallest squared distances, 2
+    for IQ2_XXS/IQ2_XS and 1 for IQ2_S), ordered by distance and then index as ggml's qsort leaves them; the order
+    decides ties in the weighted search."""
+    dequant_grid, nwant = {QType.IQ2_XXS: (IQ2XXS_GRID, 2), QType.IQ2_XS: (IQ2XS_GRID, 2),
+                           QType.IQ2_S: (IQ2S_GRID, 1)}[qtype]
+    # gguf-py's grids hold the dequantized magnitudes 8, 25, 43 of levels 0, 1, 2 (ggml's kgrid_2bit_* encodings)
+    levels = np.searchsorted(np.array([8, 25, 43]), dequant_grid).astype(np.int64)
+    if not (np.array([8, 25, 43])[levels] == dequant_grid).all():
+        raise AssertionError(f"{qtype.name}: unexpected lattice values")
+    grid = (2 * levels + 1).astype(np.int8)
+    kmap = np.full(_KMAP_SIZE, -1, np.int64)
+    kmap[(levels << (2 * np.arange(8))).sum(axis=1)] = np.arange(len(grid))
+    missing = np.flatnonzero(kmap < 0)
+    pos = 2 * ((missing[:, None] >> (2 * np.arange(8))) & 3) + 1
+    gridi = grid.astype(np.int32)
+    lists = []
+    for start in range(0, missing.size, 2048):
+        p = pos[start:start + 2048].astype(np.int32)
+        d2 = ((p[:, None, :] - gridi[None, :, :]) ** 2).sum(axis=2)
+        order = np.argsort(d2, axis=1, kind="stable")  # stable: equal distances stay in index order
+        sd2 = np.take_along_axis(d2, order, axis=1)
+        level = np.concatenate([np.zeros((len(p), 1), np.int64), np.cumsum(sd2[:, 1:] > sd2[:, :-1], axis=1)], 1)
+        keep = level < nwant
+        lists.extend(order[r, keep[r]] for r in range(len(p)))
+    counts = np.array([len(v) for v in lists], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts + 1)[:-1]])
+    neighbours = np.empty(int((counts + 1).sum()), np.uint16)
+    for off, v in zip(offsets, lists, strict=True):
+        neighbours[off] = len(v)
+        neighbours[off + 1:off + 1 + len(v)] = v
+    kmap[missing] = -(offsets + 1)
+    return grid, kmap.astype(np.int32), neighbours
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pieces shared by the three formats
+# ----------------------------------------------------------------------------------------------------------------------
+
+@njit
+def _nint(v, sf, su):
+    """ggml's nearest_int exactly, also where its bit trick leaves round-to-nearest (|v| >= 2**22, inf, NaN):
+    a trial scale can make id * x that large when the importance sits on a tiny weight."""
+    if abs(v) <= _f32(4194303):
+        return int(np.rint(v))
+    sf[0] = v + _f32(12582912)
+    return np.int64(su[0] & 0x7FFFFF) - 0x400000
+
+
+@njit
+def _weights(x, bo, n, qw, has_w, sigma2, weight, waux):
+    for i in range(n):
+        v = x[bo + i]
+        if has_w:
+            weight[i] = qw[bo + i] * np.sqrt(sigma2 + v * v)
+        else:  # IQ2_S only
+            weight[i] = _f32(0.25) * sigma2 + v * v
+        waux[i] = np.sqrt(weight[i])
+
+
+@njit
+def _fold_signs(x, bo, ngroups, weight, xval, signs, even):
+    """|x| per 8 and its sign bits. With `even` (IQ2_XXS/IQ2_XS store 7 sign bits, the 8th is the parity), an odd
+    count of negatives flips back the one whose weight * x**2 is smallest (the first such)."""
+    for k in range(ngroups):
+        nflip = 0
+        s = 0
+        for i in range(8):
+            v = x[bo + 8 * k + i]
+            if v >= 0:
+                xval[8 * k + i] = v
+            else:
+                xval[8 * k + i] = -v
+                nflip += 1
+                s |= 1 << i
+        if even and nflip % 2 == 1:
+            imin = 0
+            v = x[bo + 8 * k]
+            mn = weight[8 * k] * v * v
+            for i in range(1, 8):
+                v = x[bo + 8 * k + i]
+                ax = weight[8 * k + i] * v * v
+                if ax < mn:
+                    mn = ax
+                    imin = i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            s ^= 1 << imin
+        signs[k] = s & 127 if even else s
+
+
+@njit
+def _max(xval, n):
+    m = xval[0]
+    for i in range(1, n):
+        m = m if m > xval[i] else xval[i]  # noqa: FURB136 (ggml's MAX macro: on a tie the second wins)
+    return m
+
+
+@njit
+def _best_neighbour(nb, off, grid, xval, xo, waux, scale, L):
+    """ggml's iq2_find_best_neighbour: the listed grid point nearest to xval/scale in the waux-weighted distance;
+    the first of equal distances wins. Writes its levels to L[xo:xo+8]."""
+    best = _f32(_FLT_MAX)
+    gi = -1
+    for j in range(1, np.int64(nb[off]) + 1):
+        g = np.int64(nb[off + j])
+        d2 = _f32(0)
+        for i in range(8):
+            diff = scale * _f32(grid[g, i]) - xval[xo + i]
+            d2 += waux[xo + i] * diff * diff
+        if d2 < best:
+            best = d2
+            gi = g
+    if gi < 0:  # every distance NaN or above FLT_MAX: ggml aborts here; take the nearest unweighted point
+        gi = np.int64(nb[off + 1])
+    for i in range(8):
+        L[xo + i] = (np.int64(grid[gi, i]) - 1) // 2
+    return gi
+
+
+@njit
+def _round_group(xval, xo, id_, L, sf, su):
+    """Levels 0..2 of 8 values at inverse scale id_ into L[xo:xo+8]; returns their base-4 lattice index."""
+    u = 0
+    for i in range(8):
+        l = max(0, min(2, _nint(_f32(0.5) * (id_ * xval[xo + i] - _f32(1)), sf, su)))
+        L[xo + i] = l
+        u |= l << (2 * i)
+    return u
+
+
+@njit
+def _fit(weight, xval, L, n):
+    sumqx = _f32(0)
+    sumq2 = _f32(0)
+    for i in range(n):
+        w = weight[i]
+        q = _f32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
+
+
+@njit
+def _index(L, xo):
+    u = 0
+    for i in range(8):
+        u |= L[xo + i] << (2 * i)
+    return u
+
+
+@njit
+def _search16(xval, weight, waux, mx, L, Laux, on, on_aux, grid, kmap, nb, sf, su):
+    """The scale and lattice points of 16 values (two groups of 8): IQ2_XS's and IQ2_S's search, which are the same
+    code in ggml. Returns the scale (may be negative: the caller flips the signs); L holds on-grid levels."""
+    best = _f32(0)
+    scale = mx / _f32(5)
+    for i in range(16):
+        L[i] = 0  # kept when no trial fits (all weights zero): every group at the all-ones point
+    on[0] = True
+    on[1] = True
+    for trial in range(-9, 10):
+        id_ = (_f32(5) + _f32(trial) * _f32(0.1)) / mx
+        this_scale = _f32(1) / id_
+        for k in range(2):
+            u = _round_group(xval, 8 * k, id_, Laux, sf, su)
+            on_aux[k] = kmap[u] >= 0
+            if not on_aux[k]:
+                _best_neighbour(nb, -np.int64(kmap[u]) - 1, grid, xval, 8 * k, waux, this_scale, Laux)
+        sumqx, sumq2 = _fit(weight, xval, Laux, 16)
+        if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+            scale = sumqx / sumq2
+            best = scale * sumqx
+            for i in range(16):
+                L[i] = Laux[i]
+            on[0] = on_aux[0]
+            on[1] = on_aux[1]
+    if (not on[0] or not on[1]) and scale > 0:
+        # the winning trial moved a group onto a neighbour at its own scale: re-pick it at the fitted one
+        id_ = _f32(1) / scale
+        for k in range(2):
+            if on[k]:
+                continue
+            u = _round_group(xval, 8 * k, id_, L, sf, su)
+            if kmap[u] < 0:
+                _best_neighbour(nb, -np.int64(kmap[u]) - 1, grid, xval, 8 * k, waux, scale, L)
+        sumqx, sumq2 = _fit(weight, xval, L, 16)
+        if sumq2 > 0:
+            scale = sumqx / sumq2
+    return scale
+
+
+@njit
+def _put_scales(out, od, osc, scales, max_scale, dmul, sf, su):
+    """d = max/31 as f16 at od (IQ2_S stores d * 0.9875; times 1 is exact for IQ2_XS), then a 4-bit multiple per
+    16 values at osc, low nibble first. The codes use the unrounded d, as ggml does."""
+    d = max_scale / _f32(31)
+    _put_f16(out, od, d * dmul, sf, su)
+    id_ = _f32(1) / d
+    for ib in range(16):
+        l = max(0, min(15, _nint(_f32(0.5) * (id_ * scales[ib] - _f32(1)), sf, su)))
+        if ib % 2 == 0:
+            out[osc + ib // 2] = l
+        else:
+            out[osc + ib // 2] |= l << 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Row kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+@njit
+def _row_iq2_xs(x, qw, has_w, out, grid, kmap, nb):
+    """quantize_row_iq2_xs_impl on one row. Block: d, qs[32] (u16: grid index | 7 sign bits << 9), scales[8]."""
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
+    weight = np.empty(16, np.float32)
+    waux = np.empty(16, np.float32)
+    xval = np.empty(16, np.float32)
+    L = np.zeros(16, np.int64)
+    Laux = np.zeros(16, np.int64)
+    on = np.ones(2, np.bool_)
+    on_aux = np.ones(2, np.bool_)
+    signs = np.zeros(2, np.int64)
+    scales = np.zeros(16, np.float32)
+    q2 = np.zeros(32, np.int64)
+    for ibl in range(x.size // QK_K):
+        xo, o = ibl * QK_K, ibl * 74
+        for j in range(74):
+            out[o + j] = 0
+        for j in range(32):
+            q2[j] = 0
+        sumx2 = _f32(0)
+        for i in range(QK_K):
+            sumx2 += x[xo + i] * x[xo + i]
+        sigma2 = sumx2 / _f32(QK_K)
+        max_scale = _f32(0)
+        for ib in range(16):
+            bo = xo + 16 * ib
+            _weights(x, bo, 16, qw, has_w, sigma2, weight, waux)
+            _fold_signs(x, bo, 2, weight, xval, signs, True)
+            mx = _max(xval, 16)
+            if mx < _f32(1e-15):
+                scales[ib] = _f32(0)
+                continue
+            scale = _search16(xval, weight, waux, mx, L, Laux, on, on_aux, grid, kmap, nb, sf, su)
+            if scale < 0:
+                scale = -scale
+                signs[0] = ~signs[0] & 127
+                signs[1] = ~signs[1] & 127
+            for k in range(2):
+                q2[2 * ib + k] = np.int64(kmap[_index(L, 8 * k)]) | (signs[k] << 9)
+            scales[ib] = scale
+            max_scale = max_scale if max_scale > scale else scale  # noqa: FURB136 (ggml's MAX)
+        if max_scale == 0:
+            continue
+        _put_scales(out, o, o + 66, scales, max_scale, _f32(1), sf, su)
+        for j in range(32):
+            out[o + 2 + 2 * j] = q2[j] & 0xFF
+            out[o + 3 + 2 * j] = (q2[j] >> 8) & 0xFF
+
+
+@njit(cache=True, parallel=True)
+def _rows_iq2_xs(x, qw, has_w, out, grid, kmap, nb):
+    for r in prange(x.shape[0]):
+        _row_iq2_xs(x[r], qw, has_w, out[r], grid, kmap, nb)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Drivers: checked in Python, then the compiled rows
+# ----------------------------------------------------------------------------------------------------------------------
+
+_KERNELS = {QType.IQ2_XS: _rows_iq2_xs}
+
+
+def _check(qtype: QType, x, qw, has_w: bool, out) -> None:
+    """Everything ggml would assert on (or silently get wrong), as ValueErrors, before any kernel runs."""
+    if has_w is False and qtype in IMATRIX_REQUIRED:
+        raise ImatrixRequiredError(f"{qtype.name} needs an importance matrix (llama.cpp makes it only with one)")
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"{qtype.name}: the rows must be a C-contiguous float32 (rows, cols) array")
+    cols = x.shape[1]
+    nbytes = row_bytes(qtype, cols)  # ValueError unless cols is a positive multiple of 256
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != (x.shape[0], nbytes) \
+            or not out.flags.c_contiguous:
+        raise ValueError(f"{qtype.name}: out must be a C-contiguous uint8 array of shape {(x.shape[0], nbytes)}")
+    if not isinstance(qw, np.ndarray) or qw.shape != (cols,) or qw.dtype != np.float32:
+        raise ValueError(f"the imatrix has shape {getattr(qw, 'shape', None)}, expected ({cols},) float32: "
+                         "one value per input column")
+    if has_w:
+        if not np.isfinite(qw).all():
+            raise ValueError("the imatrix holds NaN or infinite values")
+        if (qw < 0).any():
+            raise ValueError("the imatrix holds negative values; importances are means of squares")
+    if not np.isfinite(x).all():
+        raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
+
+
+def _driver(qtype: QType):
+    def run(x, qw, has_w, out):
+        """IQ4_DRIVERS' convention: rows x (rows, cols) float32, importance qw (cols,) (ignored unless has_w),
+        out (rows, row_bytes) uint8 written in place."""
+        _check(qtype, x, qw, bool(has_w), out)
+        grid, kmap, nb = _tables(qtype)
+        _KERNELS[qtype](x, qw, bool(has_w), out, grid, kmap, nb)
+    run.__name__ = f"quantize_{qtype.name.lower()}"
+    return run
+
+
+IQ2_DRIVERS = {q: _driver(q) for q in _KERNELS}
+
+
+def quantize_iq2(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Rows x (rows, cols) float32 as ggml blocks (rows, row_bytes): the bytes of ggml_quantize_chunk(qtype, x,
+    imatrix). imatrix: one importance per input column (required for IQ2_XXS and IQ2_XS)."""
+    qtype = QType(qtype)
+    if qtype not in IQ2_DRIVERS:
+        raise ValueError(f"quantize_iq2 makes {', '.join(q.name for q in IQ2_DRIVERS)}, not {qtype.name}")
+    if imatrix is None and qtype in IMATRIX_REQUIRED:
+        raise ImatrixRequiredError(f"{qtype.name} needs an importance matrix (llama.cpp makes it only with one)")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.dtype != np.float32:
+        raise ValueError(f"{qtype.name} needs a 2-D float32 (rows, cols) array, got {x.dtype} {x.shape}")
+    x = np.ascontiguousarray(x)
+    has_w = imatrix is not None
+    if has_w:
+        qw = np.asarray(imatrix)
+        if qw.shape != (x.shape[1],):
+            raise ValueError(f"the imatrix has shape {qw.shape}, expected ({x.shape[1]},): one value per input column")
+        if not np.issubdtype(qw.dtype, np.floating):
+            raise ValueError(f"the imatrix must hold floats, got {qw.dtype}")
+        qw = np.ascontiguousarray(qw, dtype=np.float32)
+    else:
+        qw = np.zeros(x.shape[1], np.float32)
+    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), np.uint8)
+    IQ2_DRIVERS[qtype](x, qw, has_w, out)
+    return out
