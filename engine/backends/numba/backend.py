@@ -202,8 +202,10 @@ def _product(bound: tuple, threads: list, n_threads: int, *out) -> None:
     kern(*args, *out)
 
 
-# Left out of a memory budget for what is not weights or KV cache: activations, the tokenizer, Python and numba.
-BUDGET_MARGIN = 512 << 20
+# Left out of a memory budget for what is not weights or KV cache: activations, the tokenizer, Python and numba, and
+# slack for the page cache: with less, a budget filled to its end under a cgroup limit leaves the kernel evicting the
+# mapped dense weights and code pages, which then fault back in from disk.
+BUDGET_MARGIN = 1 << 30
 
 
 def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
