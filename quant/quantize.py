@@ -4,7 +4,7 @@ Each format has a row kernel that walks its blocks with scalar float32 code in t
 `quantize_row_*_ref`, and a driver that runs the rows in parallel (`prange`). Numba keeps float32 arithmetic in float32
 and does not contract a*b+c into a fused multiply-add unless fastmath is on, so the bytes equal the numpy reference
 (and llama.cpp) exactly. Two rules keep it that way here and in the modules beside it (quantize_common.py: rounding,
-halves, scans; quantize_k.py: the K formats; quantize_imatrix.py: the importance-weighted paths; quantize_iq4.py):
+halves, scans; quantize_k.py: the K formats; quantize_imatrix.py: the importance-weighted paths; quantize_iq4.py, quantize_iq3.py, quantize_iq2.py: the IQ formats):
 every integer or literal that meets a float is wrapped in `_f32()` first (numba widens float32 op int64 to
 float64), and nothing uses fastmath.
 
@@ -28,6 +28,8 @@ from .quantize_common import (
     _signed_absmax,
 )
 from .quantize_imatrix import WEIGHTED_DRIVERS
+from .quantize_iq2 import IQ2_DRIVERS
+from .quantize_iq3 import IQ3_DRIVERS
 from .quantize_iq4 import IQ4_DRIVERS
 from .quantize_k import K_DRIVERS
 from .tensor import QType
@@ -173,9 +175,12 @@ _DRIVERS = {
 
 FAST_TYPES: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_DRIVERS)
 # ggml's quantizers that read an importance matrix (quantize_*_impl with quant_weights); the others ignore one
+# The IQ formats: each driver takes (rows, importance, has_importance, out); the IQ2 ones refuse to run without one,
+# as llama-quantize does
+_IQ_DRIVERS = {**IQ4_DRIVERS, **IQ3_DRIVERS, **IQ2_DRIVERS}
 IMATRIX_TYPES: tuple[QType, ...] = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0,
-                                    QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.IQ4_NL, QType.IQ4_XS)
-QUANTIZE_TYPES: tuple[QType, ...] = (*FAST_TYPES, QType.IQ4_NL, QType.IQ4_XS)
+                                    QType.Q4_1, QType.Q5_0, QType.Q5_1, *_IQ_DRIVERS)
+QUANTIZE_TYPES: tuple[QType, ...] = (*FAST_TYPES, *_IQ_DRIVERS)
 
 
 def check_imatrix(imatrix, cols: int, what: str = "imatrix") -> np.ndarray:
@@ -199,7 +204,8 @@ def quantize_fast(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None
     Same bytes as `quant.formats.quantize` (and llama.cpp's reference quantizers). With `imatrix` (one importance
     per input column, llama.cpp's imatrix values for this matrix), the formats in IMATRIX_TYPES take ggml's
     weighted path and give the bytes of `ggml_quantize_chunk(..., imatrix)`; the others ignore it, as ggml does.
-    IQ4_NL and IQ4_XS have no numpy twin in quant.formats; they equal ggml's with or without an imatrix."""
+    The IQ formats have no numpy twin in quant.formats; they equal ggml's with or without an imatrix, except the IQ2
+    formats, which need one (ImatrixRequiredError without)."""
     try:
         qtype = QType(qtype)
     except ValueError:
@@ -221,9 +227,9 @@ def quantize_fast(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None
         raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], nbytes), dtype=np.uint8)
-    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+    if qtype in _IQ_DRIVERS:
         has_w = qw is not None
-        IQ4_DRIVERS[qtype](x, qw if has_w else np.zeros(x.shape[1], np.float32), has_w, out)
+        _IQ_DRIVERS[qtype](x, qw if has_w else np.zeros(x.shape[1], np.float32), has_w, out)
     elif qw is not None and qtype in IMATRIX_TYPES:
         WEIGHTED_DRIVERS[qtype](x, qw, out)
     else:
