@@ -1,6 +1,6 @@
 """Write a GGUF with Mixtral-8x7B's exact tensor shapes but only a few blocks, filled with random quantized blocks.
 
-    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K|Q4_K_M|IQ4_XS] [--blocks 4] [--seed 0]
+    .venv/bin/python bench/make_mixtral_slice.py OUT.gguf [--type Q4_0|Q8_0|Q4_K|Q4_K_M|IQ4_XS|IQ3_XXS|IQ2_XS] [--blocks 4] [--seed 0]
 
 Speed at the real shape is what this file is for: the matrices are Mixtral's (embedding 4096, 8 experts of 14336,
 32 query and 8 KV heads of 128, vocabulary 32000), so kernels see the real strides, cache pressure and bytes per
@@ -10,8 +10,8 @@ blow up through the blocks; the token embedding's is 1 (EMBED_STD says why). Nor
 is float32 with logits spread about 3, so tokens really pick different experts. The tokenizer metadata is Mixtral's own (mistral-common ships it), so
 llama.cpp and mixlocal both load the file as a Mixtral.
 
-Q4_0, Q8_0, Q4_K and IQ4_XS make every matrix that format (a downloaded IQ4_XS Mixtral keeps a few tensors, such
-as the output head, in K formats; the slice measures the IQ4_XS kernels themselves). Q4_K_M mixes formats per tensor as llama-quantize does for a
+Q4_0, Q8_0, Q4_K and the IQ types make every matrix that format (a downloaded IQ4_XS Mixtral keeps a few tensors,
+such as the output head, in K formats; the slice measures the IQ kernels themselves). Q4_K_M mixes formats per tensor as llama-quantize does for a
 Q4_K_M Mixtral (quant/recipes.py, level q4_k_m, 8 experts): Q4_K for the embedding, attn_q and the experts' gate and
 up; Q8_0 attn_k and attn_v; Q5_K attn_output; Q6_K the output head; ffn_down Q6_K in the recipe's "more bits" blocks,
 else Q4_K. Only ffn_down depends on the block, and the slice's blocks stand for blocks spread evenly over the 32 of
@@ -62,7 +62,7 @@ class SliceShape:
 MIXTRAL = SliceShape()
 
 # What the slice can be made of, with llama.cpp's file_type code: a single format, or a level that mixes them.
-SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15, "IQ4_XS": 30}
+SLICE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15, "IQ4_XS": 30, "IQ3_XXS": 23, "IQ2_XS": 20}
 # Slice types that are a quant/recipes.py level rather than one format
 _MIXES = {"Q4_K_M": "q4_k_m"}
 # Mixtral-8x7B's block count, which the mixes' per-block choices are made for
@@ -239,8 +239,24 @@ def _iq4_xs(rng, n_blocks: int, std: float) -> np.ndarray:
     return blocks
 
 
+def _grid_blocks(qtype: str, block_bytes: int):
+    """IQ3_XXS / IQ2_XS super-blocks of 256: every byte after d (f16) is a grid index, sign pattern or 4-bit scale, and
+    every value of them is valid, so the codes are random bytes; d comes from the spread of a sample decoded with
+    d = 1 by gguf-py (the lattice values have no simple closed-form RMS)."""
+    def make(rng, n_blocks: int, std: float) -> np.ndarray:
+        import gguf
+        blocks = _random_bytes(rng, n_blocks * block_bytes).reshape(n_blocks, block_bytes)
+        sample = blocks[:256].copy()
+        sample[:, 0:2] = _f16_bytes(np.ones(len(sample)))
+        unit = float(gguf.quants.dequantize(sample, gguf.GGMLQuantizationType[qtype]).std())
+        blocks[:, 0:2] = _f16_bytes(std / unit * rng.uniform(0.75, 1.25, n_blocks))
+        return blocks
+    return make
+
+
 _MAKERS = {"Q4_0": (_q4_0, 32, 18), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144),
-           "Q5_K": (_q5_k, 256, 176), "Q6_K": (_q6_k, 256, 210), "IQ4_XS": (_iq4_xs, 256, 136)}
+           "Q5_K": (_q5_k, 256, 176), "Q6_K": (_q6_k, 256, 210), "IQ4_XS": (_iq4_xs, 256, 136),
+           "IQ3_XXS": (_grid_blocks("IQ3_XXS", 98), 256, 98), "IQ2_XS": (_grid_blocks("IQ2_XS", 74), 256, 74)}
 
 
 def random_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator,
