@@ -39,7 +39,7 @@ _S_BYTES = 110    # d, qs[64], qh[8], signs[32], scales[4]
 def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid, kmap, neighbours) as ggml's iq3_data[] holds them.
 
-    grid (points, 4) int8: each coordinate 2*l+1 for its level l in 0..7. kmap (4096,) int32: for a base-8 index of
+    grid (points, 4) float32: each coordinate 2*l+1 for its level l in 0..7 (float: it only meets floats). kmap (4096,) int32: for a base-8 index of
     4 levels, its grid point, or -(offset+1) into neighbours when it is not a grid point. neighbours (int32): at
     offset a count n, then the n grid points nearest to that index (every point at the nwant smallest squared
     distances: 2 for the 256-point grid, 3 for the 512-point one), by distance and then index as ggml's qsort with
@@ -56,7 +56,7 @@ def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dequant = IQ3XXS_GRID if qtype == QType.IQ3_XXS else IQ3S_GRID
     if not (expect == dequant).all():
         raise AssertionError(f"{qtype.name}: unexpected lattice values")
-    grid = (2 * levels + 1).astype(np.int8)
+    grid = (2 * levels + 1).astype(np.float32)
     kmap = np.full(_KMAP_SIZE, -1, np.int64)
     index = (levels << (3 * np.arange(4))).sum(axis=1)
     kmap[index] = np.arange(len(grid))
@@ -103,7 +103,7 @@ def _best_neighbour(nb, off, grid, xval, xo, waux, scale, L):
         g = nb[off + j]
         d2 = _f32(0)
         for i in range(4):
-            diff = scale * _f32(grid[g, i]) - xval[xo + i]
+            diff = scale * grid[g, i] - xval[xo + i]
             d2 += waux[xo + i] * diff * diff
         if d2 < best:
             best = d2
@@ -111,7 +111,7 @@ def _best_neighbour(nb, off, grid, xval, xo, waux, scale, L):
     if gi < 0:  # every distance NaN or above FLT_MAX: ggml aborts on an assert; take the nearest unweighted point
         gi = nb[off + 1]
     for i in range(4):
-        L[xo + i] = (np.int64(grid[gi, i]) - 1) // 2
+        L[xo + i] = np.int64(grid[gi, i]) >> 1
     return gi
 
 
@@ -179,7 +179,7 @@ def _search(xval, weight, waux, mx, xxs, L, Laux, on, on_aux, grid, kmap, nb, sf
             if gi < 0:
                 gi = _best_neighbour(nb, -gi - 1, grid, xval, 4 * k, waux, scale, L)
             for i in range(4):
-                L[4 * k + i] = (np.int64(grid[gi, i]) - 1) // 2
+                L[4 * k + i] = np.int64(grid[gi, i]) >> 1
         sumqx, sumq2 = _fit(weight, xval, L)
         if sumq2 > 0:
             scale = sumqx / sumq2
