@@ -10,12 +10,13 @@ import re
 import numpy as np
 from gguf import LlamaFileType
 from mixlocal.quant import QStack, QTensor, QType, formats, nbytes_for
-from mixlocal.quant.quantize import IMATRIX_TYPES, quantize_fast
+from mixlocal.quant.quantize import IMATRIX_TYPES, QUANTIZE_TYPES, quantize_fast
 from mixlocal.quant.recipes import LEVELS, choose_type
 
 from .weights import ModelWeights, assemble
 
-__all__ = ["LEVELS", "MissingImatrixError", "quantize_weights"]
+__all__ = ["LEVELS", "MissingImatrixError", "MissingQuantizerError", "missing_quantizers", "quantize_weights",
+           "target_types"]
 
 _ROWS_PER_CHUNK = 4096  # bounds the float copy made while requantizing one matrix
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -51,28 +52,53 @@ def requantize(t: QTensor | QStack, target: QType, importance: np.ndarray | None
     return QTensor(target, shape, data)
 
 
+def target_types(weights: ModelWeights, level: str, imatrix: bool = False) -> dict[str, QType]:
+    """The format the level's recipe picks for every matrix of weights (imatrix: whether one will be given)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown quantization level {level!r}; choose one of {', '.join(LEVELS)}")
+    c = weights.config
+    # the imatrix flag goes only when set, so that a stand-in choose_type taking the six positionals still fits
+    extra = {"imatrix": True} if imatrix else {}
+    targets = {}
+    for name, t in weights.tensors().items():
+        if not isinstance(t, np.ndarray):
+            m = _LAYER.match(name)
+            targets[name] = choose_type(level, name, tuple(t.shape), c.n_experts, int(m.group(1)) if m else -1,
+                                        c.n_layers, **extra)
+    return targets
+
+
+def missing_quantizers(weights: ModelWeights, level: str, imatrix: bool = False) -> list[QType]:
+    """The formats the level would have to encode that quant.quantize has no quantizer for (tensors already in
+    their target format are kept, so they need none)."""
+    tensors = weights.tensors()
+    missing = {q for name, q in target_types(weights, level, imatrix).items()
+               if q not in QUANTIZE_TYPES and getattr(tensors[name], "qtype", None) != q}
+    return sorted(missing, key=lambda q: q.name)
+
+
 def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=None) -> ModelWeights:
     """A new ModelWeights with every matrix in the format the level's recipe picks for it.
 
     imatrix: a `quant.imatrix.Imatrix`; every matrix it has an entry for is quantized with ggml's weighted search
-    (experts each with their own row). A level whose formats llama.cpp refuses to make without one (IQ2_*, IQ1_*,
-    Q2_K in q2_k_s) is refused here too, naming the first tensor, before any work."""
-    if level not in LEVELS:
-        raise ValueError(f"unknown quantization level {level!r}; choose one of {', '.join(LEVELS)}")
+    (experts each with their own row), and the recipe takes llama.cpp's with-imatrix choices. A level whose formats
+    llama.cpp refuses to make without one (IQ3_XXS, IQ2_*, IQ1_*, Q2_K in q2_k_s) is refused here too, naming the
+    first tensor; before that, a level with a format we cannot encode yet is a MissingQuantizerError naming it. Both
+    before any work."""
     c = weights.config
     out, origin = {}, {}
     items = list(weights.tensors().items())
-    targets = {}
-    for name, t in items:
-        if not isinstance(t, np.ndarray):
-            m = _LAYER.match(name)
-            targets[name] = choose_type(level, name, tuple(t.shape), c.n_experts, int(m.group(1)) if m else -1,
-                                        c.n_layers)
-            if _requires_imatrix(level, name, targets[name]) and (imatrix is None or name not in imatrix.entries):
-                fix = ("give one with --imatrix (mixlocal imatrix computes it)" if imatrix is None
-                       else "the importance matrix given has no entry for it")
-                raise MissingImatrixError(f"{level} makes {name} {targets[name].name}, which llama.cpp refuses to "
-                                          f"quantize without an importance matrix; {fix}")
+    targets = target_types(weights, level, imatrix is not None)
+    # a format we cannot encode is said first: no importance matrix, however long it took to compute, would help
+    missing = missing_quantizers(weights, level, imatrix is not None)
+    if missing:
+        raise MissingQuantizerError(level, missing)
+    for name, target in targets.items():
+        if _requires_imatrix(level, name, target) and (imatrix is None or name not in imatrix.entries):
+            fix = ("give one with --imatrix (mixlocal imatrix computes it)" if imatrix is None
+                   else "the importance matrix given has no entry for it")
+            raise MissingImatrixError(f"{level} makes {name} {target.name}, which llama.cpp refuses to "
+                                      f"quantize without an importance matrix; {fix}")
     for name, t in (progress(items) if progress else items):
         origin[name] = f"{weights.origin.get(name, '?')} ({level})"
         if isinstance(t, np.ndarray):
@@ -85,17 +111,26 @@ def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=N
     return assemble(c, out, origin)
 
 
+class MissingQuantizerError(ValueError):
+    """A level picks a format that mixlocal reads but cannot encode yet."""
+
+    def __init__(self, level: str, types: list[QType]):
+        self.level, self.types = level, list(types)
+        names = ", ".join(q.name for q in self.types)
+        super().__init__(f"{level} needs {names}, which mixlocal cannot quantize to yet (it can: "
+                         f"{', '.join(q.name for q in QUANTIZE_TYPES)})")
+
+
 class MissingImatrixError(ValueError):
     """A level asks for a format that is only made with an importance matrix, and none was given for a tensor."""
 
 
-_NEEDS_IMATRIX = (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S)
+_NEEDS_IMATRIX = (QType.IQ3_XXS, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S, QType.IQ1_M)
 
 
 def _requires_imatrix(level: str, name: str, target: QType) -> bool:
-    """llama.cpp's rule (llama-quant.cpp, llama_model_quantize_impl: "Missing importance matrix for tensor ...")."""
-    if target in _NEEDS_IMATRIX:
-        return True
-    if target == QType.IQ1_M:
-        return name not in ("token_embd.weight", "output.weight")
-    return target == QType.Q2_K and LEVELS[level].file_type == LlamaFileType.MOSTLY_Q2_K_S and name != "token_embd.weight"
+    """llama.cpp's rule (llama-quant.cpp, tensor_requires_imatrix): never the embeddings or the output head."""
+    if name in ("token_embd.weight", "output.weight"):
+        return False
+    return target in _NEEDS_IMATRIX or (target == QType.Q2_K
+                                         and LEVELS[level].file_type == LlamaFileType.MOSTLY_Q2_K_S)

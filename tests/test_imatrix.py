@@ -260,8 +260,8 @@ def test_memory_budget_counts_real_experts(f32_gguf):
 
 
 def test_levels_needing_an_imatrix_are_refused(f32_gguf, monkeypatch):
-    """llama.cpp's rule: IQ2_*, IQ1_* and q2_k_s's Q2_K are not made without an importance matrix. No level of ours
-    picks those formats yet, so the recipe is made to pick IQ2_XS here; every type ggml itself says needs one
+    """llama.cpp's rule: IQ3_XXS, IQ2_*, IQ1_* and q2_k_s's Q2_K are not made without an importance matrix. The
+    recipe is made to pick IQ2_XS for every tensor here; every type ggml itself says needs one
     (ggml_quantize_requires_imatrix) is covered by the rule."""
     import ctypes
 
@@ -281,8 +281,10 @@ def test_levels_needing_an_imatrix_are_refused(f32_gguf, monkeypatch):
 
     _c, weights, _t, _n = open_source(f32_gguf)
     monkeypatch.setattr(eq, "choose_type", lambda level, name, *a: QType.IQ2_XS)
+    monkeypatch.setattr(eq, "QUANTIZE_TYPES", (*eq.QUANTIZE_TYPES, QType.IQ2_XS))  # else no encoder is said first
     seen = []
-    with pytest.raises(eq.MissingImatrixError, match=r"makes token_embd.weight IQ2_XS.*--imatrix"):
+    # llama.cpp never asks an importance matrix for the embeddings or the output head, so a block tensor is named
+    with pytest.raises(eq.MissingImatrixError, match=r"makes blk\.0\.\S+ IQ2_XS.*--imatrix"):
         eq.quantize_weights(weights, "q4_k_m", progress=lambda items: seen.extend(items) or items)
     assert seen == []  # refused before any tensor was quantized
 

@@ -1,9 +1,12 @@
-"""quant.recipes against llama.cpp itself: tiny GGUFs written by gguf-py are quantized by llama.cpp's
-llama_model_quantize (the llama-cpp-python wheel), and the format it picked for every tensor is compared with ours."""
+"""quant.recipes against llama.cpp itself: tiny GGUFs written by gguf-py are handed to llama.cpp's
+llama_model_quantize (the llama-cpp-python wheel), and the format it picks for every tensor is compared with ours.
+It is asked for a dry run, which picks every format by the same llama_tensor_get_type and logs it instead of writing
+the file (a real IQ run takes ggml seconds per file); two real runs check that the log says what a file holds."""
 from __future__ import annotations
 
 import ctypes
 import math
+import re
 
 import gguf
 import numpy as np
@@ -18,6 +21,7 @@ except ImportError:
 
 LLAMA_CPP_LEVELS = ["f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
                     "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+IQ_LEVELS = ["iq4_nl", "iq4_xs", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs"]
 
 
 def llama_tensors(n_layers: int, dim: int, ffn: int, n_experts: int, kv_dim: int, vocab: int,
@@ -43,8 +47,8 @@ MIXTRAL_8X7B = llama_tensors(n_layers=32, dim=4096, ffn=14336, n_experts=8, kv_d
 # Against llama.cpp's own choices
 # ----------------------------------------------------------------------------------------------------------------------
 
-def write_tiny_gguf(path, *, n_layers, dim, ffn, n_experts, heads, kv_heads, vocab):
-    shapes = llama_tensors(n_layers, dim, ffn, n_experts, dim // heads * kv_heads, vocab)
+def write_tiny_gguf(path, *, n_layers, dim, ffn, n_experts, heads, kv_heads, vocab, output=True):
+    shapes = llama_tensors(n_layers, dim, ffn, n_experts, dim // heads * kv_heads, vocab, output=output)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(128)
     w.add_embedding_length(dim)
@@ -75,10 +79,13 @@ def llama_quantize_types():
         pytest.skip(reason)
     import llama_cpp
 
-    def run(src, dst, level):
+    def run(src, dst, level, imatrix_of=None):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = int(LEVELS[level].file_type)
         params.nthread = 2
+        if imatrix_of is not None:
+            table, _keep = flat_imatrix_table(imatrix_of)
+            params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         assert rc == 0, f"llama_model_quantize failed for {level}"
         return {t.name: QType(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
@@ -99,26 +106,210 @@ def odd_width_gguf(tmp_path_factory):
     return path, write_tiny_gguf(path, n_layers=8, dim=288, ffn=256, n_experts=4, heads=9, kv_heads=3, vocab=320)
 
 
+@pytest.fixture(scope="module")
+def two_expert_tied_gguf(tmp_path_factory):
+    # fewer than 4 experts and n_gqa = 1: the IQ levels' attn_v rules that neither file above reaches; no
+    # output.weight, so token_embd takes the output head's rule
+    path = tmp_path_factory.mktemp("recipes") / "moe2.gguf"
+    return path, write_tiny_gguf(path, n_layers=8, dim=256, ffn=256, n_experts=2, heads=4, kv_heads=4, vocab=256,
+                                 output=False)
+
+
+TINY_GGUFS = {"eight_expert_gguf": (8, 4), "odd_width_gguf": (4, 3), "two_expert_tied_gguf": (2, 1)}  # experts, n_gqa
+
+
+def flat_imatrix_table(shapes):
+    """llama_model_quantize's importance matrix (what tools/quantize builds from an imatrix file), all ones: one
+    row per expert for every tensor llama.cpp quantizes. The values do not enter the choice of formats."""
+    import llama_cpp
+
+    rows = [(name.encode(), np.ones(shape[-1] * (shape[0] if len(shape) == 3 else 1), np.float32))
+            for name, shape in shapes.items() if len(shape) >= 2 and "_norm" not in name and "gate_inp" not in name]
+    entry = llama_cpp.llama_model_imatrix_data
+    table = (entry * (len(rows) + 1))(*[entry(n, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size)
+                                        for n, a in rows], entry(None, None, 0))
+    return table, rows  # the arrays must outlive the call
+
+
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^\n(]*(?:\((\w+)\))?\n")
+
+
+@pytest.fixture(scope="module")
+def llama_dry_run():
+    """llama.cpp's choice for every tensor at a level, with or without an importance matrix, from the log of
+    llama_model_quantize's dry run; and whether it says the real run would need an importance matrix."""
+    lib, reason = _ggml_base()
+    if lib is None:
+        pytest.skip(reason)
+    import llama_cpp
+    from llama_cpp import _logger
+
+    def run(src, shapes, level, imatrix):
+        text = []
+
+        @llama_cpp.llama_log_callback
+        def collect(_level, msg, _user):
+            text.append(msg.decode("utf-8", "replace"))
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(LEVELS[level].file_type)
+        params.dry_run = True
+        if imatrix:
+            table, _keep = flat_imatrix_table(shapes)
+            params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/nonexistent/unused.gguf", ctypes.byref(params))
+        finally:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        log = "".join(text)
+        assert rc == 0, log[-2000:]
+        chosen = {m[1]: QType[(m[3] or m[2]).upper()] for m in _DRY_RUN_LINE.finditer(log)}
+        return chosen, "will require an imatrix" in log
+    return run
+
+
 def _differences(ours, theirs):
     return {name: (ours[name].name, theirs[name].name) for name in ours if ours[name] != theirs[name]}
 
 
-@pytest.mark.parametrize("level", LLAMA_CPP_LEVELS)
-def test_eight_experts_match_llama_cpp(level, eight_expert_gguf, llama_quantize_types, tmp_path):
-    src, shapes = eight_expert_gguf
-    theirs = llama_quantize_types(src, tmp_path / f"{level}.gguf", level)
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("gguf_fixture", list(TINY_GGUFS))
+@pytest.mark.parametrize("level", IQ_LEVELS + LLAMA_CPP_LEVELS)
+def test_dry_run_matches_llama_cpp(level, gguf_fixture, imatrix, llama_dry_run, request):
+    """Every llama.cpp level on every tiny file, with and without an importance matrix (which changes iq3_xxs,
+    iq4_xs/iq4_nl and q4_0/q5_0), and whether llama.cpp would refuse it without one as engine.quantize does."""
+    from mixlocal.engine.quantize import _requires_imatrix
+
+    src, shapes = request.getfixturevalue(gguf_fixture)
+    n_experts, n_gqa = TINY_GGUFS[gguf_fixture]
+    theirs, needs = llama_dry_run(src, shapes, level, imatrix)
     assert set(theirs) == set(shapes)
-    ours = plan(level, shapes, n_experts=8, n_layers=8, n_gqa=4)
+    ours = plan(level, shapes, n_experts=n_experts, n_layers=8, n_gqa=n_gqa, imatrix=imatrix)
     assert _differences(ours, theirs) == {}
+    if not imatrix:
+        assert needs == any(_requires_imatrix(level, name, q) for name, q in ours.items() if q != QType.F32)
 
 
-@pytest.mark.parametrize("level", ["q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "q5_k_m", "q5_k_s",
-                                   "q6_k", "q5_1", "q5_0", "q4_1"])
-def test_odd_width_and_four_experts_match_llama_cpp(level, odd_width_gguf, llama_quantize_types, tmp_path):
-    src, shapes = odd_width_gguf
-    theirs = llama_quantize_types(src, tmp_path / f"{level}.gguf", level)
-    ours = plan(level, shapes, n_experts=4, n_layers=8, n_gqa=3)
-    assert _differences(ours, theirs) == {}
+@pytest.mark.parametrize("level, imatrix", [("q3_k_m", False), ("q4_0", True)])
+def test_dry_run_says_what_a_real_run_writes(level, imatrix, eight_expert_gguf, llama_dry_run, llama_quantize_types,
+                                             tmp_path):
+    """The log read above is what the written file holds (q3_k_m mixes four formats here; q4_0 with an importance
+    matrix five, its first ffn_down blocks Q4_1)."""
+    src, shapes = eight_expert_gguf
+    written = llama_quantize_types(src, tmp_path / "q.gguf", level, shapes if imatrix else None)
+    assert set(written) == set(shapes) and llama_dry_run(src, shapes, level, imatrix)[0] == written
+    assert len(set(written.values())) >= 4
+
+
+def test_iq_levels_on_mixtral_shapes():
+    """The rules that make the IQ levels what they are on Mixtral 8x7B (8 experts, n_gqa 4, 32 blocks)."""
+    iq2_m = plan("iq2_m", MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=True)
+    assert iq2_m["token_embd.weight"] == QType.IQ3_S and iq2_m["output.weight"] == QType.Q5_K
+    assert iq2_m["blk.0.attn_v.weight"] == iq2_m["blk.0.attn_k.weight"] == QType.Q4_K  # no 8-expert Q8_0 here
+    assert iq2_m["blk.3.ffn_down_exps.weight"] == QType.IQ3_S and iq2_m["blk.4.ffn_down_exps.weight"] == QType.IQ2_S
+    assert iq2_m["blk.9.attn_output.weight"] == QType.Q5_K and iq2_m["blk.9.ffn_up_exps.weight"] == QType.IQ2_S
+    iq3_xxs = plan("iq3_xxs", MIXTRAL_8X7B, n_experts=8, n_layers=32)
+    assert iq3_xxs["blk.3.ffn_down_exps.weight"] == QType.Q4_K and iq3_xxs["blk.4.ffn_down_exps.weight"] == QType.Q3_K
+    assert plan("iq3_xxs", MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=True)["blk.4.ffn_down_exps.weight"] == \
+        QType.IQ3_XXS
+    assert iq3_xxs["blk.5.attn_q.weight"] == QType.IQ2_S and iq3_xxs["blk.5.attn_v.weight"] == QType.Q8_0
+    iq4_xs = plan("iq4_xs", MIXTRAL_8X7B, n_experts=8, n_layers=32)
+    assert iq4_xs["blk.0.ffn_down_exps.weight"] == QType.Q5_K and iq4_xs["blk.5.ffn_gate_exps.weight"] == QType.IQ4_XS
+    assert plan("iq4_xs", MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=True)["blk.0.ffn_down_exps.weight"] == \
+        QType.IQ4_XS
+    # q4_0 guards its first ffn_down blocks with Q4_1, only with an importance matrix
+    assert plan("q4_0", MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=True)["blk.3.ffn_down_exps.weight"] == \
+        QType.Q4_1
+    assert plan("q4_0", MIXTRAL_8X7B, n_experts=8, n_layers=32)["blk.3.ffn_down_exps.weight"] == QType.Q4_0
+
+
+def test_iq_width_fallbacks():
+    # 288 columns: IQ formats of 256 fall back to IQ4_NL, whose blocks are 32; 48 columns: to F16
+    for level in ("iq4_xs", "iq3_s", "iq2_m"):
+        assert choose_type(level, "blk.1.ffn_gate_exps.weight", (8, 288, 288), 4, 1, 8, imatrix=True) == QType.IQ4_NL
+        assert choose_type(level, "blk.1.ffn_gate_exps.weight", (8, 48, 48), 4, 1, 8, imatrix=True) == QType.F16
+    assert choose_type("iq4_nl", "blk.1.ffn_gate_exps.weight", (8, 288, 288), 4, 1, 8) == QType.IQ4_NL
+    assert choose_type("iq2_xs", "token_embd.weight", (320, 288), 4, None, 8, imatrix=True) == QType.Q4_0  # Q2_K's
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A level whose formats we cannot encode yet
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_weights():
+    from mixlocal.engine.loader import open_source
+    return open_source(None)[1]
+
+
+def _flat_imatrix(weights):
+    from mixlocal.quant.imatrix import Imatrix, ImatrixEntry
+    entries = {}
+    for name, t in weights.tensors().items():
+        if not isinstance(t, np.ndarray):
+            n_mat = t.shape[0] if len(t.shape) == 3 else 1
+            entries[name] = ImatrixEntry(sums2=np.ones((n_mat, t.shape[-1])), counts=np.ones(n_mat))
+    return Imatrix(entries=entries, datasets=["flat"], chunk_count=1, chunk_size=1)
+
+
+class _Started(Exception):
+    """Raised by a progress hook: quantize_weights got past its checks and began the work."""
+
+
+def _start_and_stop(items):
+    raise _Started
+
+
+def _missing(weights, level):
+    from mixlocal.engine.quantize import target_types
+    from mixlocal.quant.quantize import QUANTIZE_TYPES
+    return sorted(q.name for q in set(target_types(weights, level, imatrix=True).values()) - set(QUANTIZE_TYPES))
+
+
+@pytest.mark.parametrize("level", IQ_LEVELS)
+def test_level_without_a_quantizer_says_which_format(level, default_weights):
+    """Whichever is true now: every format the level picks has a quantizer in quant.quantize, and quantize_weights
+    starts the work; or it is refused before any work by a MissingQuantizerError naming the formats it lacks."""
+    from mixlocal.engine.quantize import MissingQuantizerError, quantize_weights
+
+    im = _flat_imatrix(default_weights)
+    missing = _missing(default_weights, level)
+    if not missing:
+        with pytest.raises(_Started):
+            quantize_weights(default_weights, level, imatrix=im, progress=_start_and_stop)
+        return
+    with pytest.raises(MissingQuantizerError) as e:
+        quantize_weights(default_weights, level, imatrix=im, progress=_start_and_stop)
+    assert isinstance(e.value, ValueError)
+    assert sorted(q.name for q in e.value.types) == missing and all(m in str(e.value) for m in missing)
+
+
+def test_load_and_quantize_name_the_missing_format(default_weights, capsys, tmp_path, monkeypatch):
+    """engine.load(quant=) and `mixlocal quantize --imatrix` on a level we cannot encode: the same error, one line
+    on the command line, no file left behind. Once every IQ level has its quantizers, IQ3_S's is taken away here."""
+    from mixlocal.engine import quantize as eq
+    from mixlocal.engine.cli import main
+    from mixlocal.engine.loader import DEFAULT_MODEL
+    from mixlocal.quant.imatrix import write_imatrix
+
+    from mixlocal import engine
+
+    lacking = [(level, m) for level in IQ_LEVELS if (m := _missing(default_weights, level))]
+    if not lacking:
+        monkeypatch.setattr(eq, "QUANTIZE_TYPES", tuple(q for q in eq.QUANTIZE_TYPES if q != QType.IQ3_S))
+        lacking = [("iq3_s", ["IQ3_S"])]
+    level, missing = lacking[0]
+    # engine.load takes no importance matrix; the format it cannot encode is still what it names first
+    with pytest.raises(eq.MissingQuantizerError, match=missing[0]):
+        engine.load(quant=level, n_ctx=64, n_threads=1)
+    write_imatrix(tmp_path / "flat.gguf", _flat_imatrix(default_weights))
+    out = tmp_path / "x.gguf"
+    assert main(["quantize", str(DEFAULT_MODEL), str(out), "--type", level, "--allow-requantize",
+                 "--imatrix", str(tmp_path / "flat.gguf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and missing[0] in err[0], err
+    assert not out.exists() and not (tmp_path / "x.gguf.part").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,14 +362,21 @@ def test_q4_moe_rule_table():
             assert qtype == QType.Q8_0, name
 
 
-def _file_bytes(level):
-    chosen = plan(level, MIXTRAL_8X7B, n_experts=8, n_layers=32)
+def _file_bytes(level, imatrix=False):
+    chosen = plan(level, MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=imatrix)
     return sum(nbytes_for(chosen[name], shape) for name, shape in MIXTRAL_8X7B.items())
 
 
 def test_q4_moe_is_within_5_percent_of_q4_k_m_on_mixtral_shapes():
     q4_k_m, q4_moe = _file_bytes("q4_k_m"), _file_bytes("q4_moe")
     assert q4_k_m < q4_moe <= 1.05 * q4_k_m, (q4_k_m, q4_moe)
+
+
+def test_iq_sizes_rise_with_level():
+    order = ["iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq4_xs", "iq4_nl"]
+    sizes = [_file_bytes(level, imatrix=True) for level in order]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert _file_bytes("iq4_xs") < _file_bytes("q4_k_s") and _file_bytes("q2_k") < _file_bytes("iq3_m")
 
 
 def test_sizes_rise_with_level():
