@@ -1,12 +1,13 @@
 """IQ2_XXS, IQ2_XS and IQ2_S quantizers with an importance matrix, byte-identical to ggml's ggml_quantize_chunk.
 
-The three formats code 8 weights at a time as one point of a fixed lattice (256, 512 or 1024 points whose
-coordinates are 1, 3 or 5 times a scale), with a sign per weight and a 4-bit scale per 16 or 32 weights. The
+The three formats code 8 weights at a time as one point of a fixed lattice (256, 512 or 1024 points; the search
+models each coordinate as level 1, 3 or 5 times a scale, the decoder reads 8, 25, 43 eighths), with a sign per weight and a 4-bit scale per 16 or 32 weights. The
 search is ggml's (ggml-quants.c: quantize_row_iq2_xxs_impl, quantize_row_iq2_xs_impl, quantize_row_iq2_s_impl):
 for each of a few trial scales round every weight to the nearest level, and when the 8 levels are not a lattice
 point take the best of the lattice points nearest to them (the neighbour lists iq2xs_init_impl builds); keep the
 trial with the best weighted fit. Float32 rules as in `quant.quantize` (every int that meets a float goes through
-`_f32()`, no fastmath), so each operation rounds as ggml's C does.
+`_f32()`, no fastmath), so each operation rounds as ggml's C does. The drivers are cached against this file only:
+a change to the helpers taken from quantize_common.py or quantize_imatrix.py needs a touch here too.
 
 ggml refuses IQ2_XXS and IQ2_XS without an importance matrix (ggml_quantize_requires_imatrix; the process aborts
 on a GGML_ASSERT). We refuse them with `ImatrixRequiredError` instead. IQ2_S takes either.
@@ -21,6 +22,7 @@ from numba import njit, prange
 from .formats import QK_K, row_bytes
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID
 from .quantize_common import _f32, _put_f16
+from .quantize_imatrix import _make_qp_quants
 from .tensor import QType
 
 __all__ = ["IMATRIX_REQUIRED", "IQ2_DRIVERS", "IQ2_TYPES", "ImatrixRequiredError", "quantize_iq2"]
@@ -28,7 +30,6 @@ __all__ = ["IMATRIX_REQUIRED", "IQ2_DRIVERS", "IQ2_TYPES", "ImatrixRequiredError
 IQ2_TYPES: tuple[QType, ...] = (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S)
 IMATRIX_REQUIRED: tuple[QType, ...] = (QType.IQ2_XXS, QType.IQ2_XS)
 
-_BLOCK_BYTES = {QType.IQ2_XXS: 66, QType.IQ2_XS: 74, QType.IQ2_S: 82}
 _KMAP_SIZE = 43692  # ggml's kmap_size: every 8-digit base-4 index up to 0xAAAA (all digits 2) fits
 _FLT_MAX = 3.4028234663852886e38
 
@@ -55,28 +56,35 @@ def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # gguf-py's grids hold the dequantized magnitudes 8, 25, 43 of levels 0, 1, 2 (ggml's kgrid_2bit_* encodings)
     levels = np.searchsorted(np.array([8, 25, 43]), dequant_grid).astype(np.int64)
     if not (np.array([8, 25, 43])[levels] == dequant_grid).all():
-        raise AssertionError(f"{qtype.name}: unexpected lattice values")
+        raise RuntimeError(f"{qtype.name}: the lattice holds values other than 8, 25, 43")
     grid = (2 * levels + 1).astype(np.int8)
     kmap = np.full(_KMAP_SIZE, -1, np.int64)
     kmap[(levels << (2 * np.arange(8))).sum(axis=1)] = np.arange(len(grid))
     missing = np.flatnonzero(kmap < 0)
-    pos = 2 * ((missing[:, None] >> (2 * np.arange(8))) & 3) + 1
-    gridi = grid.astype(np.int32)
-    lists = []
-    for start in range(0, missing.size, 2048):
-        p = pos[start:start + 2048].astype(np.int32)
-        d2 = ((p[:, None, :] - gridi[None, :, :]) ** 2).sum(axis=2)
-        order = np.argsort(d2, axis=1, kind="stable")  # stable: equal distances stay in index order
-        sd2 = np.take_along_axis(d2, order, axis=1)
-        level = np.concatenate([np.zeros((len(p), 1), np.int64), np.cumsum(sd2[:, 1:] > sd2[:, :-1], axis=1)], 1)
-        keep = level < nwant
-        lists.extend(order[r, keep[r]] for r in range(len(p)))
-    counts = np.array([len(v) for v in lists], np.int64)
+    gpos = grid.astype(np.int16)
+    found_rows, found_cols = [], []
+    for start in range(0, missing.size, 4096):  # chunks keep the (indices, points) distance table in cache
+        pos = (2 * ((missing[start:start + 4096, None] >> (2 * np.arange(8))) & 3) + 1).astype(np.int16)
+        d2 = np.zeros((len(pos), len(grid)), np.int16)
+        for k in range(8):
+            diff = pos[:, k, None] - gpos[None, :, k]
+            d2 += diff * diff
+        cut = d2.min(axis=1)[:, None]
+        for level in range(nwant):
+            if level:
+                cut = np.where(d2 > cut, d2, np.iinfo(np.int16).max).min(axis=1)[:, None]
+            r, c = np.nonzero(d2 == cut)  # one distance at a time, nearest first, each in index order
+            found_rows.append(r + start)
+            found_cols.append(c)
+    rows = np.concatenate(found_rows)
+    order = np.argsort(rows, kind="stable")  # stable: per index, ggml's qsort order on (distance, point)
+    rows, cols = rows[order], np.concatenate(found_cols)[order]
+    counts = np.bincount(rows, minlength=missing.size)
     offsets = np.concatenate([[0], np.cumsum(counts + 1)[:-1]])
     neighbours = np.empty(int((counts + 1).sum()), np.uint16)
-    for off, v in zip(offsets, lists, strict=True):
-        neighbours[off] = len(v)
-        neighbours[off + 1:off + 1 + len(v)] = v
+    neighbours[offsets] = counts
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each row's first entry in rows/cols
+    neighbours[offsets[rows] + 1 + np.arange(rows.size) - first[rows]] = cols
     kmap[missing] = -(offsets + 1)
     return grid, kmap.astype(np.int32), neighbours
 
@@ -308,6 +316,94 @@ def _row_iq2_xs(x, qw, has_w, out, grid, kmap, nb):
             out[o + 3 + 2 * j] = (q2[j] >> 8) & 0xFF
 
 
+@njit
+def _row_iq2_xxs(x, qw, has_w, out, grid, kmap, nb):
+    """quantize_row_iq2_xxs_impl on one row. Block: d, then per 32 values two u32: four grid indices (a byte each),
+    and four 7-bit sign groups with the 4-bit scale in the top nibble."""
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
+    weight = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    Lqp = np.zeros(32, np.int32)
+    signs = np.zeros(4, np.int64)
+    scales = np.zeros(8, np.float32)
+    q2 = np.zeros(16, np.int64)
+    for ibl in range(x.size // QK_K):
+        xo, o = ibl * QK_K, ibl * 66
+        for j in range(66):
+            out[o + j] = 0
+        for j in range(16):
+            q2[j] = 0
+        sumx2 = _f32(0)
+        for i in range(QK_K):
+            sumx2 += x[xo + i] * x[xo + i]
+        sigma2 = sumx2 / _f32(QK_K)
+        max_scale = _f32(0)
+        for ib in range(8):
+            bo = xo + 32 * ib
+            _weights(x, bo, 32, qw, has_w, sigma2, weight, waux)
+            _fold_signs(x, bo, 4, weight, xval, signs, True)
+            if _max(xval, 32) < _f32(1e-15):
+                scales[ib] = _f32(0)
+                continue
+            # unlike IQ2_XS the trial scales are centred on make_qp_quants' weighted fit to levels 0..4
+            scale = _make_qp_quants(32, 4, xval, Lqp, weight)
+            eff_max = scale * _f32(3)
+            if eff_max <= 0:
+                scales[ib] = _f32(0)
+                continue
+            best = _f32(0)
+            for trial in range(-6, 7):
+                id_ = (_f32(5) + _f32(trial) * _f32(0.1)) / eff_max
+                this_scale = _f32(1) / id_
+                for k in range(4):
+                    u = _round_group(xval, 8 * k, id_, Laux, sf, su)
+                    if kmap[u] < 0:
+                        _best_neighbour(nb, -np.int64(kmap[u]) - 1, grid, xval, 8 * k, waux, this_scale, Laux)
+                sumqx, sumq2 = _fit(weight, xval, Laux, 32)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    for i in range(32):
+                        L[i] = Laux[i]
+            if scale > 0:
+                # every group is re-picked at the fitted scale (IQ2_XS re-picks only groups that left the grid)
+                id_ = _f32(1) / scale
+                for k in range(4):
+                    u = _round_group(xval, 8 * k, id_, Laux, sf, su)
+                    gi = np.int64(kmap[u])
+                    if gi < 0:
+                        gi = _best_neighbour(nb, -gi - 1, grid, xval, 8 * k, waux, scale, Laux)
+                    for i in range(8):
+                        L[8 * k + i] = (np.int64(grid[gi, i]) - 1) // 2
+                sumqx, sumq2 = _fit(weight, xval, L, 32)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:
+                scale = -scale
+                for k in range(4):
+                    signs[k] = ~signs[k] & 127
+            for k in range(4):
+                q2[2 * ib] |= np.int64(kmap[_index(L, 8 * k)]) << (8 * k)
+                q2[2 * ib + 1] |= signs[k] << (7 * k)
+            scales[ib] = scale
+            max_scale = max_scale if max_scale > scale else scale  # noqa: FURB136 (ggml's MAX)
+        if max_scale == 0:
+            continue
+        d = max_scale / _f32(31)
+        _put_f16(out, o, d, sf, su)
+        id_ = _f32(1) / d
+        for ib in range(8):
+            l = max(0, min(15, _nint(_f32(0.5) * (id_ * scales[ib] - _f32(1)), sf, su)))
+            q2[2 * ib + 1] |= l << 28
+        for j in range(16):
+            for b in range(4):
+                out[o + 2 + 4 * j + b] = (q2[j] >> (8 * b)) & 0xFF
+
+
 @njit(cache=True, parallel=True)
 def _rows_iq2_xs(x, qw, has_w, out, grid, kmap, nb):
     for r in prange(x.shape[0]):
@@ -318,7 +414,70 @@ def _rows_iq2_xs(x, qw, has_w, out, grid, kmap, nb):
 # Drivers: checked in Python, then the compiled rows
 # ----------------------------------------------------------------------------------------------------------------------
 
-_KERNELS = {QType.IQ2_XS: _rows_iq2_xs}
+@njit
+def _row_iq2_s(x, qw, has_w, out, grid, kmap, nb):
+    """quantize_row_iq2_s_impl on one row. Block: d, qs[32] (low 8 bits of each group's grid index), signs[32] (all
+    8 bits: no parity trick), qh[8] (2 high index bits per group), scales[8]."""
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
+    weight = np.empty(16, np.float32)
+    waux = np.empty(16, np.float32)
+    xval = np.empty(16, np.float32)
+    L = np.zeros(16, np.int64)
+    Laux = np.zeros(16, np.int64)
+    on = np.ones(2, np.bool_)
+    on_aux = np.ones(2, np.bool_)
+    signs = np.zeros(2, np.int64)
+    scales = np.zeros(16, np.float32)
+    for ibl in range(x.size // QK_K):
+        xo, o = ibl * QK_K, ibl * 82
+        for j in range(82):
+            out[o + j] = 0
+        sumx2 = _f32(0)
+        for i in range(QK_K):
+            sumx2 += x[xo + i] * x[xo + i]
+        sigma2 = _f32(2) * sumx2 / _f32(QK_K)
+        max_scale = _f32(0)
+        for ib in range(16):
+            bo = xo + 16 * ib
+            _weights(x, bo, 16, qw, has_w, sigma2, weight, waux)
+            _fold_signs(x, bo, 2, weight, xval, signs, False)
+            mx = _max(xval, 16)
+            if mx < _f32(1e-8):  # GROUP_MAX_EPS_IQ2_S
+                scales[ib] = _f32(0)
+                continue
+            scale = _search16(xval, weight, waux, mx, L, Laux, on, on_aux, grid, kmap, nb, sf, su)
+            if scale < 0:
+                scale = -scale
+                signs[0] = ~signs[0] & 0xFF
+                signs[1] = ~signs[1] & 0xFF
+            for k in range(2):
+                # written straight into the block, so they stay even when every scale of the block ends up zero
+                gi = np.int64(kmap[_index(L, 8 * k)])
+                i8 = 2 * ib + k
+                out[o + 2 + i8] = gi & 0xFF
+                out[o + 66 + i8 // 4] |= (gi >> 8) << (2 * (i8 % 4))
+                out[o + 34 + i8] = signs[k]
+            scales[ib] = scale
+            max_scale = max_scale if max_scale > scale else scale  # noqa: FURB136 (ggml's MAX)
+        if max_scale == 0:
+            continue
+        _put_scales(out, o, o + 74, scales, max_scale, _f32(0.9875), sf, su)
+
+
+@njit(cache=True, parallel=True)
+def _rows_iq2_xxs(x, qw, has_w, out, grid, kmap, nb):
+    for r in prange(x.shape[0]):
+        _row_iq2_xxs(x[r], qw, has_w, out[r], grid, kmap, nb)
+
+
+@njit(cache=True, parallel=True)
+def _rows_iq2_s(x, qw, has_w, out, grid, kmap, nb):
+    for r in prange(x.shape[0]):
+        _row_iq2_s(x[r], qw, has_w, out[r], grid, kmap, nb)
+
+
+_KERNELS = {QType.IQ2_XXS: _rows_iq2_xxs, QType.IQ2_XS: _rows_iq2_xs, QType.IQ2_S: _rows_iq2_s}
 
 
 def _check(qtype: QType, x, qw, has_w: bool, out) -> None:
