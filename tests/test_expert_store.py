@@ -132,6 +132,31 @@ def test_budget_reads_experts_already_packed_from_the_cache_file(full, tmp_path,
         assert store.stats.misses > 0
 
 
+def test_budget_uses_a_whole_model_cache_but_writes_one_only_when_asked(full, tmp_path, monkeypatch):
+    """A model that does not fit in memory would take its size again on disk as a packed cache: by default the
+    budget path repacks missing experts from the model file and writes no cache of them; packed_cache=True writes
+    one, and later default loads read experts from it."""
+    from mixlocal.engine.backends.numba import backend as numba_backend
+    monkeypatch.setenv("MIXLOCAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(numba_backend, "MIN_CACHED_BYTES", 0)  # the embedded model stands for a large one
+    budget = budget_for(full, 3)
+    ids = prompt(full)
+    full.reset()
+    want = full.eval(ids)
+
+    def expert_caches():
+        return [p for p in tmp_path.rglob("*.mixpack") if p.stat().st_size > full.backend.budget["experts"]]
+
+    with engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget) as llm:
+        assert llm.backend.store.repack and not expert_caches()
+        assert np.array_equal(llm.eval(ids), want)
+    with engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget, packed_cache=True) as llm:
+        assert not llm.backend.store.repack and len(expert_caches()) == 1
+    with engine.load(n_ctx=N_CTX, kv_type="f32", mem_budget=budget) as llm:
+        assert not llm.backend.store.repack
+        assert np.array_equal(llm.eval(ids), want)
+
+
 def test_budget_on_file_layout_and_per_expert_tensors(hf_model_dir, tmp_path):
     """A format the kernels do not repack (Q4_1: slots hold file bytes) in an early-Mixtral GGUF (one tensor per
     expert), written by gguf-py."""

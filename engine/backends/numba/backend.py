@@ -294,7 +294,10 @@ class NumbaCPUBackend:
             layers = [{attr: getattr(lw, attr) for attr in _EXPERT_NAMES.values()} for lw in weights.layers]
             found = None
             if packed_cache is not False and (packed_cache or self.budget["experts"] >= MIN_CACHED_BYTES):
-                found = cached_weights(named, weights.origin, self.kernels)  # experts stay on disk there
+                # a cache file of every weight, experts included, is used when there is one, but written only when
+                # asked for (packed_cache=True): a model that does not fit in memory would take its size again on
+                # disk, and missing experts are repacked from the model file on the I/O threads instead
+                found = cached_weights(named, weights.origin, self.kernels, build=bool(packed_cache))
             if found is not None:  # read experts already packed: nothing to repack on a miss
                 cached, path = found
                 prepared = {k: cached[k] if k in cached else kernels.prepare(w, family=self.kernels)
@@ -423,13 +426,14 @@ class NumbaCPUBackend:
         return logits
 
     def _fetch_experts(self, li: int, st: DecodeState) -> None:
-        """Budgeted decode: guess block li+1's experts from this hidden state and start reading them, then make
-        this block's experts resident and switch the step's expert ids to their slots."""
+        """Budgeted decode: make this block's experts resident (their reads queued first), guess block li+1's
+        experts from this hidden state and start reading them, and switch the step's expert ids to their slots."""
         store, c = self.store, self.config
+        then = None
         if li + 1 < c.n_layers:
             guess = np.matmul(self.w.layers[li + 1].router, st.h[0], out=st.guess)
-            store.prefetch(li + 1, np.argsort(-guess)[:c.n_experts_used])
-        slots = store.ensure(li, st.ids)
+            then = (li + 1, np.argsort(-guess)[:c.n_experts_used])
+        slots = store.ensure(li, st.ids, then_prefetch=then)
         st.ids[:] = slots
         st.run_expert[:] = np.sort(slots)
 

@@ -486,9 +486,10 @@ class ExpertStore:
 
     # -- the step's experts ---------------------------------------------------------------------------------------
 
-    def ensure(self, block: int, experts: np.ndarray) -> np.ndarray:
+    def ensure(self, block: int, experts: np.ndarray, then_prefetch: tuple | None = None) -> np.ndarray:
         """Make the experts of `block` resident (at most its slot count distinct); returns their slot ids, same
-        shape."""
+        shape. then_prefetch: (block, guessed experts) to prefetch once this block's own reads are queued, so that
+        guesses for the next block never delay the reads this one waits for."""
         need = [int(e) for e in np.unique(experts)]
         if len(need) > self.slots_per_block[block]:
             raise MemoryBudgetError(f"block {block} needs {len(need)} experts at once, only "
@@ -511,6 +512,8 @@ class ExpertStore:
                 self._free(block, slot)
                 keep.add(slot)
                 self._fill(block, slot, e)
+        if then_prefetch is not None:
+            self.prefetch(*then_prefetch)
         misses = len(need) - hits
         self.stats.hits += hits
         self.stats.misses += misses

@@ -119,20 +119,21 @@ def prepare_weights(named: dict, origin: dict[str, str], *, use_cache: bool | No
     return {name: packed[name] if name in packed else kernels.prepare(w, family=family) for name, w in named.items()}
 
 
-def cached_weights(named: dict, origin: dict[str, str], family: str) -> tuple[dict, Path] | None:
-    """The packed form of every packable weight in `named`, mapped from the cache file (built now if missing), and
-    that file's path; None when there can be no cache file (weights not from files, no room on disk). Never packs
-    in memory: the memory budget path (experts.py) reads experts from this file, or else from the model
-    file, but must not hold a packed copy of them all."""
+def cached_weights(named: dict, origin: dict[str, str], family: str,
+                   build: bool = True) -> tuple[dict, Path] | None:
+    """The packed form of every packable weight in `named`, mapped from the cache file (built now if missing and
+    `build`), and that file's path; None when there is no cache file (weights not from files, no room on disk, or
+    none yet and not `build`). Never packs in memory: the memory budget path (experts.py) reads experts from this
+    file, or else from the model file, but must not hold a packed copy of them all."""
     family = kernels.resolve_family(family)
     entries, total = _plan(named, family)
     if not entries:
         return None
-    return _cached(named, origin, family, entries, total)
+    return _cached(named, origin, family, entries, total, build)
 
 
 def _cached(named: dict, origin: dict[str, str], family: str, entries: list[dict],
-            total: int) -> tuple[dict, Path] | None:
+            total: int, build: bool = True) -> tuple[dict, Path] | None:
     sources = _sources(named, origin, entries)
     if sources is None:
         return None
@@ -141,7 +142,7 @@ def _cached(named: dict, origin: dict[str, str], family: str, entries: list[dict
                   "sources": sources, "entries": entries}
     path = cache_dir() / _file_name(sources, descriptor)
     packed = _open(path, descriptor, named, total, family)
-    if packed is None:
+    if packed is None and build:
         packed = _build(path, descriptor, named, total, family)
     return None if packed is None else (packed, path)
 
