@@ -46,7 +46,7 @@ class ImatrixRequiredError(ValueError):
 def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid, kmap, neighbours) as ggml's iq2_data[] holds them.
 
-    grid (points, 8) int8: each coordinate 2*l+1 for its level l in 0..2. kmap (43692,) int32: for a base-4 index of
+    grid (points, 8) float32 (the search's operand, exact): each coordinate 2*l+1 for its level l in 0..2. kmap (43692,) int32: for a base-4 index of
     8 levels, its grid point, or -(offset+1) into neighbours when it is not a grid point. neighbours: at offset, a
     count n, then the n grid points nearest to that index (every point at the nwant smallest squared distances, 2
     for IQ2_XXS/IQ2_XS and 1 for IQ2_S), ordered by distance and then index as ggml's qsort leaves them; the order
@@ -57,11 +57,11 @@ def _tables(qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     levels = np.searchsorted(np.array([8, 25, 43]), dequant_grid).astype(np.int64)
     if not (np.array([8, 25, 43])[levels] == dequant_grid).all():
         raise RuntimeError(f"{qtype.name}: the lattice holds values other than 8, 25, 43")
-    grid = (2 * levels + 1).astype(np.int8)
+    grid = (2 * levels + 1).astype(np.float32)
     kmap = np.full(_KMAP_SIZE, -1, np.int64)
     kmap[(levels << (2 * np.arange(8))).sum(axis=1)] = np.arange(len(grid))
     missing = np.flatnonzero(kmap < 0)
-    gpos = grid.astype(np.int16)
+    gpos = (2 * levels + 1).astype(np.int16)
     found_rows, found_cols = [], []
     for start in range(0, missing.size, 4096):  # chunks keep the (indices, points) distance table in cache
         pos = (2 * ((missing[start:start + 4096, None] >> (2 * np.arange(8))) & 3) + 1).astype(np.int16)
@@ -162,7 +162,7 @@ def _best_neighbour(nb, off, grid, xval, xo, waux, scale, L):
         g = np.int64(nb[off + j])
         d2 = _f32(0)
         for i in range(8):
-            diff = scale * _f32(grid[g, i]) - xval[xo + i]
+            diff = scale * grid[g, i] - xval[xo + i]
             d2 += waux[xo + i] * diff * diff
         if d2 < best:
             best = d2
