@@ -12,7 +12,9 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
     Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
-    IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle.
+    IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle;
+    IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS (iq2_quads.py) with 8-value grid
+    entries gathered per 64-bit lane, one row per lane pair.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
     LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py).
   * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
@@ -40,6 +42,7 @@ from . import (
     avxvnni,
     blas,
     families,
+    iq2_quads,
     iq_grid_quads,
     iq_portable,
     iq_quads,
@@ -111,21 +114,23 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 5
+PACK_LAYOUT_VERSION = 6
 
 host_families = families.host_families
 resolve_family = families.resolve
 
 # The integer families' kernels by format: (decode, prefill). They share the quads layout; portable has its own.
-# (the IQ formats' kernels come from iq_quads.py and iq_grid_quads.py, built for each integer family)
-_RUNS = {name: {**fam.RUNS, **iq_quads.make_iq_runs(fam.KEY), **iq_grid_quads.make_grid_runs(fam.KEY)}
+# (the IQ formats' kernels come from iq_quads.py, iq_grid_quads.py and iq2_quads.py, built for each integer family)
+_RUNS = {name: {**fam.RUNS, **iq_quads.make_iq_runs(fam.KEY), **iq_grid_quads.make_grid_runs(fam.KEY),
+                **iq2_quads.make_iq2_runs(fam.KEY)}
          for name, fam in (("avx512vnni", avx512vnni), ("avxvnni", avxvnni), ("avx2", avx2))}
 _RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2,
-                     "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2}
+                     "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2, "IQ2_XS": (iq_portable.iq2_xs_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
-                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS}),
-                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS})}
+                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS}),
+                 "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS,
+                                    QType.IQ2_XS})}
 
 
 def layout_of(family: str) -> str:
@@ -191,6 +196,11 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
             return [((n_exp, g, k // 256, 96, rows), u8), ((n_exp, g, k // 256, rows), u16)]
         return [((n_exp, g, k // 256, 4, 24, 16, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
                 ((n_exp, g, k // 256, rows), u16)]
+    if qtype == QType.IQ2_XS:  # iq2_quads.py, iq_portable.py
+        if not quads_:
+            return [((n_exp, g, k // 256, 72, rows), u8), ((n_exp, g, k // 256, rows), u16)]
+        return [((n_exp, g, k // 256, 8, 16, 8, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
+                ((n_exp, g, k // 256, rows), u16)]
     if qtype in (QType.Q4_0, QType.IQ4_NL):
         codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
@@ -214,10 +224,11 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
 _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, QType.Q2_K: quads.pack_q2_k,
                       QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
                       QType.Q6_K: quads.pack_q6_k, QType.IQ4_XS: iq_quads.pack_iq4_xs,
-                      QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs},
+                      QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs,
+                      QType.IQ2_XS: iq2_quads.pack_iq2_xs},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
                      QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
-                     QType.IQ3_XXS: iq_portable.pack_iq3_xxs}}
+                     QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs}}
 
 
 def packer(qtype: QType, layout: str):
@@ -483,11 +494,15 @@ _K_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K
 PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K})
 
 
+# the IQ formats whose integer-family kernels take Q8_K activations, as llama.cpp's dot products for them do
+_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ2_XS})
+
+
 def activation_type(w) -> QType | None:
     """How linear/expert_linear round x on w: QType.Q8_0 (8 bits per 32 values, float32 scale), QType.Q8_K (per
     256, as llama.cpp does for K-quants: activations.py) or None (x stays float)."""
     if not isinstance(w, PackedWeight):
         return None
-    if w.layout == "quads" and (w.qtype in _K_TYPES or w.qtype in (QType.IQ4_XS, QType.IQ3_XXS)):
+    if w.layout == "quads" and (w.qtype in _K_TYPES or w.qtype in _Q8_K_IQ_TYPES):
         return QType.Q8_K
     return QType.Q8_0

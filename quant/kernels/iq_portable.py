@@ -1,4 +1,4 @@
-"""IQ4_XS, IQ4_NL and IQ3_XXS in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+"""IQ4_XS, IQ4_NL, IQ3_XXS and IQ2_XS in the portable family's rows layout (portable.py): packing and kernels for any CPU.
 
 The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
 through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
@@ -11,13 +11,15 @@ Layouts (per expert; G groups of ROWS rows):
   IQ4_NL qs (G, nb, 16, ROWS); d (G, nb, ROWS). 18 bytes per 32 as in the file.
   IQ3_XXS qs (G, nsb, 96, ROWS) the file's 64 grid indices and 8 sign-and-scale words; d (G, nsb, ROWS). 98 bytes
          per 256 as in the file; decoded in the kernel (iq3xxs_grid, ksigns_iq2xs) one sub-block of 32 at a time.
+  IQ2_XS qs (G, nsb, 72, ROWS) the file's 32 uint16 (grid index and signs) and 8 scale bytes; d (G, nsb, ROWS). 74
+         bytes per 256 as in the file; decoded in the kernel (iq2xs_grid, ksigns_iq2xs) the same way.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..iq_grids import IQ3XXS_GRID, KSIGNS, KVALUES_IQ4NL
+from ..iq_grids import IQ2XS_GRID, IQ3XXS_GRID, KSIGNS, KVALUES_IQ4NL
 from .portable import (
     ROWS,
     _f16_bits,
@@ -27,10 +29,12 @@ from .portable import (
     _store_group,
 )
 
-__all__ = ["iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs", "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
+__all__ = ["iq2_xs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs", "pack_iq2_xs", "pack_iq3_xxs", "pack_iq4_nl",
+           "pack_iq4_xs"]
 
 _LEVELS = KVALUES_IQ4NL.astype(np.int32)
 _GRID3 = IQ3XXS_GRID.astype(np.int32)
+_GRID2 = IQ2XS_GRID.astype(np.int32)
 _KSIGNS = KSIGNS.astype(np.int32)
 
 
@@ -173,4 +177,57 @@ def iq3_xxs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                                     v = _GRID3[gi, j] * xb[8 * l + 4 * h + j]
                                     acc += -v if (signs >> (4 * h + j)) & 1 else v
                         a[r] += np.float32(np.int32(2 * (aux >> 28) + 1) * acc) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq2_xs(rows, qs, d):
+    """rows (N, nsb*74) -> qs (G, nsb, 72, ROWS) (the block's bytes after d), d (G, nsb, ROWS) f16 bits."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                d[g, b, r] = _f16_bits(rows[row], b * 74) if live else 0
+                for j in range(72):
+                    qs[g, b, j, r] = rows[row, b * 74 + 2 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq2_xs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """a[r] += xd * d_r / 8 * sum over the two halves of 16 of (2 s + 1) * (grid values . signed x), per sub-block
+    of 32 (one Q8_0 block of x)."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for s in range(8):
+                    blk = b * 8 + s
+                    for j in range(32):
+                        xb[j] = xq[m, blk * 32 + j]
+                    scale = xd[m, blk] * np.float32(0.125)
+                    for r in range(ROWS):
+                        ls = np.int32(q[64 + s, r])
+                        total = np.int32(0)
+                        for h in range(2):
+                            acc = np.int32(0)
+                            for u in range(2):
+                                i = 4 * s + 2 * h + u
+                                code = np.int32(q[2 * i, r]) | (np.int32(q[2 * i + 1, r]) << 8)
+                                gi = code & 511
+                                signs = _KSIGNS[code >> 9]
+                                for j in range(8):
+                                    v = _GRID2[gi, j] * xb[16 * h + 8 * u + j]
+                                    acc += -v if (signs >> j) & 1 else v
+                            total += (2 * ((ls >> (4 * h)) & 15) + 1) * acc
+                        a[r] += np.float32(total) * (dsup[r] * scale)
         _store_group(out, accf, g, m0, m1, n_rows)

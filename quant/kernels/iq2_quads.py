@@ -1,0 +1,270 @@
+"""IQ2_XS in the integer families: packing and kernels for a lattice grid of 8 values per index.
+
+IQ2_XS (ggml-common.h block_iq2_xs, dequantize_row_iq2_xs) codes 8 values at a time as one uint16: a 9-bit index
+into iq2xs_grid (512 entries of 8 unsigned bytes, each 8, 25 or 43) and 7 sign bits, the eighth sign making the
+count of minus signs even (ksigns_iq2xs); a 4-bit scale per 16 values gives d * (0.5 + s) / 4 = d / 8 * (2 s + 1).
+
+One grid entry is 8 values of one row, so here a 64-bit lane is one row: a logical register (<16 x i32>) holds 8
+rows ("an octet") x 8 values, two 32-bit lanes per row, and the grid entries are fetched by vpgatherdq, 8 at a
+time, against one load per 4 values if the entries were split into the 32-bit lanes of the quads layout (as
+IQ3_XXS's 4-value entries are): the gathers are what these kernels spend their time on. The 8 activation bytes are
+broadcast to every lane, negated per byte under the row's signs (the sign bits become a byte mask in the kernel,
+parity included, so the packed codes stay the file's 16 bits per 8 values), and multiplied by the family's
+unsigned-by-signed byte dot; each 16 values' int32 sums are scaled by 2 s + 1 in integers, and a row's two lanes
+are added once per super-block. Activations are Q8_K, so a super-block meets d / 8 and the activation scale once
+per row, as in llama.cpp's AVX2 ggml_vec_dot_iq2_xs_q8_K (ggml/src/ggml-cpu/arch/x86/quants.c), which loads the
+grid entries one by one for 4 x 8 values of one row and applies the signs to the activations with vpsignb.
+
+Layout (per expert; G groups of 64 rows, nsb super-blocks):
+  codes (G, nsb, 8 octets, 16 words, 8 rows, 4 bytes): word w of a row is the file's qs[2 w] | qs[2 w + 1] << 16,
+        values 16 w..16 w + 15, whose scale is the nibble w % 2 of scales[w // 2]
+  scales (G, nsb, 8, ROWS) uint8: the file's scale bytes, byte s of each row (sub-block of 32 s)
+  d (G, nsb, ROWS) f16 bits.  74 bytes per 256, as the file.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
+from ..iq_grids import IQ2XS_GRID
+from . import avx512vnni
+from .portable import ROWS, _halves_to_float, _run_task, _store_group
+from .quads import _BYTE_DOTS, _f16_bits, _literals, _store_rows
+from .simd import I8, I32, I64, V8, V16, data_ptr, intrinsic_fn, prefetch_ahead
+
+__all__ = ["make_iq2_runs", "pack_iq2_xs"]
+
+OCTET = 8  # rows per logical register: one 64-bit grid entry per row
+B64 = ir.VectorType(I8, 64)
+B32 = ir.VectorType(I8, 32)
+B8 = ir.VectorType(I8, 8)
+Q4 = ir.VectorType(I64, 4)
+Q8 = ir.VectorType(I64, 8)
+V4 = ir.VectorType(I32, 4)
+
+# The grid as one little-endian uint64 per entry: a row's 8 values in memory order.
+_GRID2 = np.ascontiguousarray(IQ2XS_GRID).view("<u8").reshape(-1).astype(np.uint64)
+
+# 0x80 (as a signed byte) for a nibble with an odd number of bits set: the sign that makes a lattice point's count of
+# minus signs even.
+_PARITY_TOP = [-128 * (i.bit_count() & 1) for i in range(16)]
+
+# The largest |u0 s0 + u1 s1| of two grid values by two activation bytes (AVX2 widens its 16-bit sums before this
+# can saturate).
+_BOUND = 2 * 43 * 127
+
+
+def _gather8(builder, wide, base, idx):
+    """base[idx[i]] for the 8 lanes of idx (<8 x i32>; base a pointer to uint64 entries) as one logical register:
+    one vpgatherdq zmm on AVX-512, two ymm ones (AVX2's) otherwise."""
+    ptr = builder.bitcast(base, I8.as_pointer())
+    if wide:
+        mask_t = ir.VectorType(ir.IntType(1), 8)
+        fn = intrinsic_fn(builder, "llvm.x86.avx512.mask.gather.dpq.512", Q8, [Q8, I8.as_pointer(), V8, mask_t, I32])
+        got = builder.call(fn, [ir.Constant(Q8, None), ptr, idx, ir.Constant(mask_t, [1] * 8), ir.Constant(I32, 8)])
+        return builder.bitcast(got, V16)
+    fn = intrinsic_fn(builder, "llvm.x86.avx2.gather.d.q.256", Q4, [Q4, I8.as_pointer(), V4, Q4, I8])
+    undef = ir.Constant(V8, ir.Undefined)
+    parts = [builder.call(fn, [ir.Constant(Q4, None), ptr,
+                               builder.shuffle_vector(idx, undef, ir.Constant(V4, list(range(4 * h, 4 * h + 4)))),
+                               ir.Constant(Q4, [-1] * 4), ir.Constant(I8, 8)]) for h in range(2)]
+    return builder.bitcast(builder.shuffle_vector(parts[0], parts[1], ir.Constant(V8, list(range(8)))), V16)
+
+
+def _full_signs(builder, words):
+    """The 8 sign bits of both entries of each lane of words (<8 x i32>, two file uint16 per lane): entry 0's in byte
+    0, entry 1's in byte 2. The eighth bit is the parity of the stored seven (ksigns_iq2xs): the seven folded to a
+    nibble of the same parity, then a byte shuffle with a table of nibble parities, as llama.cpp does."""
+    def c(v):
+        return ir.Constant(V8, [v] * 8)
+    seven = builder.and_(builder.lshr(words, c(9)), c(0x007F007F))
+    nib = builder.bitcast(builder.xor(seven, builder.lshr(seven, c(4))), B32)
+    fn = intrinsic_fn(builder, "llvm.x86.avx2.pshuf.b", B32, [B32, B32])
+    top = builder.call(fn, [ir.Constant(B32, _PARITY_TOP * 2), nib])
+    return builder.or_(seven, builder.bitcast(top, V8))
+
+
+def _sign_mask(builder, signs, byte):
+    """Byte j of row r's 64-bit lane set where bit j of the sign byte at `byte` of signs' lane r is (an <64 x i1>)."""
+    rep = builder.shuffle_vector(builder.bitcast(signs, ir.VectorType(I8, 32)), ir.Constant(ir.VectorType(I8, 32),
+                                 ir.Undefined), ir.Constant(ir.VectorType(I32, 64),
+                                                            [4 * r + byte for r in range(OCTET) for _ in range(8)]))
+    bits = builder.and_(rep, ir.Constant(B64, [1 << j for j in range(8)] * OCTET))
+    return builder.icmp_unsigned("!=", bits, ir.Constant(B64, None))
+
+
+def _scales(builder, sp, i):
+    """The two 2 s + 1 scales of sub-block i's byte for 8 rows, each row's in both of its lanes."""
+    v = builder.zext(builder.load(builder.gep(sp, [ir.Constant(I64, i)]), align=1), V8)
+    lo = builder.and_(v, ir.Constant(V8, [15] * 8))
+    hi = builder.lshr(v, ir.Constant(V8, [4] * 8))
+    dup = ir.Constant(V16, [r // 2 for r in range(16)])
+    undef = ir.Constant(V8, ir.Undefined)
+    return [builder.shuffle_vector(builder.or_(builder.shl(s, ir.Constant(V8, [1] * 8)), ir.Constant(V8, [1] * 8)),
+                                   undef, dup) for s in (lo, hi)]
+
+
+def _row_sums(builder, lo, hi):
+    """Two octets' registers (two lanes per row) -> one register of their 16 rows' sums."""
+    even = builder.shuffle_vector(lo, hi, ir.Constant(V16, list(range(0, 32, 2))))
+    odd = builder.shuffle_vector(lo, hi, ir.Constant(V16, list(range(1, 32, 2))))
+    return builder.add(even, odd)
+
+
+@intrinsic(prefer_literal=True)
+def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stride, isum, out_off):
+    """IQ2_XS super-block, 16 rows (two octets), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 16 groups h of 16 values of (2 s_rh + 1) * (grid values . signed x_jh).
+
+    w: the two octets' code words at w_off (octet o, word h: 8 rows' uint32 at w_off + (16 o + h) * 32 bytes); sc: the
+    scale bytes at sc_off (sub-block s of octet o: 8 rows' bytes at sc_off + 64 s + 8 o); grid: the uint64 table."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot, wide = _BYTE_DOTS[f], f == avx512vnni.KEY
+    sig = types.void(fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, wa, wo, sa, so, ga, xa, xo, xst, ia, oo) = args
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V8)
+        sp = data_ptr(context, builder, signature.args[4], sa, so, B8)
+        gp = data_ptr(context, builder, signature.args[6], ga, ir.Constant(I64, 0), I64)
+        xps = [data_ptr(context, builder, signature.args[7], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I64) for j in range(n_x)]
+        undef64 = ir.Constant(Q8, ir.Undefined)
+        nine = ir.Constant(V8, [511] * 8)
+        accs = [[ir.Constant(V16, None)] * 2 for _ in range(n_x)]
+        for s in range(8):
+            scales = [_scales(builder, sp, 8 * s + o) for o in range(2)]
+            for h in range(2):
+                xs = []
+                for xp_ in xps:
+                    pair = []
+                    for e in range(2):
+                        v = builder.load(builder.gep(xp_, [ir.Constant(I64, 4 * s + 2 * h + e)]), align=1)
+                        vb = builder.insert_element(undef64, v, ir.Constant(I32, 0))
+                        vb = builder.bitcast(builder.shuffle_vector(vb, undef64, ir.Constant(V8, [0] * 8)), B64)
+                        pair.append((vb, builder.sub(ir.Constant(B64, None), vb)))
+                    xs.append(pair)
+                for o in range(2):
+                    words = builder.load(builder.gep(wp, [ir.Constant(I64, 16 * o + 2 * s + h)]), align=1)
+                    signs = _full_signs(builder, words)
+                    grids = [_gather8(builder, wide, gp, builder.and_(words, nine)),
+                             _gather8(builder, wide, gp, builder.and_(builder.lshr(words, ir.Constant(V8, [16] * 8)),
+                                                                      nine))]
+                    masks = [_sign_mask(builder, signs, 2 * e) for e in range(2)]
+                    for jx in range(n_x):
+                        pairs = [(grids[e], builder.bitcast(builder.select(masks[e], xs[jx][e][1], xs[jx][e][0]), V16))
+                                 for e in range(2)]
+                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND, scales[o][h])
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[10], ia, oo, jx, _row_sums(builder, *accs[jx]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def pack_iq2_xs(rows, qs, sc, d):
+    """rows (N, nsb*74) -> qs (G, nsb, 8, 16, 8, 4), sc (G, nsb, 8, ROWS), d (G, nsb, ROWS). Block: d | qs u16[32]
+    (9-bit grid index, 7 sign bits) | scales u8[8] (two 4-bit scales, low nibble first)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 74
+            for r in range(ROWS):
+                ro, rr = r // OCTET, r % OCTET
+                live = r < r_end
+                src = rows[g * ROWS + r] if live else rows[0]
+                d[g, b, r] = _f16_bits(src, o) if live else 0
+                for w in range(16):
+                    for jj in range(4):
+                        qs[g, b, ro, w, rr, jj] = src[o + 2 + 4 * w + jj] if live else 0
+                for s in range(8):
+                    sc[g, b, s, r] = src[o + 66 + s] if live else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels over runs of activation rows that share an expert (portable.py's contract), built per family
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _sb_out(a, isum, o, dsup, xd):
+    for r in range(ROWS):
+        a[r] += xd * dsup[r] * np.float32(0.125) * np.float32(isum[o + r])
+
+
+def make_iq2_runs(F: int) -> dict[str, tuple]:
+    """{format name: (decode kernel, prefill kernel)} of the IQ2 formats for the family registered under F."""
+    if F not in _BYTE_DOTS:
+        raise KeyError(f"no byte multiplication registered under {F}")
+    return {"IQ2_XS": _make_iq2_xs_runs(F)}
+
+
+def _make_iq2_xs_runs(F: int) -> tuple:
+    """IQ2_XS (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
+    BLOCK = ROWS * 64  # one group's code words per super-block
+    QUARTER_BYTES = 16 * 64
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_xs_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                prefetch_ahead(qs, base, BLOCK)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                                     m * k + b * 256, 0, isum, rq * 16)
+                    _sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_xs_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _iq2_xs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                                         m * k + b * 256, k, isum, rq * 16)
+                        else:
+                            _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                                         m * k + b * 256, 0, isum, rq * 16)
+                    for j in range(n_x):
+                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return iq2_xs_runs, iq2_xs_runs_x4
