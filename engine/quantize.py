@@ -15,8 +15,8 @@ from mixlocal.quant.recipes import LEVELS, choose_type
 
 from .weights import ModelWeights, assemble
 
-__all__ = ["LEVELS", "MissingImatrixError", "MissingQuantizerError", "missing_quantizers", "quantize_weights",
-           "target_types"]
+__all__ = ["LEVELS", "MissingImatrixError", "MissingQuantizerError", "check_level", "missing_quantizers",
+           "quantize_weights", "target_types"]
 
 _ROWS_PER_CHUNK = 4096  # bounds the float copy made while requantizing one matrix
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -77,19 +77,13 @@ def missing_quantizers(weights: ModelWeights, level: str, imatrix: bool = False)
     return sorted(missing, key=lambda q: q.name)
 
 
-def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=None) -> ModelWeights:
-    """A new ModelWeights with every matrix in the format the level's recipe picks for it.
+def check_level(weights: ModelWeights, level: str, imatrix=None) -> dict[str, QType]:
+    """What quantize_weights refuses before any work, raised the same way; else the target formats.
 
-    imatrix: a `quant.imatrix.Imatrix`; every matrix it has an entry for is quantized with ggml's weighted search
-    (experts each with their own row), and the recipe takes llama.cpp's with-imatrix choices. A level whose formats
-    llama.cpp refuses to make without one (IQ3_XXS, IQ2_*, IQ1_*, Q2_K in q2_k_s) is refused here too, naming the
-    first tensor; before that, a level with a format we cannot encode yet is a MissingQuantizerError naming it. Both
-    before any work."""
-    c = weights.config
-    out, origin = {}, {}
-    items = list(weights.tensors().items())
+    A format we cannot encode (MissingQuantizerError) is said first: no importance matrix, however long it took to
+    compute, would help. Then a format llama.cpp only makes with an importance matrix, for a tensor that has no
+    entry in the one given, or with none given (MissingImatrixError)."""
     targets = target_types(weights, level, imatrix is not None)
-    # a format we cannot encode is said first: no importance matrix, however long it took to compute, would help
     missing = missing_quantizers(weights, level, imatrix is not None)
     if missing:
         raise MissingQuantizerError(level, missing)
@@ -99,6 +93,21 @@ def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=N
                    else "the importance matrix given has no entry for it")
             raise MissingImatrixError(f"{level} makes {name} {target.name}, which llama.cpp refuses to "
                                       f"quantize without an importance matrix; {fix}")
+    return targets
+
+
+def quantize_weights(weights: ModelWeights, level: str, progress=None, imatrix=None) -> ModelWeights:
+    """A new ModelWeights with every matrix in the format the level's recipe picks for it.
+
+    imatrix: a `quant.imatrix.Imatrix`; every matrix it has an entry for is quantized with ggml's weighted search
+    (experts each with their own row), and the recipe takes llama.cpp's with-imatrix choices. A level whose formats
+    llama.cpp refuses to make without one (IQ3_XXS, IQ2_*, IQ1_*, Q2_K in q2_k_s) is refused here too, naming the
+    first tensor; before that, a level with a format we cannot encode yet is a MissingQuantizerError naming it. Both
+    before any work (check_level)."""
+    c = weights.config
+    out, origin = {}, {}
+    items = list(weights.tensors().items())
+    targets = check_level(weights, level, imatrix)
     for name, t in (progress(items) if progress else items):
         origin[name] = f"{weights.origin.get(name, '?')} ({level})"
         if isinstance(t, np.ndarray):

@@ -237,6 +237,79 @@ def test_bench_levels_json_csv_plot_and_saved_reference(hf_model_dir, hf_referen
     assert "--ppl-ctx 64" in line
 
 
+def test_bench_with_imatrix_measures_each_level_twice(tmp_path):
+    """--imatrix on the embedded model: every level quantized from the same source without and with the matrix
+    (computed by mixlocal imatrix on text the perplexity chunks do not score), side by side in the table, the JSON,
+    the CSV and the plot; q8_0, whose formats ignore a matrix, measured once; iq2_xxs only with it."""
+    im = tmp_path / "im.gguf"
+    r = run_cli("imatrix", "-f", REPO_ROOT / "engine" / "data" / "ppl_text.txt", "-o", im, "-c", 64, "--chunk", 4,
+                "--chunks", 2, "-t", 1)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "r"
+    r = run_cli("bench", "--quants", "q8_0,q4_k_m,iq2_xxs", *BENCH_ARGS, "--imatrix", im, "--json", f"{out}.json",
+                "--csv", f"{out}.csv", "--plot", f"{out}.png")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert set(report) == {"machine", "model", "results", "skipped", "comparison"}
+    assert report["model"]["imatrix"] == str(im) and report["model"]["reference"] == "q8_0"
+    rows = report["results"]
+    assert [(row["quant"], row["imatrix"]) for row in rows] == [("q8_0", False), ("q8_0", True), ("q4_k_m", False),
+                                                                ("q4_k_m", True), ("iq2_xxs", True)]
+    assert all(list(row) == FIELDS + ["imatrix"] for row in rows)
+    [skip] = report["skipped"]
+    assert (skip["quant"], skip["imatrix"]) == ("iq2_xxs", False) and "importance matrix" in skip["reason"]
+
+    q8, q4, iq2 = report["comparison"]
+    assert q8["quant"] == "q8_0" and q8["imatrix_changes_nothing"]
+    assert q8["kld"] == q8["kld_imatrix"] == 0.0 and q8["size_bytes"] == q8["size_bytes_imatrix"]
+    assert q4["quant"] == "q4_k_m" and not q4["imatrix_changes_nothing"]
+    assert q4["size_bytes"] == q4["size_bytes_imatrix"]  # the same formats, other bytes: other divergence
+    assert q4["kld"] > 0 and q4["kld_imatrix"] > 0 and q4["kld"] != q4["kld_imatrix"]
+    assert iq2["quant"] == "iq2_xxs" and iq2["kld"] is None and iq2["size_bytes"] is None
+    assert iq2["size_bytes_imatrix"] < q4["size_bytes_imatrix"] and iq2["kld_imatrix"] > q4["kld_imatrix"]
+    by_row = {(row["quant"], row["imatrix"]): row for row in rows}
+    assert q4["kld_imatrix"] == by_row[("q4_k_m", True)]["kld"] and q4["ppl"] == by_row[("q4_k_m", False)]["ppl"]
+
+    text = r.stdout
+    assert "q4_k_m +imatrix" in text and "kld +imx" in text and "q8_0 (=)" in text
+    assert "skipped iq2_xxs: iq2_xxs makes" in text
+    with open(f"{out}.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["quant"], t["imatrix"]) for t in table][-1] == ("iq2_xxs", "True") and len(table) == 5
+    import matplotlib.image
+    img = matplotlib.image.imread(f"{out}.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+
+
+def test_bench_skips_what_it_cannot_make(monkeypatch, capsys, tmp_path):
+    """Before any worker: a level with a format we cannot encode is skipped with the reason (IQ3_S's quantizer taken
+    away here), a level that needs an importance matrix is skipped without one, and a run left with no level to be
+    the reference says so in one line."""
+    from mixlocal.engine import quantize as eq
+    from mixlocal.engine.cli import bench
+    from mixlocal.engine.loader import open_source
+
+    monkeypatch.setattr(eq, "QUANTIZE_TYPES", tuple(q for q in eq.QUANTIZE_TYPES if q.name != "IQ3_S"))
+    weights = open_source(None)[1]
+    skipped = bench._refusals(weights, ["q8_0", "iq3_s", "iq2_xs"], None)
+    assert set(skipped) == {("iq3_s", False), ("iq2_xs", False)}
+    assert "IQ3_S" in skipped[("iq3_s", False)] and "cannot quantize" in skipped[("iq3_s", False)]
+    assert "importance matrix" in skipped[("iq2_xs", False)]
+    settings = bench.BenchSettings(source=None, levels=["iq3_s", "iq2_xs", "q8_0"])
+    assert settings.reference_level(skipped) == "q8_0"
+    with pytest.raises(bench.BenchError, match="--ref iq3_s cannot be measured: iq3_s needs IQ3_S"):
+        bench.BenchSettings(source=None, levels=["iq3_s", "q8_0"], ref="iq3_s").reference_level(skipped)
+
+    line = main_error_line(capsys, ["bench", "--quants", "iq2_xs,iq3_s", "-p", 16, "-n", 1], 1)
+    assert "no level of the run can be measured without an importance matrix" in line
+    line = main_error_line(capsys, ["bench", "--quants", "q8_0", "--imatrix", tmp_path / "none.gguf"], 1)
+    assert "none.gguf: importance matrix not found" in line
+
+    report = {"model": {"name": "m", "reference": "q8_0", "ppl_text": "t.txt"}, "results": [],
+              "skipped": [{"quant": "iq3_s", "imatrix": False, "reason": skipped[("iq3_s", False)]}]}
+    assert bench.format_table(report).splitlines()[-1] == f"skipped iq3_s: {skipped[('iq3_s', False)]}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # quantize and serve
 # ---------------------------------------------------------------------------------------------------------------------

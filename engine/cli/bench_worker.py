@@ -16,7 +16,8 @@ A worker loads the model at its level, times prefill and decode, then runs the p
 - The reference's numbers go to a compressed .npz (`--save-ref`), which a later run compares against (`--ref-file`):
   a float Mixtral does not fit a laptop, so its reference is made once where it fits.
 
-Everything is measured through the public API (engine.load, LLM.eval, the tokenizer).
+Everything is measured through the public API (engine.load, LLM.eval, the tokenizer); a level quantized with an
+importance matrix goes through engine.load's own stages instead, since engine.load takes none.
 """
 from __future__ import annotations
 
@@ -45,10 +46,33 @@ def _load_and_size(spec: dict):
     them go."""
     from mixlocal import engine
 
+    if spec.get("imatrix"):
+        return _load_with_imatrix(spec)
     seen: dict = {}
     llm = engine.load(spec["source"], quant=spec["quant"], backend=spec["backend"], n_threads=spec["threads"],
-                      n_ctx=spec["n_ctx"], kv_type=spec.get("kv_type", "f16"), on_weights=lambda weights: seen.update(stats=weight_stats(weights)))
+                      n_ctx=spec["n_ctx"], kv_type=spec.get("kv_type", "f16"),
+                      on_weights=lambda weights: seen.update(stats=weight_stats(weights)))
     return llm, seen["stats"]
+
+
+def _load_with_imatrix(spec: dict):
+    """engine.load's stages, with quantize_weights given the importance matrix (engine.load takes none): the same
+    source, options, checks and backend build as the run without it."""
+    from mixlocal.quant.imatrix import read_imatrix
+
+    from ..llm import LLM
+    from ..loader import backend_class, read_source, resolve_backend
+    from ..quantize import quantize_weights
+    from ..weights import in_ggml_blocks
+
+    cls = backend_class(resolve_backend(spec["backend"]))
+    options = cls.check_options(n_ctx=spec["n_ctx"], n_threads=spec["threads"], kv_type=spec.get("kv_type", "f16"),
+                                packed_cache=None, kernels=None, mem_budget=None, expert_policy=None)
+    config, weights, tok, name = read_source(spec["source"])
+    weights = quantize_weights(in_ggml_blocks(weights), spec["quant"], imatrix=read_imatrix(spec["imatrix"]))
+    stats = weight_stats(weights)
+    backend, cache = cls.build(weights, **options)
+    return LLM(config, backend, tok, cache, name=name, source=str(spec["source"])), stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
