@@ -1,5 +1,6 @@
 """Scalar pieces shared by the compiled quantizers (quant.quantize, quant.quantize_k, quant.quantize_imatrix,
-quant.quantize_iq4): ggml's rounding, IEEE half conversion, and its ordered min/max scans.
+quant.quantize_iq4, quant.quantize_iq3, quant.quantize_iq2): ggml's rounding, IEEE half conversion, and its ordered
+min/max scans; and, in Python, the argument checks of the IQ drivers and their one-call front doors.
 
 Same float32 rules as quant.quantize: every integer or literal that meets a float goes through `_f32()`, and
 nothing uses fastmath, so each operation rounds as ggml's C does. numba checks a cached driver against its own
@@ -122,3 +123,53 @@ def _min_max(x, xo, n):
     return mn, mx
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument checks of the IQ drivers (quantize_iq3.py, quantize_iq2.py), before any kernel touches memory
+# ----------------------------------------------------------------------------------------------------------------------
+
+def check_driver_args(qtype, x, qw, has_w: bool, out) -> None:
+    """What ggml would assert on, or silently get wrong, as ValueErrors: rows x C-contiguous float32 (rows, cols) in
+    whole blocks, out the matching uint8 buffer, qw float32 (cols,), finite and non-negative when used."""
+    from .formats import row_bytes
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError(f"{qtype.name}: the rows must be a C-contiguous float32 (rows, cols) array")
+    cols = x.shape[1]
+    nbytes = row_bytes(qtype, cols)  # ValueError unless cols is a multiple of the block
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != (x.shape[0], nbytes) \
+            or not out.flags.c_contiguous:
+        raise ValueError(f"{qtype.name}: out must be a C-contiguous uint8 array of shape {(x.shape[0], nbytes)}")
+    if not isinstance(qw, np.ndarray) or qw.shape != (cols,) or qw.dtype != np.float32 or not qw.flags.c_contiguous:
+        raise ValueError(f"the imatrix has shape {getattr(qw, 'shape', None)}, expected ({cols},) float32: "
+                         "one value per input column")
+    if has_w:
+        if not np.isfinite(qw).all():
+            raise ValueError("the imatrix holds NaN or infinite values")
+        if (qw < 0).any():
+            raise ValueError("the imatrix holds negative values; importances are means of squares")
+    if not np.isfinite(x).all():
+        raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
+
+
+def run_driver(driver, qtype, x, imatrix) -> np.ndarray:
+    """The one-call form of an IQ driver: x as float32 rows, the imatrix (or None) as the driver's (qw, has_w), and
+    a fresh out buffer; the driver checks the rest."""
+    from .formats import row_bytes
+    x = np.asarray(x)
+    if x.ndim != 2 or x.dtype != np.float32:
+        raise ValueError(f"{qtype.name} needs a 2-D float32 (rows, cols) array, got {x.dtype} {x.shape}")
+    x = np.ascontiguousarray(x)
+    has_w = imatrix is not None
+    if has_w:
+        qw = np.asarray(imatrix)
+        if qw.shape != (x.shape[1],):
+            raise ValueError(f"the imatrix has shape {qw.shape}, expected ({x.shape[1]},): one value per input column")
+        if not np.issubdtype(qw.dtype, np.floating):
+            raise ValueError(f"the imatrix must hold floats, got {qw.dtype}")
+        qw = np.ascontiguousarray(qw, dtype=np.float32)
+    else:
+        qw = np.zeros(x.shape[1], np.float32)
+    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), np.uint8)
+    driver(x, qw, has_w, out)
+    return out

@@ -19,9 +19,9 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from .formats import QK_K, row_bytes
+from .formats import QK_K
 from .iq_grids import IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID
-from .quantize_common import _f32, _put_f16
+from .quantize_common import _f32, _put_f16, check_driver_args, run_driver
 from .quantize_imatrix import _make_qp_quants
 from .tensor import QType
 
@@ -481,26 +481,9 @@ _KERNELS = {QType.IQ2_XXS: _rows_iq2_xxs, QType.IQ2_XS: _rows_iq2_xs, QType.IQ2_
 
 
 def _check(qtype: QType, x, qw, has_w: bool, out) -> None:
-    """Everything ggml would assert on (or silently get wrong), as ValueErrors, before any kernel runs."""
     if has_w is False and qtype in IMATRIX_REQUIRED:
         raise ImatrixRequiredError(f"{qtype.name} needs an importance matrix (llama.cpp makes it only with one)")
-    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"{qtype.name}: the rows must be a C-contiguous float32 (rows, cols) array")
-    cols = x.shape[1]
-    nbytes = row_bytes(qtype, cols)  # ValueError unless cols is a positive multiple of 256
-    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != (x.shape[0], nbytes) \
-            or not out.flags.c_contiguous:
-        raise ValueError(f"{qtype.name}: out must be a C-contiguous uint8 array of shape {(x.shape[0], nbytes)}")
-    if not isinstance(qw, np.ndarray) or qw.shape != (cols,) or qw.dtype != np.float32:
-        raise ValueError(f"the imatrix has shape {getattr(qw, 'shape', None)}, expected ({cols},) float32: "
-                         "one value per input column")
-    if has_w:
-        if not np.isfinite(qw).all():
-            raise ValueError("the imatrix holds NaN or infinite values")
-        if (qw < 0).any():
-            raise ValueError("the imatrix holds negative values; importances are means of squares")
-    if not np.isfinite(x).all():
-        raise ValueError(f"cannot quantize to {qtype.name}: the input holds NaN or infinite values")
+    check_driver_args(qtype, x, qw, has_w, out)
 
 
 def _driver(qtype: QType):
@@ -525,20 +508,4 @@ def quantize_iq2(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None)
         raise ValueError(f"quantize_iq2 makes {', '.join(q.name for q in IQ2_DRIVERS)}, not {qtype.name}")
     if imatrix is None and qtype in IMATRIX_REQUIRED:
         raise ImatrixRequiredError(f"{qtype.name} needs an importance matrix (llama.cpp makes it only with one)")
-    x = np.asarray(x)
-    if x.ndim != 2 or x.dtype != np.float32:
-        raise ValueError(f"{qtype.name} needs a 2-D float32 (rows, cols) array, got {x.dtype} {x.shape}")
-    x = np.ascontiguousarray(x)
-    has_w = imatrix is not None
-    if has_w:
-        qw = np.asarray(imatrix)
-        if qw.shape != (x.shape[1],):
-            raise ValueError(f"the imatrix has shape {qw.shape}, expected ({x.shape[1]},): one value per input column")
-        if not np.issubdtype(qw.dtype, np.floating):
-            raise ValueError(f"the imatrix must hold floats, got {qw.dtype}")
-        qw = np.ascontiguousarray(qw, dtype=np.float32)
-    else:
-        qw = np.zeros(x.shape[1], np.float32)
-    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), np.uint8)
-    IQ2_DRIVERS[qtype](x, qw, has_w, out)
-    return out
+    return run_driver(IQ2_DRIVERS[qtype], qtype, x, imatrix)
