@@ -89,3 +89,30 @@ def mean_kl(ref_logits: np.ndarray, our_logits: np.ndarray) -> float:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def ggml_weighted():
+    """ggml_quantize_chunk from llama-cpp-python's libggml, with an importance matrix or None: the reference bytes
+    for every quantizer test (skipped with the reason when the library cannot be loaded)."""
+    from mixlocal.quant.formats import row_bytes
+    from mixlocal.quant.quantize_iq2 import IMATRIX_REQUIRED
+    try:  # plain module when tests/ is not a package
+        from test_formats import _ggml_base
+    except ImportError:
+        from tests.test_formats import _ggml_base
+    lib, reason = _ggml_base()
+    if lib is None:
+        pytest.skip(reason)
+
+    def run(qtype, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        # ggml aborts the process on IQ2_XXS/IQ2_XS without an imatrix: never ask it to
+        assert imatrix is not None or qtype not in IMATRIX_REQUIRED
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+        qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                                          None if qw is None else qw.ctypes.data)
+        assert written == out.nbytes
+        return out
+    return run

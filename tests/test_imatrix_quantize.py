@@ -7,31 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mixlocal.quant.formats import dequantize, row_bytes
+from mixlocal.quant.formats import dequantize
 from mixlocal.quant.quantize import IMATRIX_TYPES, quantize_fast
 from mixlocal.quant.tensor import QType
 
 try:  # helpers shared with the formats tests (plain module when tests/ is not a package)
-    from test_formats import _ggml_base, awkward_rows, weights_with_outliers
+    from test_formats import awkward_rows, weights_with_outliers
 except ImportError:
-    from tests.test_formats import _ggml_base, awkward_rows, weights_with_outliers
-
-
-@pytest.fixture(scope="module")
-def ggml_weighted():
-    lib, reason = _ggml_base()
-    if lib is None:
-        pytest.skip(reason)
-
-    def run(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
-        qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                          None if qw is None else qw.ctypes.data)
-        assert written == out.nbytes
-        return out
-    return run
+    from tests.test_formats import awkward_rows, weights_with_outliers
 
 
 def importance_vectors(cols: int, seed: int = 0) -> dict[str, np.ndarray]:

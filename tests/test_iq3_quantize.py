@@ -17,31 +17,14 @@ from mixlocal.quant.quantize_iq3 import IQ3_DRIVERS, IQ3_TYPES, quantize_iq3
 from mixlocal.quant.tensor import QType
 
 try:  # helpers shared with the formats tests (plain module when tests/ is not a package)
-    from test_formats import _ggml_base, awkward_rows, weights_with_outliers
+    from test_formats import awkward_rows, weights_with_outliers
     from test_imatrix_quantize import importance_vectors
 except ImportError:
-    from tests.test_formats import _ggml_base, awkward_rows, weights_with_outliers
+    from tests.test_formats import awkward_rows, weights_with_outliers
     from tests.test_imatrix_quantize import importance_vectors
 
 TYPES = list(IQ3_TYPES)
 IDS = [q.name for q in TYPES]
-
-
-@pytest.fixture(scope="module")
-def ggml_weighted():
-    lib, reason = _ggml_base()
-    if lib is None:
-        pytest.skip(reason)
-
-    def run(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
-        qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                          None if qw is None else qw.ctypes.data)
-        assert written == out.nbytes
-        return out
-    return run
 
 
 def assert_same_bytes(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
