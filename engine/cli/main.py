@@ -178,6 +178,7 @@ def _pull(args) -> int:
 def _info(args) -> int:
     from .. import machine
     from ..backends.numba.cache import KV_TYPES, KVCache
+    from ..backends.numba.experts import slot_range
     from ..loader import open_source
     from ..weights import weight_stats
     check_json_dest(args.json)
@@ -222,7 +223,7 @@ def _info(args) -> int:
               f"within {mem['budget_said']}")
     else:
         print(f"memory: within {mem['budget_said']}, dense weights {human_bytes(mem['dense'])} resident and "
-              f"{_slot_range(mem['slots_per_block'])} of {config.n_experts} experts per block "
+              f"{slot_range(mem['slots_per_block'])} of {config.n_experts} experts per block "
               f"({human_bytes(mem['resident_experts'])}); "
               f"the others are read from the file when a token needs them")
     m = info["machine"]
@@ -298,11 +299,6 @@ def _add_serve_parser(sub, wanted: bool):
 
 def _unavailable(command: str, why: str) -> int:
     raise RuntimeError(f"{command} is not available in this build ({why})")
-
-
-def _slot_range(per_block: list[int]) -> str:
-    lo, hi = min(per_block), max(per_block)
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _memory_plan(weights, family: str, mem_budget, kv_bytes: int) -> dict:

@@ -37,7 +37,7 @@ from mixlocal.quant import QStack, QTensor, kernels
 from mixlocal.quant.tensor import nbytes_for
 from numba import njit
 
-__all__ = ["POLICIES", "ExpertStore", "MemoryBudgetError", "parse_size"]
+__all__ = ["POLICIES", "ExpertStore", "MemoryBudgetError", "parse_size", "slot_range"]
 
 _ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size; a page covers it
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
@@ -298,6 +298,12 @@ def _pack3(pack, rows, a, b, c):
     pack(rows, a, b, c)
 
 
+def slot_range(per_block) -> str:
+    """'4' or '4-5': slots per block as messages say them."""
+    lo, hi = min(per_block), max(per_block)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 class ExpertStore:
     """Slots for every block's experts, filled on demand (ensure) and on guesses (prefetch).
 
@@ -356,8 +362,7 @@ class ExpertStore:
 
     def describe_slots(self) -> str:
         """'4' or '4-5': the slots per block, for messages."""
-        lo, hi = min(self.slots_per_block), max(self.slots_per_block)
-        return str(lo) if lo == hi else f"{lo}-{hi}"
+        return slot_range(self.slots_per_block)
 
     # -- sizes ----------------------------------------------------------------------------------------------------
 
@@ -454,11 +459,12 @@ class ExpertStore:
             self.slot_of[block, old] = -1
         self.expert_in[block][slot] = -1
 
-    def _victim(self, block: int, keep: set) -> int | None:
-        """The policy's choice among the block's slots outside `keep`, preferring slots no read is writing into."""
+    def _victim(self, block: int, keep: set, idle_only: bool = False) -> int | None:
+        """The policy's choice among the block's slots outside `keep`, preferring slots no read is writing into
+        (taking only those if idle_only); None if there is none."""
         free = [s for s in range(self.slots_per_block[block]) if s not in keep]
         idle = [s for s in free if s not in self.pending[block] or self.pending[block][s].done()]
-        candidates = idle or free
+        candidates = idle if idle or idle_only else free
         return self.policies[block].victim(candidates, self.expert_in[block]) if candidates else None
 
     def prefetch(self, block: int, experts) -> None:
@@ -473,11 +479,9 @@ class ExpertStore:
             if self.slot_of[block, e] >= 0:
                 continue
             # never wait here: a slot whose earlier read is still running is not taken for a guess
-            idle = [s for s in range(self.slots_per_block[block]) if s not in keep
-                    and (s not in self.pending[block] or self.pending[block][s].done())]
-            if not idle:
+            slot = self._victim(block, keep, idle_only=True)
+            if slot is None:
                 return
-            slot = self.policies[block].victim(idle, self.expert_in[block])
             self._free(block, slot)
             keep.add(slot)
             self._fill(block, slot, e)
