@@ -23,7 +23,6 @@ from mixlocal.quant.tensor import QType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_fixtures import llama_cpp_status, write_gguf_with_gguf_py
-from test_imatrix_quantize import ggml_weighted  # noqa: F401 (a fixture)
 
 TEXT = Path(__file__).resolve().parent.parent / "engine" / "data" / "ppl_text.txt"
 CHUNK, CHUNKS = 64, 4
@@ -150,7 +149,7 @@ def test_matches_llama_cpp_cb_eval(f32_gguf, our_imatrix):
     assert ours.entries["blk.1.ffn_down_exps.weight"].counts.sum() == 2 * CHUNK * CHUNKS  # two experts a token
 
 
-def test_quantize_with_imatrix_equals_ggml(f32_gguf, our_imatrix, tmp_path, ggml_weighted):  # noqa: F811
+def test_quantize_with_imatrix_equals_ggml(f32_gguf, our_imatrix, tmp_path, ggml_weighted):
     """Every matrix of `quantize --imatrix` equals ggml_quantize_chunk fed the file's importance rows (expert by
     expert for the stacks); matrices the file has no entry for (token_embd, output) equal ggml without one."""
     out = tmp_path / "q.gguf"
@@ -241,13 +240,14 @@ def test_collector_counts_routed_tokens_only():
 
 def test_memory_budget_counts_real_experts(f32_gguf):
     """Under a memory budget the expert products run on slot ids; the hook must still count each real expert."""
+    from mixlocal.engine.backends.numba.backend import BUDGET_MARGIN
     from mixlocal.engine.imatrix import compute_imatrix
 
     import mixlocal
 
     text = TEXT.read_text()
     full = mixlocal.load(f32_gguf, n_ctx=CHUNK, n_threads=2)
-    budgeted = mixlocal.load(f32_gguf, n_ctx=CHUNK, n_threads=2, mem_budget="560MiB")
+    budgeted = mixlocal.load(f32_gguf, n_ctx=CHUNK, n_threads=2, mem_budget=BUDGET_MARGIN + (48 << 20))  # 48 MiB of weights
     try:
         assert budgeted.backend.budget["n_slots"] < 8  # experts really come and go here
         a = compute_imatrix(full, text, chunk=CHUNK, n_chunks=2)
