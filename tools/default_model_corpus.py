@@ -233,7 +233,16 @@ def load_corpus() -> tuple[list[Document], dict[str, dict]]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch and clean the default model's corpus; print its statistics.")
+    parser.add_argument("--held-out", metavar="FILE",
+                        help="also write the held-out documents, which the model never trained on, as plain text: "
+                             "calibration text for `mixlocal imatrix` that is not the perplexity text")
+    args = parser.parse_args()
     documents, packages = load_corpus()
+    if args.held_out:
+        Path(args.held_out).write_text("\n\n".join(d.text for d in documents if d.held_out) + "\n", encoding="utf-8")
     for name, meta in packages.items():
         docs = [d for d in documents if d.source == name]
         chars = sum(len(d.text) for d in docs)
