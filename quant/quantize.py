@@ -4,9 +4,9 @@ Each format has a row kernel that walks its blocks with scalar float32 code in t
 `quantize_row_*_ref`, and a driver that runs the rows in parallel (`prange`). Numba keeps float32 arithmetic in float32
 and does not contract a*b+c into a fused multiply-add unless fastmath is on, so the bytes equal the numpy reference
 (and llama.cpp) exactly. Two rules keep it that way here and in the modules beside it (quantize_common.py: rounding,
-halves, scans; quantize_k.py: the K formats; quantize_imatrix.py: the importance-weighted paths; quantize_iq4.py, quantize_iq3.py, quantize_iq2.py: the IQ formats):
-every integer or literal that meets a float is wrapped in `_f32()` first (numba widens float32 op int64 to
-float64), and nothing uses fastmath.
+halves, scans; quantize_k.py: the K formats; quantize_imatrix.py: the importance-weighted paths; quantize_iq4.py,
+quantize_iq3.py, quantize_iq2.py, quantize_iq1.py: the IQ formats): every integer or literal that meets a float is
+wrapped in `_f32()` first (numba widens float32 op int64 to float64), and nothing uses fastmath.
 
 The min/max scans keep ggml's explicit strict comparisons rather than min()/max(): with them the first of equal
 values wins, which decides the sign of a zero scale, so they carry `noqa: PLR1730`.
@@ -28,13 +28,16 @@ from .quantize_common import (
     _signed_absmax,
 )
 from .quantize_imatrix import WEIGHTED_DRIVERS
+from .quantize_iq1 import IMATRIX_REQUIRED as _IQ1_NEEDS
+from .quantize_iq1 import IQ1_DRIVERS
+from .quantize_iq2 import IMATRIX_REQUIRED as _IQ2_NEEDS
 from .quantize_iq2 import IQ2_DRIVERS
 from .quantize_iq3 import IQ3_DRIVERS
 from .quantize_iq4 import IQ4_DRIVERS
 from .quantize_k import K_DRIVERS
 from .tensor import QType
 
-__all__ = ["FAST_TYPES", "IMATRIX_TYPES", "QUANTIZE_TYPES", "check_imatrix", "quantize_fast"]
+__all__ = ["FAST_TYPES", "IMATRIX_REQUIRED", "IMATRIX_TYPES", "QUANTIZE_TYPES", "check_imatrix", "quantize_fast"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -175,9 +178,10 @@ _DRIVERS = {
 
 FAST_TYPES: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_DRIVERS)
 # ggml's quantizers that read an importance matrix (quantize_*_impl with quant_weights); the others ignore one
-# The IQ formats: each driver takes (rows, importance, has_importance, out); the IQ2 ones refuse to run without one,
-# as llama-quantize does
-_IQ_DRIVERS = {**IQ4_DRIVERS, **IQ3_DRIVERS, **IQ2_DRIVERS}
+# The IQ formats: each driver takes (rows, importance, has_importance, out); those in IMATRIX_REQUIRED (IQ2_XXS, IQ2_XS,
+# IQ1_S, IQ1_M: ggml_quantize_requires_imatrix) refuse to run without one, as llama-quantize does
+_IQ_DRIVERS = {**IQ4_DRIVERS, **IQ3_DRIVERS, **IQ2_DRIVERS, **IQ1_DRIVERS}
+IMATRIX_REQUIRED: tuple[QType, ...] = (*_IQ2_NEEDS, *_IQ1_NEEDS)
 IMATRIX_TYPES: tuple[QType, ...] = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q4_0,
                                     QType.Q4_1, QType.Q5_0, QType.Q5_1, *_IQ_DRIVERS)
 QUANTIZE_TYPES: tuple[QType, ...] = (*FAST_TYPES, *_IQ_DRIVERS)
@@ -204,8 +208,8 @@ def quantize_fast(qtype: QType, x: np.ndarray, imatrix: np.ndarray | None = None
     Same bytes as `quant.formats.quantize` (and llama.cpp's reference quantizers). With `imatrix` (one importance
     per input column, llama.cpp's imatrix values for this matrix), the formats in IMATRIX_TYPES take ggml's
     weighted path and give the bytes of `ggml_quantize_chunk(..., imatrix)`; the others ignore it, as ggml does.
-    The IQ formats have no numpy twin in quant.formats; they equal ggml's with or without an imatrix, except the IQ2
-    formats, which need one (ImatrixRequiredError without)."""
+    The IQ formats have no numpy twin in quant.formats; they equal ggml's with or without an imatrix, except those in
+    IMATRIX_REQUIRED (IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M), which need one (ImatrixRequiredError without)."""
     try:
         qtype = QType(qtype)
     except ValueError:

@@ -96,7 +96,7 @@ def ggml_weighted():
     """ggml_quantize_chunk from llama-cpp-python's libggml, with an importance matrix or None: the reference bytes
     for every quantizer test (skipped with the reason when the library cannot be loaded)."""
     from mixlocal.quant.formats import row_bytes
-    from mixlocal.quant.quantize_iq2 import IMATRIX_REQUIRED
+    from mixlocal.quant.quantize import IMATRIX_REQUIRED
     try:  # plain module when tests/ is not a package
         from test_formats import _ggml_base
     except ImportError:
@@ -106,7 +106,7 @@ def ggml_weighted():
         pytest.skip(reason)
 
     def run(qtype, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        # ggml aborts the process on IQ2_XXS/IQ2_XS without an imatrix: never ask it to
+        # ggml aborts the process on IQ2_XXS/IQ2_XS/IQ1_S/IQ1_M without an imatrix: never ask it to
         assert imatrix is not None or qtype not in IMATRIX_REQUIRED
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.zeros((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
