@@ -52,12 +52,15 @@ The IQ levels (base format in brackets; "low" is the level's ffn_down format for
                                        ffn_down without an imatrix Q4_K for i < n/8, else Q3_K; attn_output IQ3_S
                                        (Q5_K with 8 experts); attn_k/attn_v Q8_0 with 8 experts
     iq2_xxs [IQ2_XXS], iq2_xs [IQ2_XS] output Q5_K, token_embd Q2_K, low Q2_K; and as below
+    iq1_s [IQ1_S], iq1_m [IQ1_M]       output Q5_K, token_embd Q2_K, low Q2_K; attn_output IQ2_XXS without 8 experts;
+                                       and as below
     iq2_s [IQ2_XS], iq2_m [IQ2_S]      output Q5_K, token_embd IQ3_S, low IQ3_S; attn_output IQ3_S without 8 experts;
-                                       all four: attn_v Q4_K if n_gqa >= 4 or 4+ experts (else Q2_K, or IQ3_S for
+                                       all six: attn_v Q4_K if n_gqa >= 4 or 4+ experts (else Q2_K, or IQ3_S for
                                        iq2_s/iq2_m), attn_k Q4_K and attn_output Q5_K with 8 experts. llama.cpp's
-                                       8-expert Q8_0 for attn_k/attn_v does not apply to these four.
+                                       8-expert Q8_0 for attn_k/attn_v does not apply to these six.
 With an importance matrix q4_0 and q5_0 also take Q4_1 / Q5_1 for ffn_down where i < n/8. llama.cpp refuses to make
-IQ3_XXS, IQ2_XXS, IQ2_XS and IQ2_S (outside token_embd and the output head) without an importance matrix.
+IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M (outside token_embd and the output head) without an importance
+matrix.
 
 Then, as in llama.cpp, a width (the last, contiguous axis) that is not a multiple of the chosen block falls back:
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, the IQ formats of 256 -> IQ4_NL, and to F16 when even
@@ -156,6 +159,12 @@ LEVELS: dict[str, Level] = {level.name: level for level in (
     Level("iq2_xxs", QType.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS,
           "IQ2_XXS (2.06 bits), with Q2_K for token_embd and ffn_down in the first eighth, Q4_K for attn_v; needs an "
           "importance matrix. Badly degraded."),
+    Level("iq1_m", QType.IQ1_M, LlamaFileType.MOSTLY_IQ1_M,
+          "IQ1_M (1.75 bits), with Q2_K for token_embd and ffn_down in the first eighth, Q4_K for attn_v; needs an "
+          "importance matrix. Barely usable: for experiments at the edge of what fits."),
+    Level("iq1_s", QType.IQ1_S, LlamaFileType.MOSTLY_IQ1_S,
+          "IQ1_S (1.56 bits), with Q2_K for token_embd and ffn_down in the first eighth, Q4_K for attn_v; needs an "
+          "importance matrix. The smallest level; barely usable."),
     Level("q4_moe", QType.Q4_K, LlamaFileType.MOSTLY_Q4_K_M,
           "Ours, for mixtures of experts: attention, embeddings and output head Q8_0; experts' gate/up Q4_K, "
           "down Q5_K (Q6_K in the first and last eighth of the blocks). About q4_k_m's size."),
@@ -203,8 +212,9 @@ def _fallback(qtype: QType, cols: int) -> QType:
 
 
 # llama.cpp's ftype groups, by level name
-_IQ2_GROUP = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m")  # its IQ1/IQ2 branch, which replaces the usual rules
+_IQ2_GROUP = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")  # its IQ1/IQ2 branch, replacing the usual rules
 _IQ2_S_OR_M = ("iq2_s", "iq2_m")
+_IQ1 = ("iq1_s", "iq1_m")
 _OUTPUT_Q5_K = ("iq3_xxs", *_IQ2_GROUP)
 _ATTN_OUTPUT_Q5_K_WITH_8 = ("q2_k", "iq3_xs", "iq3_xxs", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq3_s",
                             "iq3_m", "iq4_xs")
@@ -224,7 +234,7 @@ def _llama_cpp_type(level: str, base: QType, category: str, cols: int, n_experts
             return QType.Q5_K
         return base if base == QType.Q8_0 else QType.Q6_K
     if category == "token_embd":
-        if level in ("iq2_xxs", "iq2_xs"):
+        if level in ("iq2_xxs", "iq2_xs", *_IQ1):
             return QType.Q2_K
         if level in _IQ2_S_OR_M or level == "iq3_xxs":
             return QType.IQ3_S
@@ -240,6 +250,8 @@ def _llama_cpp_type(level: str, base: QType, category: str, cols: int, n_experts
         if category == "attn_output":
             if eight_experts:
                 return QType.Q5_K
+            if level in _IQ1:
+                return QType.IQ2_XXS
             return QType.IQ3_S if level in _IQ2_S_OR_M else base
         return base
     if category == "attn_v":

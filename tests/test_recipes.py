@@ -21,7 +21,8 @@ except ImportError:
 
 LLAMA_CPP_LEVELS = ["f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
                     "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
-IQ_LEVELS = ["iq4_nl", "iq4_xs", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs"]
+IQ_LEVELS = ["iq4_nl", "iq4_xs", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs",
+             "iq1_m", "iq1_s"]
 
 
 def llama_tensors(n_layers: int, dim: int, ffn: int, n_experts: int, kv_dim: int, vocab: int,
@@ -224,9 +225,39 @@ def test_iq_levels_on_mixtral_shapes():
     assert plan("q4_0", MIXTRAL_8X7B, n_experts=8, n_layers=32)["blk.3.ffn_down_exps.weight"] == QType.Q4_0
 
 
+@pytest.mark.parametrize("level", ["iq1_s", "iq1_m"])
+def test_iq1_levels_on_mixtral_shapes(level):
+    """llama.cpp's IQ1 rules on Mixtral 8x7B (8 experts, n_gqa 4, 32 blocks): its IQ1/IQ2 branch, so no 8-expert Q8_0
+    for attn_k/attn_v; attn_output Q5_K with 8 experts and IQ2_XXS without."""
+    base = LEVELS[level].base
+    chosen = plan(level, MIXTRAL_8X7B, n_experts=8, n_layers=32, imatrix=True)
+    assert chosen["token_embd.weight"] == QType.Q2_K and chosen["output.weight"] == QType.Q5_K
+    for i in (0, 3, 4, 17, 31):
+        p = f"blk.{i}."
+        assert chosen[p + "attn_v.weight"] == chosen[p + "attn_k.weight"] == QType.Q4_K
+        assert chosen[p + "attn_q.weight"] == chosen[p + "ffn_gate_exps.weight"] == chosen[p + "ffn_up_exps.weight"] == base
+        assert chosen[p + "attn_output.weight"] == QType.Q5_K
+        assert chosen[p + "ffn_down_exps.weight"] == (QType.Q2_K if i < 4 else base)
+        assert chosen[p + "ffn_gate_inp.weight"] == chosen[p + "attn_norm.weight"] == QType.F32
+    assert plan(level, MIXTRAL_8X7B, n_experts=8, n_layers=32) == chosen  # no imatrix-dependent rule here
+    # one dense model (no experts, n_gqa 1): attn_output IQ2_XXS, attn_v Q2_K, attn_k the base format
+    dense = llama_tensors(8, 256, 512, 1, 256, 512)
+    small = plan(level, dense, n_experts=1, n_layers=8, n_gqa=1, imatrix=True)
+    assert small["blk.5.attn_output.weight"] == QType.IQ2_XXS and small["blk.5.attn_v.weight"] == QType.Q2_K
+    assert small["blk.5.attn_k.weight"] == base and small["blk.0.ffn_down_exps.weight"] == QType.Q2_K
+
+
+def test_iq1_sizes_below_iq2():
+    sizes = [_file_bytes(level, imatrix=True) for level in ("iq1_s", "iq1_m", "iq2_xxs")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    # on Mixtral 8x7B: about 1.6 and 1.8 bits per weight over the whole file (the experts are 1.5625 / 1.75)
+    n_weights = sum(math.prod(s) for s in MIXTRAL_8X7B.values())
+    assert 1.56 < 8 * sizes[0] / n_weights < 1.75 < 8 * sizes[1] / n_weights < 1.95
+
+
 def test_iq_width_fallbacks():
     # 288 columns: IQ formats of 256 fall back to IQ4_NL, whose blocks are 32; 48 columns: to F16
-    for level in ("iq4_xs", "iq3_s", "iq2_m"):
+    for level in ("iq4_xs", "iq3_s", "iq2_m", "iq1_s", "iq1_m"):
         assert choose_type(level, "blk.1.ffn_gate_exps.weight", (8, 288, 288), 4, 1, 8, imatrix=True) == QType.IQ4_NL
         assert choose_type(level, "blk.1.ffn_gate_exps.weight", (8, 48, 48), 4, 1, 8, imatrix=True) == QType.F16
     assert choose_type("iq4_nl", "blk.1.ffn_gate_exps.weight", (8, 288, 288), 4, 1, 8) == QType.IQ4_NL
