@@ -1,6 +1,6 @@
 """The packed IQ kernels (quant/kernels/iq_quads.py, iq_grid_quads.py, iq2_quads.py, iq_portable.py) against gguf-py: dequantize with
 `gguf.quants.dequantize`, then matmul in float64 on activations rounded as the kernels round them (Q8_K for IQ4_XS,
-IQ3_XXS and IQ2_XS in the integer families, Q8_0 otherwise: kernels.activation_type), in every kernel family this CPU runs.
+IQ3_XXS, IQ2_XS and IQ2_XXS in the integer families, Q8_0 otherwise: kernels.activation_type), in every kernel family this CPU runs.
 
 Blocks are random bytes with float16 scales of a sane size (gguf-py has no IQ quantizer), so every code, every
 6-bit sub-block scale and every sign pattern occurs. The 256-bit families also run in a child process whose numba
@@ -29,7 +29,7 @@ from test_kernels import assert_matches
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS]
+IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS]
 
 
 def iq_raw(qtype: QType, shape: tuple[int, ...], rng: np.random.Generator, scale=None) -> np.ndarray:
@@ -67,7 +67,8 @@ def test_iq4_formats_have_packed_layouts_in_every_family():
         assert set(IQ_PACKED) <= kernels.packed_types(family)
         assert {q.name for q in IQ_PACKED} <= set(kernels._RUNS[family])
     # the packed arrays keep about the file's size: bytes per (super-)block, packed against the file's
-    most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ2_XS: (74, 74)}
+    most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ2_XS: (74, 74),
+            QType.IQ2_XXS: (66, 66)}
     for qtype in IQ_PACKED:
         for layout in ("quads", "rows"):
             n_bytes = sum(int(np.prod(s)) * dt.itemsize for s, dt in kernels.packed_shapes(qtype, 1, 64, 512, layout))
@@ -101,7 +102,9 @@ def test_every_family_matches_reference(qtype, family):
 def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
     """Every code at the codebook's ends (-127 and 113; IQ3_XXS: grid entry 0 with scale 1 and all signs +, entry 255
     with scale 31 and all signs -; IQ2_XS: entry 0 (all 8) with scales 1 and signs +, entry 511 (all 43) with scales 31
-    and all eight signs - by parity), every IQ4_XS sub-block scale at -32 or 31, activations at
+    and all eight signs - by parity; IQ2_XXS: entry 0 with scale 1 and signs +, entry 255
+    (8 25 8 8 25 43 43 43) with scale 31 and all signs -),
+    every IQ4_XS sub-block scale at -32 or 31, activations at
     full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""
     family_or_skip(family)
     n_exp, n, k = 2, 64, cols(qtype)

@@ -13,8 +13,8 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
     IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle;
-    IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS (iq2_quads.py) with 8-value grid
-    entries gathered per 64-bit lane, one row per lane pair.
+    IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS and IQ2_XXS (iq2_quads.py) with 8-value
+    grid entries gathered per 64-bit lane, one row per lane pair.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
     LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py).
   * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
@@ -114,7 +114,7 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 6
+PACK_LAYOUT_VERSION = 7
 
 host_families = families.host_families
 resolve_family = families.resolve
@@ -126,11 +126,13 @@ _RUNS = {name: {**fam.RUNS, **iq_quads.make_iq_runs(fam.KEY), **iq_grid_quads.ma
          for name, fam in (("avx512vnni", avx512vnni), ("avxvnni", avxvnni), ("avx2", avx2))}
 _RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2,
-                     "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2, "IQ2_XS": (iq_portable.iq2_xs_runs,) * 2}
+                     "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2, "IQ2_XS": (iq_portable.iq2_xs_runs,) * 2,
+                     "IQ2_XXS": (iq_portable.iq2_xxs_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
-                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS}),
+                                     QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS,
+                                     QType.IQ2_XXS}),
                  "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS,
-                                    QType.IQ2_XS})}
+                                    QType.IQ2_XS, QType.IQ2_XXS})}
 
 
 def layout_of(family: str) -> str:
@@ -199,8 +201,12 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
     if qtype == QType.IQ2_XS:  # iq2_quads.py, iq_portable.py
         if not quads_:
             return [((n_exp, g, k // 256, 72, rows), u8), ((n_exp, g, k // 256, rows), u16)]
-        return [((n_exp, g, k // 256, 8, 16, 8, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
+        return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
                 ((n_exp, g, k // 256, rows), u16)]
+    if qtype == QType.IQ2_XXS:  # iq2_quads.py, iq_portable.py
+        if not quads_:
+            return [((n_exp, g, k // 256, 64, rows), u8), ((n_exp, g, k // 256, rows), u16)]
+        return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, rows), u16)]
     if qtype in (QType.Q4_0, QType.IQ4_NL):
         codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
@@ -225,10 +231,11 @@ _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, 
                       QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
                       QType.Q6_K: quads.pack_q6_k, QType.IQ4_XS: iq_quads.pack_iq4_xs,
                       QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs,
-                      QType.IQ2_XS: iq2_quads.pack_iq2_xs},
+                      QType.IQ2_XS: iq2_quads.pack_iq2_xs, QType.IQ2_XXS: iq2_quads.pack_iq2_xxs},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
                      QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
-                     QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs}}
+                     QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs,
+                     QType.IQ2_XXS: iq_portable.pack_iq2_xxs}}
 
 
 def packer(qtype: QType, layout: str):
@@ -410,8 +417,8 @@ def _packed_runs(w: PackedWeight, x: np.ndarray, run_start: np.ndarray, run_expe
         xd = np.empty((m, k // 256), np.float32)
         pairs, pairs16 = np.empty((m, k // 64), np.int32), np.empty((m, k // 32), np.int32)
         (act.quantize_q8_k if m > 4 else act.quantize_q8_k_serial)(x, xq, xd, pairs, pairs16)
-        # the intrinsics take flat code, scale and activation arrays (free views)
-        kernel(w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2], xq.reshape(-1), xd,
+        # the intrinsics take flat code, scale and activation arrays (free views); d, last, keeps its shape
+        kernel(*[a.reshape(-1) for a in w.arrays[:-1]], w.arrays[-1], xq.reshape(-1), xd,
                pairs16 if w.qtype in PER16_TYPES else pairs, run_start, run_expert, n, out)
         return
     xd = np.empty((m, k // 32), np.float32)
@@ -495,7 +502,7 @@ PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K})
 
 
 # the IQ formats whose integer-family kernels take Q8_K activations, as llama.cpp's dot products for them do
-_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ2_XS})
+_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS})
 
 
 def activation_type(w) -> QType | None:

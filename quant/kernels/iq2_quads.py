@@ -1,13 +1,14 @@
-"""IQ2_XS in the integer families: packing and kernels for a lattice grid of 8 values per index.
+"""IQ2_XS and IQ2_XXS in the integer families: packing and kernels for lattice grids of 8 values per index.
 
 IQ2_XS (ggml-common.h block_iq2_xs, dequantize_row_iq2_xs) codes 8 values at a time as one uint16: a 9-bit index
 into iq2xs_grid (512 entries of 8 unsigned bytes, each 8, 25 or 43) and 7 sign bits, the eighth sign making the
 count of minus signs even (ksigns_iq2xs); a 4-bit scale per 16 values gives d * (0.5 + s) / 4 = d / 8 * (2 s + 1).
 
-One grid entry is 8 values of one row, so here a 64-bit lane is one row: a logical register (<16 x i32>) holds 8
-rows ("an octet") x 8 values, two 32-bit lanes per row, and the grid entries are fetched by vpgatherdq, 8 at a
-time, against one load per 4 values if the entries were split into the 32-bit lanes of the quads layout (as
-IQ3_XXS's 4-value entries are): the gathers are what these kernels spend their time on. The 8 activation bytes are
+One grid entry is 8 values of one row, so here a 64-bit lane is one row: a logical register (<16 x i32>) of grid
+values holds 8 rows ("an octet") x 8 values, two 32-bit lanes per row, and the grid entries are fetched by
+vpgatherdq, 8 at a time, against one load per 4 values if the entries were split into the 32-bit lanes of the quads
+layout (as IQ3_XXS's 4-value entries are). The code words stay in the quads layout (one 32-bit word of 16 rows per
+logical register), so indices, signs and scales are unpacked for 16 rows at a time. The 8 activation bytes are
 broadcast to every lane, negated per byte under the row's signs (the sign bits become a byte mask in the kernel,
 parity included, so the packed codes stay the file's 16 bits per 8 values), and multiplied by the family's
 unsigned-by-signed byte dot; each 16 values' int32 sums are scaled by 2 s + 1 in integers, and a row's two lanes
@@ -15,11 +16,16 @@ are added once per super-block. Activations are Q8_K, so a super-block meets d /
 per row, as in llama.cpp's AVX2 ggml_vec_dot_iq2_xs_q8_K (ggml/src/ggml-cpu/arch/x86/quants.c), which loads the
 grid entries one by one for 4 x 8 values of one row and applies the signs to the activations with vpsignb.
 
-Layout (per expert; G groups of 64 rows, nsb super-blocks):
-  codes (G, nsb, 8 octets, 16 words, 8 rows, 4 bytes): word w of a row is the file's qs[2 w] | qs[2 w + 1] << 16,
-        values 16 w..16 w + 15, whose scale is the nibble w % 2 of scales[w // 2]
-  scales (G, nsb, 8, ROWS) uint8: the file's scale bytes, byte s of each row (sub-block of 32 s)
-  d (G, nsb, ROWS) f16 bits.  74 bytes per 256, as the file.
+IQ2_XXS (block_iq2_xxs, dequantize_row_iq2_xxs) is the same scheme on a smaller grid: per 32 values one uint32 of 4
+8-bit indices into iq2xxs_grid (256 entries) and one of 4 x 7 sign bits with the sub-block's 4-bit scale on top,
+d * (0.5 + s) / 4 again; the kernel differs only in where it finds indices, signs and scales.
+
+Layouts (per expert; G groups of 64 rows, nsb super-blocks), codes (G, nsb, 4 quarters, 16 words, 16 rows, 4 bytes):
+  IQ2_XS  word w of a row is the file's qs[2 w] | qs[2 w + 1] << 16, values 16 w..16 w + 15, whose scale is the
+          nibble w % 2 of scales[w // 2]; scales (G, nsb, 8, ROWS) uint8: the file's scale bytes, byte s of each row
+          (sub-block of 32 s); d (G, nsb, ROWS) f16 bits.  74 bytes per 256, as the file.
+  IQ2_XXS word 2 s of a row holds sub-block s's 4 grid indices, word 2 s + 1 its signs and scale, as in the file;
+          d (G, nsb, ROWS).  66 bytes per 256, as the file.
 """
 from __future__ import annotations
 
@@ -29,24 +35,37 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
-from ..iq_grids import IQ2XS_GRID
+from ..iq_grids import IQ2XS_GRID, IQ2XXS_GRID
 from . import avx512vnni
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
-from .quads import _BYTE_DOTS, _f16_bits, _literals, _store_rows
-from .simd import I8, I32, I64, V8, V16, data_ptr, intrinsic_fn, prefetch_ahead
+from .quads import _BYTE_DOTS, QUARTER, _f16_bits, _literals, _store_rows
+from .simd import (
+    I8,
+    I32,
+    I64,
+    V8,
+    V16,
+    data_ptr,
+    halves,
+    intrinsic_fn,
+    join,
+    prefetch_ahead,
+    splat,
+)
 
-__all__ = ["make_iq2_runs", "pack_iq2_xs"]
+__all__ = ["make_iq2_runs", "pack_iq2_xs", "pack_iq2_xxs"]
 
-OCTET = 8  # rows per logical register: one 64-bit grid entry per row
+OCTET = 8  # rows per logical register of grid values: one 64-bit grid entry per row
 B64 = ir.VectorType(I8, 64)
 B32 = ir.VectorType(I8, 32)
-B8 = ir.VectorType(I8, 8)
+B16 = ir.VectorType(I8, 16)
 Q4 = ir.VectorType(I64, 4)
 Q8 = ir.VectorType(I64, 8)
 V4 = ir.VectorType(I32, 4)
 
-# The grid as one little-endian uint64 per entry: a row's 8 values in memory order.
+# The grids as one little-endian uint64 per entry: a row's 8 values in memory order.
 _GRID2 = np.ascontiguousarray(IQ2XS_GRID).view("<u8").reshape(-1).astype(np.uint64)
+_GRID2XXS = np.ascontiguousarray(IQ2XXS_GRID).view("<u8").reshape(-1).astype(np.uint64)
 
 # 0x80 (as a signed byte) for a nibble with an odd number of bits set: the sign that makes a lattice point's count of
 # minus signs even.
@@ -74,37 +93,73 @@ def _gather8(builder, wide, base, idx):
     return builder.bitcast(builder.shuffle_vector(parts[0], parts[1], ir.Constant(V8, list(range(8)))), V16)
 
 
-def _full_signs(builder, words):
-    """The 8 sign bits of both entries of each lane of words (<8 x i32>, two file uint16 per lane): entry 0's in byte
-    0, entry 1's in byte 2. The eighth bit is the parity of the stored seven (ksigns_iq2xs): the seven folded to a
-    nibble of the same parity, then a byte shuffle with a table of nibble parities, as llama.cpp does."""
-    def c(v):
-        return ir.Constant(V8, [v] * 8)
-    seven = builder.and_(builder.lshr(words, c(9)), c(0x007F007F))
-    nib = builder.bitcast(builder.xor(seven, builder.lshr(seven, c(4))), B32)
+def _c(op, v, k):
+    """op(v, k in every lane) for a logical register v."""
+    return op(v, ir.Constant(V16, [k] * 16))
+
+
+def _with_parity(builder, seven):
+    """Sign bytes (a logical register, 7 sign bits in the bytes that matter, 0 in their top bit and in the bits above each in
+    its nibble-fold) with the eighth bit set to the parity of the seven (ksigns_iq2xs): each folded to a nibble of
+    the same parity, then a byte shuffle with a table of nibble parities, as llama.cpp does."""
+    nib = builder.and_(builder.xor(seven, _c(builder.lshr, seven, 4)), splat(builder, ir.Constant(I32, 0x0F0F0F0F)))
     fn = intrinsic_fn(builder, "llvm.x86.avx2.pshuf.b", B32, [B32, B32])
-    top = builder.call(fn, [ir.Constant(B32, _PARITY_TOP * 2), nib])
-    return builder.or_(seven, builder.bitcast(top, V8))
+    top = join(builder, *(builder.bitcast(builder.call(fn, [ir.Constant(B32, _PARITY_TOP * 2), builder.bitcast(h, B32)]),
+                                          V8) for h in halves(builder, nib)))
+    return builder.or_(seven, top)
 
 
-def _sign_mask(builder, signs, byte):
-    """Byte j of row r's 64-bit lane set where bit j of the sign byte at `byte` of signs' lane r is (an <64 x i1>)."""
-    rep = builder.shuffle_vector(builder.bitcast(signs, ir.VectorType(I8, 32)), ir.Constant(ir.VectorType(I8, 32),
-                                 ir.Undefined), ir.Constant(ir.VectorType(I32, 64),
-                                                            [4 * r + byte for r in range(OCTET) for _ in range(8)]))
+def _xs_signs(builder, words):
+    """IQ2_XS: the 8 sign bits of both entries of each lane of words (two file uint16 per lane): entry 0's in byte 0,
+    entry 1's in byte 2."""
+    return _with_parity(builder, _c(builder.and_, _c(builder.lshr, words, 9), 0x007F007F))
+
+
+def _xxs_signs(builder, words):
+    """IQ2_XXS: the 4 x 7 sign bits of a sign-and-scale word spread to one byte per entry, with their parity bits."""
+    spread = _c(builder.and_, words, 0x7F)
+    for j in range(1, 4):
+        spread = builder.or_(spread, _c(builder.and_, _c(builder.shl, words, j), 0x7F << (8 * j)))
+    return _with_parity(builder, spread)
+
+
+def _sign_mask(builder, signs, o, byte):
+    """For octet o of the 16 rows in signs: byte j of row r's 64-bit lane set where bit j of the sign byte at `byte`
+    of the row's lane is (an <64 x i1>)."""
+    rep = builder.shuffle_vector(builder.bitcast(signs, B64), ir.Constant(B64, ir.Undefined), ir.Constant(
+        ir.VectorType(I32, 64), [4 * (OCTET * o + r) + byte for r in range(OCTET) for _ in range(8)]))
     bits = builder.and_(rep, ir.Constant(B64, [1 << j for j in range(8)] * OCTET))
     return builder.icmp_unsigned("!=", bits, ir.Constant(B64, None))
 
 
-def _scales(builder, sp, i):
-    """The two 2 s + 1 scales of sub-block i's byte for 8 rows, each row's in both of its lanes."""
-    v = builder.zext(builder.load(builder.gep(sp, [ir.Constant(I64, i)]), align=1), V8)
-    lo = builder.and_(v, ir.Constant(V8, [15] * 8))
-    hi = builder.lshr(v, ir.Constant(V8, [4] * 8))
-    dup = ir.Constant(V16, [r // 2 for r in range(16)])
-    undef = ir.Constant(V8, ir.Undefined)
-    return [builder.shuffle_vector(builder.or_(builder.shl(s, ir.Constant(V8, [1] * 8)), ir.Constant(V8, [1] * 8)),
-                                   undef, dup) for s in (lo, hi)]
+def _dup_rows(builder, v, o):
+    """The values of octet o's rows in a logical register of 16 rows -> each row's value in both of its lanes."""
+    return builder.shuffle_vector(v, ir.Constant(V16, ir.Undefined), ir.Constant(V16, [OCTET * o + r // 2
+                                                                                        for r in range(16)]))
+
+
+def _odd(builder, v):
+    return _c(builder.or_, _c(builder.shl, v, 1), 1)
+
+
+def _octet_idx(builder, idx, o):
+    return builder.shuffle_vector(idx, ir.Constant(V16, ir.Undefined), ir.Constant(V8, list(range(8 * o, 8 * o + 8))))
+
+
+def _x_bytes(builder, xps, i):
+    """Per activation row, the 8 bytes of x at xps[j][i] in every 64-bit lane, and their negation."""
+    undef = ir.Constant(Q8, ir.Undefined)
+    out = []
+    for xp_ in xps:
+        v = builder.insert_element(undef, builder.load(builder.gep(xp_, [ir.Constant(I64, i)]), align=1),
+                                   ir.Constant(I32, 0))
+        vb = builder.bitcast(builder.shuffle_vector(v, undef, ir.Constant(V8, [0] * 8)), B64)
+        out.append((vb, builder.sub(ir.Constant(B64, None), vb)))
+    return out
+
+
+def _signed(builder, mask, xb):
+    return builder.bitcast(builder.select(mask, xb[1], xb[0]), V16)
 
 
 def _row_sums(builder, lo, hi):
@@ -119,8 +174,8 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
     """IQ2_XS super-block, 16 rows (two octets), against Q8_K activations, in integers:
     isum[j*ROWS + out_off + r] = sum over the 16 groups h of 16 values of (2 s_rh + 1) * (grid values . signed x_jh).
 
-    w: the two octets' code words at w_off (octet o, word h: 8 rows' uint32 at w_off + (16 o + h) * 32 bytes); sc: the
-    scale bytes at sc_off (sub-block s of octet o: 8 rows' bytes at sc_off + 64 s + 8 o); grid: the uint64 table."""
+    w: the 16 rows' code words at w_off (word h at w_off + 64 h bytes); sc: the scale bytes at sc_off (sub-block s:
+    16 rows' bytes at sc_off + 64 s); grid: the uint64 table."""
     lits = _literals(fam, n)
     if lits is None:
         return None
@@ -130,39 +185,71 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
 
     def codegen(context, builder, signature, args):
         (_, _, wa, wo, sa, so, ga, xa, xo, xst, ia, oo) = args
-        wp = data_ptr(context, builder, signature.args[2], wa, wo, V8)
-        sp = data_ptr(context, builder, signature.args[4], sa, so, B8)
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
         gp = data_ptr(context, builder, signature.args[6], ga, ir.Constant(I64, 0), I64)
         xps = [data_ptr(context, builder, signature.args[7], xa, builder.add(xo, builder.mul(xst, ir.Constant(
             xst.type, j))), I64) for j in range(n_x)]
-        undef64 = ir.Constant(Q8, ir.Undefined)
-        nine = ir.Constant(V8, [511] * 8)
         accs = [[ir.Constant(V16, None)] * 2 for _ in range(n_x)]
         for s in range(8):
-            scales = [_scales(builder, sp, 8 * s + o) for o in range(2)]
+            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
+                                           align=1), V16)
+            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
             for h in range(2):
-                xs = []
-                for xp_ in xps:
-                    pair = []
-                    for e in range(2):
-                        v = builder.load(builder.gep(xp_, [ir.Constant(I64, 4 * s + 2 * h + e)]), align=1)
-                        vb = builder.insert_element(undef64, v, ir.Constant(I32, 0))
-                        vb = builder.bitcast(builder.shuffle_vector(vb, undef64, ir.Constant(V8, [0] * 8)), B64)
-                        pair.append((vb, builder.sub(ir.Constant(B64, None), vb)))
-                    xs.append(pair)
+                xs = [_x_bytes(builder, xps, 4 * s + 2 * h + e) for e in range(2)]
+                words = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + h)]), align=1)
+                signs = _xs_signs(builder, words)
+                idx = [_c(builder.and_, words, 511), _c(builder.and_, _c(builder.lshr, words, 16), 511)]
                 for o in range(2):
-                    words = builder.load(builder.gep(wp, [ir.Constant(I64, 16 * o + 2 * s + h)]), align=1)
-                    signs = _full_signs(builder, words)
-                    grids = [_gather8(builder, wide, gp, builder.and_(words, nine)),
-                             _gather8(builder, wide, gp, builder.and_(builder.lshr(words, ir.Constant(V8, [16] * 8)),
-                                                                      nine))]
-                    masks = [_sign_mask(builder, signs, 2 * e) for e in range(2)]
+                    grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(2)]
+                    masks = [_sign_mask(builder, signs, o, 2 * e) for e in range(2)]
+                    scale = _dup_rows(builder, scales[h], o)
                     for jx in range(n_x):
-                        pairs = [(grids[e], builder.bitcast(builder.select(masks[e], xs[jx][e][1], xs[jx][e][0]), V16))
-                                 for e in range(2)]
-                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND, scales[o][h])
+                        pairs = [(grids[e], _signed(builder, masks[e], xs[e][jx])) for e in range(2)]
+                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND, scale)
         for jx in range(n_x):
             _store_rows(context, builder, signature.args[10], ia, oo, jx, _row_sums(builder, *accs[jx]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, out_off):
+    """IQ2_XXS super-block, 16 rows (two octets), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 8 sub-blocks s of (2 s_rs + 1) * (grid values . signed x_js).
+
+    w: the 16 rows' code words at w_off as for IQ2_XS (words 2 s and 2 s + 1: indices, signs and scale)."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot, wide = _BYTE_DOTS[f], f == avx512vnni.KEY
+    sig = types.void(fam, n, w, w_off, grid, x, x_off, x_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, wa, wo, ga, xa, xo, xst, ia, oo) = args
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[4], ga, ir.Constant(I64, 0), I64)
+        xps = [data_ptr(context, builder, signature.args[5], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I64) for j in range(n_x)]
+        accs = [[ir.Constant(V16, None)] * 2 for _ in range(n_x)]
+        for s in range(8):
+            xs = [_x_bytes(builder, xps, 4 * s + e) for e in range(4)]
+            words = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s)]), align=1)
+            aux = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + 1)]), align=1)
+            signs = _xxs_signs(builder, aux)
+            scales = _odd(builder, _c(builder.lshr, aux, 28))
+            idx = [_c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255) for e in range(4)]
+            for o in range(2):
+                grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(4)]
+                masks = [_sign_mask(builder, signs, o, e) for e in range(4)]
+                scale = _dup_rows(builder, scales, o)
+                for jx in range(n_x):
+                    pairs = [(grids[e], _signed(builder, masks[e], xs[e][jx])) for e in range(4)]
+                    accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND, scale)
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[8], ia, oo, jx, _row_sums(builder, *accs[jx]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -174,7 +261,7 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
 
 @njit(parallel=True, cache=True)
 def pack_iq2_xs(rows, qs, sc, d):
-    """rows (N, nsb*74) -> qs (G, nsb, 8, 16, 8, 4), sc (G, nsb, 8, ROWS), d (G, nsb, ROWS). Block: d | qs u16[32]
+    """rows (N, nsb*74) -> qs (G, nsb, 4, 16, 16, 4), sc (G, nsb, 8, ROWS), d (G, nsb, ROWS). Block: d | qs u16[32]
     (9-bit grid index, 7 sign bits) | scales u8[8] (two 4-bit scales, low nibble first)."""
     n = rows.shape[0]
     n_groups, nsb = qs.shape[0], qs.shape[1]
@@ -183,7 +270,7 @@ def pack_iq2_xs(rows, qs, sc, d):
         for b in range(nsb):
             o = b * 74
             for r in range(ROWS):
-                ro, rr = r // OCTET, r % OCTET
+                ro, rr = r // QUARTER, r % QUARTER
                 live = r < r_end
                 src = rows[g * ROWS + r] if live else rows[0]
                 d[g, b, r] = _f16_bits(src, o) if live else 0
@@ -192,6 +279,26 @@ def pack_iq2_xs(rows, qs, sc, d):
                         qs[g, b, ro, w, rr, jj] = src[o + 2 + 4 * w + jj] if live else 0
                 for s in range(8):
                     sc[g, b, s, r] = src[o + 66 + s] if live else 0
+
+
+@njit(parallel=True, cache=True)
+def pack_iq2_xxs(rows, qs, d):
+    """rows (N, nsb*66) -> qs (G, nsb, 4, 16, 16, 4), d (G, nsb, ROWS). Block: d | 8 x (4 grid index bytes, then a
+    uint32 of 4 x 7 sign bits and the 4-bit scale)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 66
+            for r in range(ROWS):
+                ro, rr = r // QUARTER, r % QUARTER
+                live = r < r_end
+                src = rows[g * ROWS + r] if live else rows[0]
+                d[g, b, r] = _f16_bits(src, o) if live else 0
+                for w in range(16):
+                    for jj in range(4):
+                        qs[g, b, ro, w, rr, jj] = src[o + 2 + 4 * w + jj] if live else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,7 +315,7 @@ def make_iq2_runs(F: int) -> dict[str, tuple]:
     """{format name: (decode kernel, prefill kernel)} of the IQ2 formats for the family registered under F."""
     if F not in _BYTE_DOTS:
         raise KeyError(f"no byte multiplication registered under {F}")
-    return {"IQ2_XS": _make_iq2_xs_runs(F)}
+    return {"IQ2_XS": _make_iq2_xs_runs(F), "IQ2_XXS": _make_iq2_xxs_runs(F)}
 
 
 def _make_iq2_xs_runs(F: int) -> tuple:
@@ -233,7 +340,7 @@ def _make_iq2_xs_runs(F: int) -> tuple:
                 prefetch_ahead(qs, base, BLOCK)
                 for m in range(m0, m1):
                     for rq in range(4):
-                        _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                        _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
                                      m * k + b * 256, 0, isum, rq * 16)
                     _sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
@@ -257,10 +364,10 @@ def _make_iq2_xs_runs(F: int) -> tuple:
                     n_x = 4 if m + 4 <= m1 else 1
                     for rq in range(4):
                         if n_x == 4:
-                            _iq2_xs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                            _iq2_xs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
                                          m * k + b * 256, k, isum, rq * 16)
                         else:
-                            _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * 16, grid, xq,
+                            _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
                                          m * k + b * 256, 0, isum, rq * 16)
                     for j in range(n_x):
                         _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
@@ -268,3 +375,60 @@ def _make_iq2_xs_runs(F: int) -> tuple:
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_xs_runs, iq2_xs_runs_x4
+
+
+def _make_iq2_xxs_runs(F: int) -> tuple:
+    """IQ2_XXS (decode, prefill) on Q8_K activations, as IQ2_XS's with the scales inside the code words."""
+    BLOCK = ROWS * 64  # one group's code words per super-block
+    QUARTER_BYTES = 16 * 64
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_xxs_runs(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2XXS
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                base = ((e * n_groups + g) * nsb + b) * BLOCK
+                prefetch_ahead(qs, base, BLOCK)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _iq2_xxs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, isum,
+                                      rq * 16)
+                    _sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_xxs_runs_x4(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2XXS
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                base = ((e * n_groups + g) * nsb + b) * BLOCK
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _iq2_xxs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, k, isum,
+                                          rq * 16)
+                        else:
+                            _iq2_xxs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, isum,
+                                          rq * 16)
+                    for j in range(n_x):
+                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return iq2_xxs_runs, iq2_xxs_runs_x4

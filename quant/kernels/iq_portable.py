@@ -1,4 +1,4 @@
-"""IQ4_XS, IQ4_NL, IQ3_XXS and IQ2_XS in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS and IQ2_XXS in the portable family's rows layout (portable.py): packing and kernels for any CPU.
 
 The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
 through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
@@ -13,13 +13,15 @@ Layouts (per expert; G groups of ROWS rows):
          per 256 as in the file; decoded in the kernel (iq3xxs_grid, ksigns_iq2xs) one sub-block of 32 at a time.
   IQ2_XS qs (G, nsb, 72, ROWS) the file's 32 uint16 (grid index and signs) and 8 scale bytes; d (G, nsb, ROWS). 74
          bytes per 256 as in the file; decoded in the kernel (iq2xs_grid, ksigns_iq2xs) the same way.
+  IQ2_XXS qs (G, nsb, 64, ROWS) the file's 8 x (4 grid indices, a sign-and-scale uint32); d (G, nsb, ROWS). 66 bytes
+         per 256 as in the file (iq2xxs_grid).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..iq_grids import IQ2XS_GRID, IQ3XXS_GRID, KSIGNS, KVALUES_IQ4NL
+from ..iq_grids import IQ2XS_GRID, IQ2XXS_GRID, IQ3XXS_GRID, KSIGNS, KVALUES_IQ4NL
 from .portable import (
     ROWS,
     _f16_bits,
@@ -29,12 +31,13 @@ from .portable import (
     _store_group,
 )
 
-__all__ = ["iq2_xs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs", "pack_iq2_xs", "pack_iq3_xxs", "pack_iq4_nl",
-           "pack_iq4_xs"]
+__all__ = ["iq2_xs_runs", "iq2_xxs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs", "pack_iq2_xs", "pack_iq2_xxs",
+           "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
 
 _LEVELS = KVALUES_IQ4NL.astype(np.int32)
 _GRID3 = IQ3XXS_GRID.astype(np.int32)
 _GRID2 = IQ2XS_GRID.astype(np.int32)
+_GRID2XXS = IQ2XXS_GRID.astype(np.int32)
 _KSIGNS = KSIGNS.astype(np.int32)
 
 
@@ -230,4 +233,52 @@ def iq2_xs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                                     acc += -v if (signs >> j) & 1 else v
                             total += (2 * ((ls >> (4 * h)) & 15) + 1) * acc
                         a[r] += np.float32(total) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq2_xxs(rows, qs, d):
+    """rows (N, nsb*66) -> qs (G, nsb, 64, ROWS) (the block's bytes after d), d (G, nsb, ROWS) f16 bits."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                d[g, b, r] = _f16_bits(rows[row], b * 66) if live else 0
+                for j in range(64):
+                    qs[g, b, j, r] = rows[row, b * 66 + 2 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq2_xxs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """a[r] += xd * d_r / 8 * (2 s + 1) * (grid values . signed x) per sub-block of 32 (one Q8_0 block of x)."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for s in range(8):
+                    blk = b * 8 + s
+                    for j in range(32):
+                        xb[j] = xq[m, blk * 32 + j]
+                    scale = xd[m, blk] * np.float32(0.125)
+                    for r in range(ROWS):
+                        aux = np.int64(q[8 * s + 4, r]) | (np.int64(q[8 * s + 5, r]) << 8) \
+                            | (np.int64(q[8 * s + 6, r]) << 16) | (np.int64(q[8 * s + 7, r]) << 24)
+                        acc = np.int32(0)
+                        for u in range(4):
+                            gi = np.int64(q[8 * s + u, r])
+                            signs = _KSIGNS[(aux >> (7 * u)) & 127]
+                            for j in range(8):
+                                v = _GRID2XXS[gi, j] * xb[8 * u + j]
+                                acc += -v if (signs >> j) & 1 else v
+                        a[r] += np.float32(np.int32(2 * (aux >> 28) + 1) * acc) * (dsup[r] * scale)
         _store_group(out, accf, g, m0, m1, n_rows)

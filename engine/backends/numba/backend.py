@@ -174,7 +174,7 @@ def _bind(w, act: tuple, rows: int, run_start: np.ndarray, run_expert: np.ndarra
         raise kernels.KernelInputError(f"decode buffers {xq.shape} -> {None if out is None else out.shape} do not "
                                        f"fit weight {w.shape}")  # a kernel would read or write past them
     if kernels.activation_type(w) == QType.Q8_K:  # as _packed_runs passes them
-        arrays = (w.arrays[0].reshape(-1), w.arrays[1].reshape(-1), w.arrays[2])
+        arrays = (*(a.reshape(-1) for a in w.arrays[:-1]), w.arrays[-1])  # IQ2_XXS has no scale array
         args = (*arrays, kq.reshape(-1), kd, kp16 if w.qtype in kernels.PER16_TYPES else kp, run_start,
                 run_expert, n)
         needs = ops.ROUND_Q8_K
