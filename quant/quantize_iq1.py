@@ -10,8 +10,8 @@ choice of shift sign; the best split that is not a lattice point is moved to the
 (every point at the 3 smallest squared distances, iq2xs_init_impl's lists for kgrid_1bit_2048), and the scale refit.
 
 The sort decides ties: ggml sorts (value, index) pairs with qsort comparing values only, and glibc's qsort is a
-merge sort for arrays this small, so equal values keep their index order; `_sort` is a stable insertion sort, which
-gives the same permutation. (A C library whose qsort is not stable would order ties differently; our reference is
+merge sort for arrays this small, so equal values keep their index order; `_sort` places each value by counting
+(the values below it, the equal ones before it), which gives the same permutation. (A C library whose qsort is not stable would order ties differently; our reference is
 llama.cpp's ggml on glibc.)
 
 Float32 rules as in `quant.quantize` (every int that meets a float goes through `_f32()`, no fastmath), so each
@@ -122,14 +122,15 @@ def _absmax(x, bo, n):
 
 @njit
 def _sort(x, bo, n, idx):
-    """idx[:n]: the order of x[bo:bo+n] by value, equal values in index order (glibc's qsort, a merge sort)."""
+    """idx[:n]: the order of x[bo:bo+n] by value, equal values in index order (glibc's qsort, a merge sort). Each
+    value's place is counted (the values below it, and the equal ones before it), without branches to mispredict."""
     for j in range(n):
         v = x[bo + j]
-        k = j
-        while k > 0 and x[bo + idx[k - 1]] > v:
-            idx[k] = idx[k - 1]
-            k -= 1
-        idx[k] = j
+        r = 0
+        for i in range(n):
+            u = x[bo + i]
+            r += (u < v) | ((u == v) & (i < j))
+        idx[r] = j
 
 
 @njit
@@ -150,17 +151,22 @@ def _grid_sum(levels, g, xx, x, xo, weight, wo, mult, sums):
 
 
 @njit
-def _best_neighbour(nb, off, levels, x, xo, weight, wo, scale, xx, L, lo):
+def _best_neighbour(nb, off, levels, x, xo, weight, wo, scale, xx, terms, L, lo):
     """ggml's iq1_find_best_neighbour2: of the listed points, the one nearest to x/scale in the weighted distance
-    (levels read through xx, the shifted values), the first of equal distances. Writes its levels to L[lo:lo+8]."""
+    (levels read through xx, the shifted values), the first of equal distances. Writes its levels to L[lo:lo+8].
+    Each coordinate has three possible terms w * diff * diff, computed once into terms (8, 3) and then summed in
+    ggml's order for every point: the same roundings."""
+    for i in range(8):
+        for l in range(3):
+            diff = scale * xx[l] - x[xo + i]
+            terms[i, l] = weight[wo + i] * diff * diff
     best = _f32(_FLT_MAX)
     gi = -1
     for j in range(1, np.int64(nb[off]) + 1):
         g = np.int64(nb[off + j])
         d2 = _f32(0)
         for i in range(8):
-            diff = scale * xx[levels[g, i]] - x[xo + i]
-            d2 += weight[wo + i] * diff * diff
+            d2 += terms[i, levels[g, i]]
         if d2 < best:
             best = d2
             gi = g
@@ -171,8 +177,7 @@ def _best_neighbour(nb, off, levels, x, xo, weight, wo, scale, xx, L, lo):
         for g in range(levels.shape[0]):
             d2 = _f32(0)
             for i in range(8):
-                diff = scale * xx[levels[g, i]] - x[xo + i]
-                d2 += weight[wo + i] * diff * diff
+                d2 += terms[i, levels[g, i]]
             if d2 < best:
                 best = d2
                 gi = g
@@ -181,6 +186,75 @@ def _best_neighbour(nb, off, levels, x, xo, weight, wo, scale, xx, L, lo):
     for i in range(8):
         L[lo + i] = levels[gi, i]
     return gi
+
+
+@njit(inline="always")
+def _better(sumqx, sumq2, best):
+    return sumq2 > 0 and sumqx * sumqx > best * sumq2
+
+
+@njit
+def _split_m(px, pw, mx, p2, m2, cp1, cp2, cm1, cm2):
+    """IQ1_M's split search: the best cuts (i1, i2) of the 16 sorted values and shift signs k of the two halves
+    (0: +,+  1: +,-  2: -,+  3: -,-), scored from the per-half prefix sums px (weight * x) and pw (weight) as ggml
+    does (the sum over a split collapses to T*v[2] - px[i1] - px[i2]); the first best wins. Returns (scale, i1,
+    i2, k), k = -1 when nothing scored. The terms that do not depend on i2 are computed once: the same roundings."""
+    best = -_f32(_FLT_MAX)
+    scale = mx
+    besti1 = -1
+    besti2 = -1
+    best_k = -1
+    txp0 = px[0, 16] * p2
+    txm0 = px[0, 16] * m2
+    txp1 = px[1, 16] * p2
+    txm1 = px[1, 16] * m2
+    twp0 = pw[0, 16] * p2 * p2
+    twm0 = pw[0, 16] * m2 * m2
+    twp1 = pw[1, 16] * p2 * p2
+    twm1 = pw[1, 16] * m2 * m2
+    for i1 in range(17):
+        a0 = px[0, i1]
+        a1 = px[1, i1]
+        wp0 = twp0 + pw[0, i1] * cp1
+        wm0 = twm0 + pw[0, i1] * cm1
+        wp1 = twp1 + pw[1, i1] * cp1
+        wm1 = twm1 + pw[1, i1] * cm1
+        for i2 in range(i1, 17):
+            s0 = a0 + px[0, i2]
+            s1 = a1 + px[1, i2]
+            qxp0 = txp0 - s0
+            qxm0 = txm0 - s0
+            qxp1 = txp1 - s1
+            qxm1 = txm1 - s1
+            q2p0 = wp0 + pw[0, i2] * cp2
+            q2m0 = wm0 + pw[0, i2] * cm2
+            q2p1 = wp1 + pw[1, i2] * cp2
+            q2m1 = wm1 + pw[1, i2] * cm2
+            sx = qxp0 + qxp1
+            s2 = q2p0 + q2p1
+            if _better(sx, s2, best):
+                scale = sx / s2
+                best = scale * sx
+                besti1, besti2, best_k = i1, i2, 0
+            sx = qxp0 + qxm1
+            s2 = q2p0 + q2m1
+            if _better(sx, s2, best):
+                scale = sx / s2
+                best = scale * sx
+                besti1, besti2, best_k = i1, i2, 1
+            sx = qxm0 + qxp1
+            s2 = q2m0 + q2p1
+            if _better(sx, s2, best):
+                scale = sx / s2
+                best = scale * sx
+                besti1, besti2, best_k = i1, i2, 2
+            sx = qxm0 + qxm1
+            s2 = q2m0 + q2m1
+            if _better(sx, s2, best):
+                scale = sx / s2
+                best = scale * sx
+                besti1, besti2, best_k = i1, i2, 3
+    return scale, besti1, besti2, best_k
 
 
 @njit
@@ -210,6 +284,8 @@ def _row_iq1_s(x, qw, out, levels, kmap, nb):
     su = sf.view(np.uint32)
     x_p = np.array([_f32(-1) + _f32(_DELTA), _f32(_DELTA), _f32(1) + _f32(_DELTA)], np.float32)
     x_m = np.array([_f32(-1) - _f32(_DELTA), -_f32(_DELTA), _f32(1) - _f32(_DELTA)], np.float32)
+    p0, p1, p2 = x_p[0], x_p[1], x_p[2]
+    m0, m1, m2 = x_m[0], x_m[1], x_m[2]
     weight = np.empty(32, np.float32)
     sumx = np.empty(33, np.float32)
     sumw = np.empty(33, np.float32)
@@ -219,6 +295,7 @@ def _row_iq1_s(x, qw, out, levels, kmap, nb):
     scales = np.zeros(8, np.float32)
     shifts = np.zeros(8, np.int64)
     sums = np.zeros(2, np.float32)
+    terms = np.empty((8, 3), np.float32)
     for ibl in range(x.size // QK_K):
         xo, o = ibl * QK_K, ibl * _S_BYTES
         for j in range(_S_BYTES):
@@ -246,29 +323,29 @@ def _row_iq1_s(x, qw, out, levels, kmap, nb):
             besti2 = -1
             best_shift = 0
             for i1 in range(33):
+                sx1 = sumx[i1] - sumx[0]
+                sw1 = sumw[i1] - sumw[0]
+                tp = sx1 * p0  # the terms of the first group, the same for every i2
+                tm = sx1 * m0
+                wp = sw1 * p0 * p0
+                wm = sw1 * m0 * m0
                 for i2 in range(i1, 33):
-                    sx1 = sumx[i1] - sumx[0]
                     sx2 = sumx[i2] - sumx[i1]
                     sx3 = sumx[32] - sumx[i2]
-                    sw1 = sumw[i1] - sumw[0]
                     sw2 = sumw[i2] - sumw[i1]
                     sw3 = sumw[32] - sumw[i2]
-                    sumqx = sx1 * x_p[0] + sx2 * x_p[1] + sx3 * x_p[2]
-                    sumq2 = sw1 * x_p[0] * x_p[0] + sw2 * x_p[1] * x_p[1] + sw3 * x_p[2] * x_p[2]
-                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    sumqx = tp + sx2 * p1 + sx3 * p2
+                    sumq2 = wp + sw2 * p1 * p1 + sw3 * p2 * p2
+                    if _better(sumqx, sumq2, best):
                         scale = sumqx / sumq2
                         best = scale * sumqx
-                        besti1 = i1
-                        besti2 = i2
-                        best_shift = 1
-                    sumqx = sx1 * x_m[0] + sx2 * x_m[1] + sx3 * x_m[2]
-                    sumq2 = sw1 * x_m[0] * x_m[0] + sw2 * x_m[1] * x_m[1] + sw3 * x_m[2] * x_m[2]
-                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                        besti1, besti2, best_shift = i1, i2, 1
+                    sumqx = tm + sx2 * m1 + sx3 * m2
+                    sumq2 = wm + sw2 * m1 * m1 + sw3 * m2 * m2
+                    if _better(sumqx, sumq2, best):
                         scale = sumqx / sumq2
                         best = scale * sumqx
-                        besti1 = i1
-                        besti2 = i2
-                        best_shift = -1
+                        besti1, besti2, best_shift = i1, i2, -1
             if besti1 < 0 or besti2 < 0 or best_shift == 0:
                 scales[ib] = _f32(0)
                 shifts[ib] = 1
@@ -285,7 +362,7 @@ def _row_iq1_s(x, qw, out, levels, kmap, nb):
                 gi = _lookup(L, 8 * k, kmap)
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour(nb, -gi - 1, levels, x, bo + 8 * k, weight, 8 * k, scale, xx, L, 8 * k)
+                    gi = _best_neighbour(nb, -gi - 1, levels, x, bo + 8 * k, weight, 8 * k, scale, xx, terms, L, 8 * k)
                 index[k] = gi
             if not all_on_grid:
                 sums[0] = _f32(0)
@@ -325,12 +402,6 @@ def _row_iq1_m(x, qw, out, levels, kmap, nb):
     weight = np.empty(16, np.float32)
     px = np.empty((2, 17), np.float32)
     pw = np.empty((2, 17), np.float32)
-    qx_p = np.empty(2, np.float32)
-    qx_m = np.empty(2, np.float32)
-    q2_p = np.empty(2, np.float32)
-    q2_m = np.empty(2, np.float32)
-    sumqx = np.empty(4, np.float32)
-    sumq2 = np.empty(4, np.float32)
     idx = np.zeros(16, np.int64)
     L = np.zeros(16, np.int64)
     index = np.zeros(2, np.int64)
@@ -338,6 +409,7 @@ def _row_iq1_m(x, qw, out, levels, kmap, nb):
     shifts = np.zeros(16, np.int64)
     sc = np.zeros(4, np.int64)
     sums = np.zeros(2, np.float32)
+    terms = np.empty((8, 3), np.float32)
     masks = np.array([0x00, 0x80, 0x08, 0x88], np.int64)
     # the constants of ggml's split score (v[0] - v[1] = v[1] - v[2] = -1 for both shifts)
     p2 = x_p[2]
@@ -372,35 +444,7 @@ def _row_iq1_m(x, qw, out, levels, kmap, nb):
                 px[1 - h, j + 1] = px[1 - h, j]
                 pw[h, j + 1] = pw[h, j] + weight[i]
                 pw[1 - h, j + 1] = pw[1 - h, j]
-            best = -_f32(_FLT_MAX)
-            scale = mx
-            besti1 = -1
-            besti2 = -1
-            best_k = -1
-            for i1 in range(17):
-                for i2 in range(i1, 17):
-                    for h in range(2):
-                        s = px[h, i1] + px[h, i2]
-                        qx_p[h] = px[h, 16] * p2 - s
-                        qx_m[h] = px[h, 16] * m2 - s
-                        q2_p[h] = pw[h, 16] * p2 * p2 + pw[h, i1] * cp1 + pw[h, i2] * cp2
-                        q2_m[h] = pw[h, 16] * m2 * m2 + pw[h, i1] * cm1 + pw[h, i2] * cm2
-                    # 0: +, +   1: +, -   2: -, +   3: -, -   (shift of the first, second half)
-                    sumqx[0] = qx_p[0] + qx_p[1]
-                    sumqx[1] = qx_p[0] + qx_m[1]
-                    sumqx[2] = qx_m[0] + qx_p[1]
-                    sumqx[3] = qx_m[0] + qx_m[1]
-                    sumq2[0] = q2_p[0] + q2_p[1]
-                    sumq2[1] = q2_p[0] + q2_m[1]
-                    sumq2[2] = q2_m[0] + q2_p[1]
-                    sumq2[3] = q2_m[0] + q2_m[1]
-                    for k in range(4):
-                        if sumq2[k] > 0 and sumqx[k] * sumqx[k] > best * sumq2[k]:
-                            scale = sumqx[k] / sumq2[k]
-                            best = scale * sumqx[k]
-                            besti1 = i1
-                            besti2 = i2
-                            best_k = k
+            scale, besti1, besti2, best_k = _split_m(px, pw, mx, p2, m2, cp1, cp2, cm1, cm2)
             if besti1 < 0 or besti2 < 0 or best_k < 0:
                 scales[ib] = _f32(0)
                 shifts[ib] = 0
@@ -417,7 +461,7 @@ def _row_iq1_m(x, qw, out, levels, kmap, nb):
                 gi = _lookup(L, 8 * k, kmap)
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour(nb, -gi - 1, levels, x, bo + 8 * k, weight, 8 * k, scale, xx, L, 8 * k)
+                    gi = _best_neighbour(nb, -gi - 1, levels, x, bo + 8 * k, weight, 8 * k, scale, xx, terms, L, 8 * k)
                 index[k] = gi
             if not all_on_grid:
                 sums[0] = _f32(0)
