@@ -23,21 +23,23 @@ from gguf_fixtures import write_gguf_with_gguf_py
 from mixlocal.quant import QTensor, QType, kernels
 from mixlocal.quant.kernels import families
 from test_decode_step import _decode_logits
-from test_iq_formats import _random_iq_quantizer
+from test_iq_formats import _random_iq_quantizer, _set_scale
 from test_kernels import assert_matches
 
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
 IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS]
+IQ_PORTABLE_ONLY = [QType.IQ1_S, QType.IQ1_M]  # packed in the portable family only, so far
+CASES = [(q, f) for q in IQ_PACKED for f in kernels.FAMILIES] + [(q, "portable") for q in IQ_PORTABLE_ONLY]
 
 
 def iq_raw(qtype: QType, shape: tuple[int, ...], rng: np.random.Generator, scale=None) -> np.ndarray:
     """Random valid blocks (..., row_bytes): random codes and scale bits, the float16 d in the block's first bytes."""
     bs, ts = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, shape[:-1] + (shape[-1] // bs, ts), dtype=np.uint8)
-    d = rng.random(raw.shape[:-1] + (1,)) * 2e-3 + 1e-4 if scale is None else np.full(raw.shape[:-1] + (1,), scale)
-    raw[..., 0:2] = d.astype(np.float16).view(np.uint8)
+    d = rng.random(raw.shape[:-1]) * 2e-3 + 1e-4 if scale is None else np.full(raw.shape[:-1], scale)
+    _set_scale(raw, qtype, d)
     return raw.reshape(shape[:-1] + (-1,))
 
 
@@ -66,18 +68,18 @@ def test_iq4_formats_have_packed_layouts_in_every_family():
     for family in kernels.FAMILIES:
         assert set(IQ_PACKED) <= kernels.packed_types(family)
         assert {q.name for q in IQ_PACKED} <= set(kernels._RUNS[family])
+    assert set(IQ_PORTABLE_ONLY) <= kernels.packed_types("portable")
     # the packed arrays keep about the file's size: bytes per (super-)block, packed against the file's
     most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ2_XS: (74, 74),
-            QType.IQ2_XXS: (66, 66)}
-    for qtype in IQ_PACKED:
-        for layout in ("quads", "rows"):
+            QType.IQ2_XXS: (66, 66), QType.IQ1_S: (50, 50), QType.IQ1_M: (58, 56)}
+    for qtype in IQ_PACKED + IQ_PORTABLE_ONLY:
+        for layout in ("quads", "rows") if qtype in IQ_PACKED else ("rows",):
             n_bytes = sum(int(np.prod(s)) * dt.itemsize for s, dt in kernels.packed_shapes(qtype, 1, 64, 512, layout))
             file_bytes = 64 * 512 // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1]
             assert file_bytes <= n_bytes <= file_bytes * most[qtype][0] // most[qtype][1], (qtype.name, layout)
 
 
-@pytest.mark.parametrize("family", kernels.FAMILIES)
-@pytest.mark.parametrize("qtype", IQ_PACKED, ids=lambda q: q.name)
+@pytest.mark.parametrize(("qtype", "family"), CASES, ids=lambda c: getattr(c, "name", c))
 def test_every_family_matches_reference(qtype, family):
     """Decode (1, 2 rows), a prefill with runs of 4+ rows per expert (40) and linear on 7 rows (the four-row loop and
     its remainder), on 70 rows (a padded last group) of 3 experts."""
@@ -97,24 +99,24 @@ def test_every_family_matches_reference(qtype, family):
     assert_matches(kernels.linear(p2, x), ref[2], x, f"{qtype.name} {family} linear", act=kernels.activation_type(p2))
 
 
-@pytest.mark.parametrize("family", kernels.FAMILIES)
-@pytest.mark.parametrize("qtype", IQ_PACKED, ids=lambda q: q.name)
+@pytest.mark.parametrize(("qtype", "family"), CASES, ids=lambda c: getattr(c, "name", c))
 def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
     """Every code at the codebook's ends (-127 and 113; IQ3_XXS: grid entry 0 with scale 1 and all signs +, entry 255
     with scale 31 and all signs -; IQ2_XS: entry 0 (all 8) with scales 1 and signs +, entry 511 (all 43) with scales 31
     and all eight signs - by parity; IQ2_XXS: entry 0 with scale 1 and signs +, entry 255
-    (8 25 8 8 25 43 43 43) with scale 31 and all signs -),
-    every IQ4_XS sub-block scale at -32 or 31, activations at
-    full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""
+    (8 25 8 8 25 43 43 43) with scale 31 and all signs -; IQ1_S/IQ1_M: entry 0 with scale 1 and delta +, entry 2047
+    with scale 15 and delta -), every IQ4_XS sub-block scale at -32 or 31, activations at full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""
     family_or_skip(family)
     n_exp, n, k = 2, 64, cols(qtype)
     rng = np.random.default_rng(2)
     raw = iq_raw(qtype, (n_exp, n, k), rng, scale=1e-3)
     bs, ts = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(n_exp, n, k // bs, ts)
-    code_at = 8 if qtype == QType.IQ4_XS else 2
+    code_at = {QType.IQ4_XS: 8, QType.IQ1_M: 0}.get(qtype, 2)
     blocks[0, :, :, code_at:] = 0x00       # expert 0: level -127 everywhere
     blocks[1, :, :, code_at:] = 0xFF       # expert 1: level 113 everywhere
+    if qtype == QType.IQ1_M:
+        _set_scale(blocks, qtype, np.full(blocks.shape[:-1], 1e-3))  # its d sits among the scale bits
     if qtype == QType.IQ4_XS:
         blocks[0, :, :, 2:8] = 0x00        # scale -32 (6-bit 0)
         blocks[1, :, :, 2:8] = 0xFF        # scale 31 (6-bit 63)
@@ -127,8 +129,7 @@ def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
         check_experts(p, ref, x[:1], np.array([1]), f"{qtype.name} {family} extreme decode sign {sign:+}")
 
 
-@pytest.mark.parametrize("family", kernels.FAMILIES)
-@pytest.mark.parametrize("qtype", IQ_PACKED, ids=lambda q: q.name)
+@pytest.mark.parametrize(("qtype", "family"), CASES, ids=lambda c: getattr(c, "name", c))
 def test_subnormal_half_scales(qtype, family):
     family_or_skip(family)
     n_exp, n, k = 2, 70, cols(qtype)
@@ -140,13 +141,14 @@ def test_subnormal_half_scales(qtype, family):
                   f"{qtype.name} {family} subnormal")
 
 
-@pytest.mark.parametrize("qtype", IQ_PACKED, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", IQ_PACKED + IQ_PORTABLE_ONLY, ids=lambda q: q.name)
 def test_decode_step_binds_the_packed_iq_kernels(hf_model_dir, tmp_path, qtype):
     """A model whose matrices are all IQ4: the one-token decode step (which binds each product's decode kernel
     with its activation buffers) gives the forward pass's logits bit for bit."""
     path = write_gguf_with_gguf_py(hf_model_dir, tmp_path / f"{qtype.name}.gguf", qtype,
                                    quantize=_random_iq_quantizer(int(qtype)))
-    llm = engine.load(path, n_ctx=64, n_threads=2, backend="numba")
+    llm = engine.load(path, n_ctx=64, n_threads=2, backend="numba",
+                      kernels="portable" if qtype in IQ_PORTABLE_ONLY else None)
     w1 = llm.backend.mats[0]["w1"]
     assert isinstance(w1, kernels.PackedWeight) and w1.qtype == qtype
     assert llm.backend.fused_decode

@@ -16,7 +16,8 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS and IQ2_XXS (iq2_quads.py) with 8-value
     grid entries gathered per 64-bit lane, one row per lane pair.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
-    LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py).
+    LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py),
+    and the lattice formats IQ3_XXS, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M decoded from the file's bytes.
   * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
     products; more than 16 activation rows decode tiles of rows for BLAS, run at numba's per-call thread count
     (blas.py).
@@ -114,7 +115,7 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 7
+PACK_LAYOUT_VERSION = 8
 
 host_families = families.host_families
 resolve_family = families.resolve
@@ -127,12 +128,13 @@ _RUNS = {name: {**fam.RUNS, **iq_quads.make_iq_runs(fam.KEY), **iq_grid_quads.ma
 _RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "Q4_K": (pk.q4_k_runs,) * 2,
                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2,
                      "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2, "IQ2_XS": (iq_portable.iq2_xs_runs,) * 2,
-                     "IQ2_XXS": (iq_portable.iq2_xxs_runs,) * 2}
+                     "IQ2_XXS": (iq_portable.iq2_xxs_runs,) * 2, "IQ1_S": (iq_portable.iq1_s_runs,) * 2,
+                     "IQ1_M": (iq_portable.iq1_m_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
                                      QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS,
                                      QType.IQ2_XXS}),
                  "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS,
-                                    QType.IQ2_XS, QType.IQ2_XXS})}
+                                    QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M})}
 
 
 def layout_of(family: str) -> str:
@@ -207,6 +209,9 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
         if not quads_:
             return [((n_exp, g, k // 256, 64, rows), u8), ((n_exp, g, k // 256, rows), u16)]
         return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, rows), u16)]
+    if qtype in (QType.IQ1_S, QType.IQ1_M):  # iq_portable.py (no quads layout yet)
+        codes = (n_exp, g, k // 256, 48 if qtype == QType.IQ1_S else 56, rows)
+        return [(codes, u8), ((n_exp, g, k // 256, rows), u16)]
     if qtype in (QType.Q4_0, QType.IQ4_NL):
         codes = (n_exp, g, k // 32, 4, 4, 16, 4) if quads_ else (n_exp, g, k // 32, 16, rows)
         return [(codes, u8), ((n_exp, g, k // 32, rows), u16)]
@@ -235,7 +240,8 @@ _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, 
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
                      QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
                      QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs,
-                     QType.IQ2_XXS: iq_portable.pack_iq2_xxs}}
+                     QType.IQ2_XXS: iq_portable.pack_iq2_xxs, QType.IQ1_S: iq_portable.pack_iq1_s,
+                     QType.IQ1_M: iq_portable.pack_iq1_m}}
 
 
 def packer(qtype: QType, layout: str):

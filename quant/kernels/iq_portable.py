@@ -1,4 +1,4 @@
-"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS and IQ2_XXS in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M in the portable family's rows layout (portable.py): packing and kernels for any CPU.
 
 The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
 through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
@@ -15,13 +15,28 @@ Layouts (per expert; G groups of ROWS rows):
          bytes per 256 as in the file; decoded in the kernel (iq2xs_grid, ksigns_iq2xs) the same way.
   IQ2_XXS qs (G, nsb, 64, ROWS) the file's 8 x (4 grid indices, a sign-and-scale uint32); d (G, nsb, ROWS). 66 bytes
          per 256 as in the file (iq2xxs_grid).
+  IQ1_S  qs (G, nsb, 48, ROWS) the file's 32 index bytes and 8 uint16 qh; d (G, nsb, ROWS). 50 bytes per 256 as in
+         the file (iq1s_grid, values -1, 0, 1, plus or minus IQ1S_DELTA = 1/8).
+  IQ1_M  qs (G, nsb, 56, ROWS) the whole block (its f16 d spread over the scale words' top nibbles, which the kernel
+         masks off); d (G, nsb, ROWS) gathered from those nibbles. 58 bytes per 256 (the file: 56).
+The IQ1 kernels sum 8 times the values over d (2 s + 1), 8 g +- 1, in integers: the grid part by a table lookup, the
+delta's part as +- the activations' sum over its 32 (IQ1_S: the Q8_0 block sums xs) or 8 values (IQ1_M), as
+llama.cpp's ggml_vec_dot_iq1_s_q8_K / ggml_vec_dot_iq1_m_q8_K (ggml/src/ggml-cpu/arch/x86/quants.c) take it from
+the activations' block sums or a second byte dot.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from ..iq_grids import IQ2XS_GRID, IQ2XXS_GRID, IQ3XXS_GRID, KSIGNS, KVALUES_IQ4NL
+from ..iq_grids import (
+    IQ1S_GRID,
+    IQ2XS_GRID,
+    IQ2XXS_GRID,
+    IQ3XXS_GRID,
+    KSIGNS,
+    KVALUES_IQ4NL,
+)
 from .portable import (
     ROWS,
     _f16_bits,
@@ -31,13 +46,14 @@ from .portable import (
     _store_group,
 )
 
-__all__ = ["iq2_xs_runs", "iq2_xxs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs", "pack_iq2_xs", "pack_iq2_xxs",
-           "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
+__all__ = ["iq1_m_runs", "iq1_s_runs", "iq2_xs_runs", "iq2_xxs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs",
+           "pack_iq1_m", "pack_iq1_s", "pack_iq2_xs", "pack_iq2_xxs", "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
 
 _LEVELS = KVALUES_IQ4NL.astype(np.int32)
 _GRID3 = IQ3XXS_GRID.astype(np.int32)
 _GRID2 = IQ2XS_GRID.astype(np.int32)
 _GRID2XXS = IQ2XXS_GRID.astype(np.int32)
+_GRID1 = IQ1S_GRID.astype(np.int32)
 _KSIGNS = KSIGNS.astype(np.int32)
 
 
@@ -281,4 +297,117 @@ def iq2_xxs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                                 v = _GRID2XXS[gi, j] * xb[8 * u + j]
                                 acc += -v if (signs >> j) & 1 else v
                         a[r] += np.float32(np.int32(2 * (aux >> 28) + 1) * acc) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq1_s(rows, qs, d):
+    """rows (N, nsb*50) -> qs (G, nsb, 48, ROWS) (the block's bytes after d), d (G, nsb, ROWS) f16 bits."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                d[g, b, r] = _f16_bits(rows[row], b * 50) if live else 0
+                for j in range(48):
+                    qs[g, b, j, r] = rows[row, b * 50 + 2 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq1_s_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """a[r] += xd * d_r / 8 * (2 s + 1) * (8 (grid values . x) +- sum of x) per sub-block of 32 (one Q8_0 block of
+    x): the values are d (2 s + 1) (grid +- 1/8), and xs holds the block's sum of x."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for s in range(8):
+                    blk = b * 8 + s
+                    for j in range(32):
+                        xb[j] = xq[m, blk * 32 + j]
+                    bsum = xs[m, blk]
+                    scale = xd[m, blk] * np.float32(0.125)
+                    for r in range(ROWS):
+                        qh = np.int32(q[32 + 2 * s, r]) | (np.int32(q[33 + 2 * s, r]) << 8)
+                        acc = np.int32(0)
+                        for l in range(4):
+                            gi = np.int32(q[4 * s + l, r]) | (((qh >> (3 * l)) & 7) << 8)
+                            for j in range(8):
+                                acc += _GRID1[gi, j] * xb[8 * l + j]
+                        total = 8 * acc + (-bsum if qh & 0x8000 else bsum)
+                        a[r] += np.float32((2 * ((qh >> 12) & 7) + 1) * total) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq1_m(rows, qs, d):
+    """rows (N, nsb*56) -> qs (G, nsb, 56, ROWS) (the whole block), d (G, nsb, ROWS) f16 bits gathered from the top
+    nibbles of the block's four uint16 scale words."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                bits = np.uint32(0)
+                for i in range(4):
+                    w = np.uint32(_f16_bits(rows[row], b * 56 + 48 + 2 * i)) if live else np.uint32(0)
+                    bits |= (w >> 12) << (4 * i)
+                d[g, b, r] = np.uint16(bits)
+                for j in range(56):
+                    qs[g, b, j, r] = rows[row, b * 56 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq1_m_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """As iq1_s_runs with a scale per 16 values and a delta sign per 8: the delta's share is +- the sum of those 8
+    values of x, summed here once per activation row and sub-block."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        xb = np.empty(32, np.int32)
+        xsum = np.empty(4, np.int32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for m in range(m0, m1):
+                a = accf[m - m0]
+                for s in range(8):
+                    blk = b * 8 + s
+                    for j in range(32):
+                        xb[j] = xq[m, blk * 32 + j]
+                    for l in range(4):
+                        t = np.int32(0)
+                        for j in range(8):
+                            t += xb[8 * l + j]
+                        xsum[l] = t
+                    scale = xd[m, blk] * np.float32(0.125)
+                    for r in range(ROWS):
+                        sc = np.int32(q[48 + 2 * (s // 2), r]) | (np.int32(q[49 + 2 * (s // 2), r]) << 8)
+                        total = np.int32(0)
+                        for h in range(2):
+                            qhb = np.int32(q[32 + 2 * s + h, r])
+                            acc = np.int32(0)
+                            for u in range(2):
+                                l = 2 * h + u
+                                nib = (qhb >> (4 * u)) & 15
+                                gi = np.int32(q[4 * s + l, r]) | ((nib & 7) << 8)
+                                dot = np.int32(0)
+                                for j in range(8):
+                                    dot += _GRID1[gi, j] * xb[8 * l + j]
+                                acc += 8 * dot + (-xsum[l] if nib & 8 else xsum[l])
+                            total += (2 * ((sc >> (6 * (s % 2) + 3 * h)) & 7) + 1) * acc
+                        a[r] += np.float32(total) * (dsup[r] * scale)
         _store_group(out, accf, g, m0, m1, n_rows)
