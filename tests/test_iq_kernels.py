@@ -29,8 +29,8 @@ from test_kernels import assert_matches
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS]
-IQ_PORTABLE_ONLY = [QType.IQ1_S, QType.IQ1_M]  # packed in the portable family only, so far
+IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M]
+IQ_PORTABLE_ONLY = []  # packed in the portable family only, so far
 CASES = [(q, f) for q in IQ_PACKED for f in kernels.FAMILIES] + [(q, "portable") for q in IQ_PORTABLE_ONLY]
 
 

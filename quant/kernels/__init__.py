@@ -13,8 +13,8 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     Rows repacked 64 to a group into quads of 16 rows x 4 code bytes; whole blocks are summed in int32 against int8
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
     IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle;
-    IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS and IQ2_XXS (iq2_quads.py) with 8-value
-    grid entries gathered per 64-bit lane, one row per lane pair.
+    IQ3_XXS (iq_grid_quads.py) with its grid words gathered per 32-bit lane; IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M
+    (iq2_quads.py) with 8-value grid entries gathered per 64-bit lane, one row per lane pair.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
     LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py),
     and the lattice formats IQ3_XXS, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M decoded from the file's bytes.
@@ -115,7 +115,7 @@ class KernelInputError(ValueError):
 
 # Bump whenever a packed layout (packed_shapes, the pack_* kernels) changes: files that keep packed weights
 # (engine/backends/numba/packed_cache.py) record it and are rebuilt when it differs.
-PACK_LAYOUT_VERSION = 8
+PACK_LAYOUT_VERSION = 9
 
 host_families = families.host_families
 resolve_family = families.resolve
@@ -132,7 +132,7 @@ _RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "
                      "IQ1_M": (iq_portable.iq1_m_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
                                      QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS,
-                                     QType.IQ2_XXS}),
+                                     QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M}),
                  "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS,
                                     QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M})}
 
@@ -209,7 +209,10 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
         if not quads_:
             return [((n_exp, g, k // 256, 64, rows), u8), ((n_exp, g, k // 256, rows), u16)]
         return [((n_exp, g, k // 256, 4, 16, 16, 4), u8), ((n_exp, g, k // 256, rows), u16)]
-    if qtype in (QType.IQ1_S, QType.IQ1_M):  # iq_portable.py (no quads layout yet)
+    if qtype in (QType.IQ1_S, QType.IQ1_M):  # iq2_quads.py, iq_portable.py
+        if quads_:
+            return [((n_exp, g, k // 256, 4, 12 if qtype == QType.IQ1_S else 14, 16, 4), u8),
+                    ((n_exp, g, k // 256, rows), u16)]
         codes = (n_exp, g, k // 256, 48 if qtype == QType.IQ1_S else 56, rows)
         return [(codes, u8), ((n_exp, g, k // 256, rows), u16)]
     if qtype in (QType.Q4_0, QType.IQ4_NL):
@@ -236,7 +239,8 @@ _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, 
                       QType.Q3_K: quads.pack_q3_k, QType.Q4_K: quads.pack_q4_k, QType.Q5_K: quads.pack_q5_k,
                       QType.Q6_K: quads.pack_q6_k, QType.IQ4_XS: iq_quads.pack_iq4_xs,
                       QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs,
-                      QType.IQ2_XS: iq2_quads.pack_iq2_xs, QType.IQ2_XXS: iq2_quads.pack_iq2_xxs},
+                      QType.IQ2_XS: iq2_quads.pack_iq2_xs, QType.IQ2_XXS: iq2_quads.pack_iq2_xxs,
+                      QType.IQ1_S: iq2_quads.pack_iq1_s, QType.IQ1_M: iq2_quads.pack_iq1_m},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
                      QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
                      QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs,
@@ -502,13 +506,13 @@ def quantizes_activations(w, n_rows: int) -> bool:
 
 _K_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 
-# K-quants whose kernels take the activations' sums per 16 values (pairs16 of activations.py), not per 32 (pairs):
-# their sub-blocks are 16 wide
-PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K})
+# formats whose kernels take the activations' sums per 16 values (pairs16 of activations.py), not per 32 (pairs):
+# their sub-blocks (IQ1_M: its scales) are 16 wide
+PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K, QType.IQ1_M})
 
 
 # the IQ formats whose integer-family kernels take Q8_K activations, as llama.cpp's dot products for them do
-_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS})
+_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M})
 
 
 def activation_type(w) -> QType | None:

@@ -35,7 +35,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
-from ..iq_grids import IQ2XS_GRID, IQ2XXS_GRID
+from ..iq_grids import IQ1S_GRID, IQ2XS_GRID, IQ2XXS_GRID
 from . import avx512vnni
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
 from .quads import _BYTE_DOTS, QUARTER, _f16_bits, _literals, _store_rows
@@ -53,7 +53,7 @@ from .simd import (
     splat,
 )
 
-__all__ = ["make_iq2_runs", "pack_iq2_xs", "pack_iq2_xxs"]
+__all__ = ["make_iq2_runs", "pack_iq1_m", "pack_iq1_s", "pack_iq2_xs", "pack_iq2_xxs"]
 
 OCTET = 8  # rows per logical register of grid values: one 64-bit grid entry per row
 B64 = ir.VectorType(I8, 64)
@@ -66,6 +66,15 @@ V4 = ir.VectorType(I32, 4)
 # The grids as one little-endian uint64 per entry: a row's 8 values in memory order.
 _GRID2 = np.ascontiguousarray(IQ2XS_GRID).view("<u8").reshape(-1).astype(np.uint64)
 _GRID2XXS = np.ascontiguousarray(IQ2XXS_GRID).view("<u8").reshape(-1).astype(np.uint64)
+
+# IQ1_S/IQ1_M: values d (2 s + 1) (g +- 1/8) with g in -1, 0, 1, so 8 times a value over d (2 s + 1) is 8 g +- 1;
+# 9 more makes it unsigned (0..18) for the byte dot, and 9 times the activations' sum comes off afterwards. The table
+# holds 8 g + 9 + 1 at entries 0..2047 and 8 g + 9 - 1 at 2048..4095 (the delta's sign as index bit 11). llama.cpp's
+# ggml_vec_dot_iq1_s_q8_K / iq1_m (ggml/src/ggml-cpu/arch/x86/quants.c) multiply the signed grid and add the delta
+# from the block sums (IQ1_S) or a second byte dot against +-1 (IQ1_M); folding it into the table needs one dot.
+_GRID1 = np.ascontiguousarray((8 * IQ1S_GRID.astype(np.int16)[None] + 9 + np.array([1, -1], np.int16)[:, None, None])
+                              .astype(np.uint8)).reshape(4096, 8).view("<u8").reshape(-1)
+_BOUND1 = 2 * 18 * 127
 
 # 0x80 (as a signed byte) for a nibble with an odd number of bits set: the sign that makes a lattice point's count of
 # minus signs even.
@@ -255,6 +264,77 @@ def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, o
     return sig, codegen
 
 
+@intrinsic(prefer_literal=True)
+def _iq1_sb16(typingctx, fam, kind, n, w, w_off, grid, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
+    """IQ1_S (kind 0) or IQ1_M (kind 1) super-block, 16 rows (two octets), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the scale groups t (32 values for IQ1_S, 16 for IQ1_M) of
+    (2 s_rt + 1) * ((8 g + 9 +- 1)_rt . x_jt - 9 * sum of x_jt), i.e. 8 times the values' sum over d (2 s + 1).
+
+    w: the 16 rows' code words at w_off (IQ1_S: words 0-7 the index bytes of sub-block s, words 8-11 the uint16 qh
+    of sub-blocks 2 p, 2 p + 1; IQ1_M: the same, then words 12-13 the scale words); xp: each activation row's sums
+    as int16 pairs (activations.py: per 32 values for IQ1_S, per 16 for IQ1_M) from xp_off + j*xp_stride."""
+    lits = _literals(fam, kind, n)
+    if lits is None:
+        return None
+    f, m_kind, n_x = lits
+    dot, wide = _BYTE_DOTS[f], f == avx512vnni.KEY
+    sig = types.void(fam, kind, n, w, w_off, grid, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, _, wa, wo, ga, xa, xo, xst, pa, po, pst, ia, oo) = args
+        wp = data_ptr(context, builder, signature.args[3], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[5], ga, ir.Constant(I64, 0), I64)
+        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I64) for j in range(n_x)]
+        pps = [data_ptr(context, builder, signature.args[9], pa, builder.add(po, builder.mul(pst, ir.Constant(
+            pst.type, j))), I32) for j in range(n_x)]
+        zero = ir.Constant(V16, None)
+        accs = [[zero] * 2 for _ in range(n_x)]
+        offs = [zero] * n_x
+        for s in range(8):
+            xs = [_x_bytes(builder, xps, 4 * s + l) for l in range(4)]
+            words = builder.load(builder.gep(wp, [ir.Constant(I64, s)]), align=1)
+            qhw = builder.load(builder.gep(wp, [ir.Constant(I64, 8 + s // 2)]), align=1)
+            qh = _c(builder.and_, qhw, 0xFFFF) if s % 2 == 0 else _c(builder.lshr, qhw, 16)
+            low = [_c(builder.and_, _c(builder.lshr, words, 8 * l) if l else words, 255) for l in range(4)]
+            if m_kind == 0:  # qh: 4 x 3 index bits, the 3-bit scale, the delta's sign (bit 15 -> the table's bit 11)
+                sign = _c(builder.and_, _c(builder.lshr, qh, 4), 0x800)
+                high = [_c(builder.and_, _c(builder.shl, qh, 8 - 3 * l) if l < 3 else _c(builder.lshr, qh, 1), 0x700)
+                        for l in range(4)]
+                idx = [builder.or_(builder.or_(lo, hi), sign) for lo, hi in zip(low, high)]
+                groups = [(_odd(builder, _c(builder.and_, _c(builder.lshr, qh, 12), 7)), range(4))]
+                if s % 2:  # both sub-blocks' scales from the pair's qh word, against their two sums of x
+                    pair = _c(builder.or_, _c(builder.and_, _c(builder.lshr, qhw, 11), 0x000E000E), 0x00010001)
+                    for j, pp in enumerate(pps):
+                        offs[j] = dot.word_dot(builder, offs[j], pair, splat(builder, builder.load(builder.gep(
+                            pp, [ir.Constant(I64, s // 2)]), align=1)))
+            else:  # qh nibble per 8 values: 3 index bits and the delta's sign, which lands on the table's bit 11
+                idx = [builder.or_(lo, _c(builder.shl, _c(builder.and_, _c(builder.lshr, qh, 4 * l) if l else qh,
+                                                          15), 8)) for l, lo in enumerate(low)]
+                scw = builder.load(builder.gep(wp, [ir.Constant(I64, 12 + s // 4)]), align=1)
+                sc16 = _c(builder.lshr, scw, 16 * ((s // 2) % 2) + 6 * (s % 2))
+                halves_ = [_odd(builder, _c(builder.and_, _c(builder.lshr, sc16, 3 * h) if h else sc16, 7))
+                           for h in range(2)]
+                groups = [(halves_[0], range(2)), (halves_[1], range(2, 4))]
+                pair = builder.or_(halves_[0], _c(builder.shl, halves_[1], 16))
+                for j, pp in enumerate(pps):
+                    offs[j] = dot.word_dot(builder, offs[j], pair, splat(builder, builder.load(builder.gep(
+                        pp, [ir.Constant(I64, s)]), align=1)))
+            for o in range(2):
+                grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)) for l in range(4)]
+                for scale, ls in groups:
+                    sc = _dup_rows(builder, scale, o)
+                    for j in range(n_x):
+                        pairs = [(grids[l], builder.bitcast(xs[l][j][0], V16)) for l in ls]
+                        accs[j][o] = dot.scaled_dot(builder, accs[j][o], pairs, _BOUND1, sc)
+        for j in range(n_x):
+            total = builder.sub(_row_sums(builder, *accs[j]), _c(builder.mul, offs[j], 9))
+            _store_rows(context, builder, signature.args[12], ia, oo, j, total)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,7 +395,8 @@ def make_iq2_runs(F: int) -> dict[str, tuple]:
     """{format name: (decode kernel, prefill kernel)} of the IQ2 formats for the family registered under F."""
     if F not in _BYTE_DOTS:
         raise KeyError(f"no byte multiplication registered under {F}")
-    return {"IQ2_XS": _make_iq2_xs_runs(F), "IQ2_XXS": _make_iq2_xxs_runs(F)}
+    return {"IQ2_XS": _make_iq2_xs_runs(F), "IQ2_XXS": _make_iq2_xxs_runs(F), "IQ1_S": _make_iq1_runs(F, 0),
+            "IQ1_M": _make_iq1_runs(F, 1)}
 
 
 def _make_iq2_xs_runs(F: int) -> tuple:
@@ -432,3 +513,108 @@ def _make_iq2_xxs_runs(F: int) -> tuple:
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_xxs_runs, iq2_xxs_runs_x4
+
+
+@njit(parallel=True, cache=True)
+def pack_iq1_s(rows, qs, d):
+    """rows (N, nsb*50) -> qs (G, nsb, 4, 12, 16, 4), d (G, nsb, ROWS). Block: d | qs[32] (the index's low 8 bits) |
+    qh u16[8] (sub-block s: 4 x 3 high index bits, a 3-bit scale, the delta's sign); word w of a row is the block's
+    bytes 2 + 4 w..5 + 4 w."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 50
+            for r in range(ROWS):
+                ro, rr = r // QUARTER, r % QUARTER
+                live = r < r_end
+                src = rows[g * ROWS + r] if live else rows[0]
+                d[g, b, r] = _f16_bits(src, o) if live else 0
+                for w in range(12):
+                    for jj in range(4):
+                        qs[g, b, ro, w, rr, jj] = src[o + 2 + 4 * w + jj] if live else 0
+
+
+@njit(parallel=True, cache=True)
+def pack_iq1_m(rows, qs, d):
+    """rows (N, nsb*56) -> qs (G, nsb, 4, 14, 16, 4), d (G, nsb, ROWS). Block: qs[32] | qh[16] (a nibble per 8
+    values: 3 high index bits, the delta's sign) | scales u16[4] (3-bit scales per 16 values; the f16 d in the top
+    nibbles, which pack into d); word w of a row is the block's bytes 4 w..4 w + 3."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 56
+            for r in range(ROWS):
+                ro, rr = r // QUARTER, r % QUARTER
+                live = r < r_end
+                src = rows[g * ROWS + r] if live else rows[0]
+                bits = np.uint32(0)
+                for i in range(4):
+                    bits |= (np.uint32(_f16_bits(src, o + 48 + 2 * i)) >> 12) << (4 * i)
+                d[g, b, r] = np.uint16(bits) if live else 0
+                for w in range(14):
+                    for jj in range(4):
+                        qs[g, b, ro, w, rr, jj] = src[o + 4 * w + jj] if live else 0
+
+
+def _make_iq1_runs(F: int, KIND: int) -> tuple:
+    """IQ1_S (KIND 0) or IQ1_M (KIND 1) (decode, prefill) on Q8_K activations; xp: the activation sums per 32
+    values (IQ1_S, pairs of activations.py) or per 16 (IQ1_M, pairs16)."""
+    WORDS = 12 if KIND == 0 else 14
+    QUARTER_BYTES = WORDS * 64
+    BLOCK = 4 * QUARTER_BYTES  # one group's code words per super-block
+    PER_SB = 4 if KIND == 0 else 8  # xp entries per super-block
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq1_runs(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID1
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                base = ((e * n_groups + g) * nsb + b) * BLOCK
+                prefetch_ahead(qs, base, BLOCK)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _iq1_sb16(F, KIND, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, xp,
+                                  m * nsb * PER_SB + b * PER_SB, 0, isum, rq * QUARTER)
+                    _sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq1_runs_x4(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID1
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                base = ((e * n_groups + g) * nsb + b) * BLOCK
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _iq1_sb16(F, KIND, 4, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, k, xp,
+                                      m * nsb * PER_SB + b * PER_SB, nsb * PER_SB, isum, rq * QUARTER)
+                        else:
+                            _iq1_sb16(F, KIND, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, xp,
+                                      m * nsb * PER_SB + b * PER_SB, 0, isum, rq * QUARTER)
+                    for j in range(n_x):
+                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return iq1_runs, iq1_runs_x4
