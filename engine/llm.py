@@ -102,7 +102,14 @@ class LLM:
         for start in range(0, arr.size, N_BATCH):
             chunk = arr[start:start + N_BATCH]
             final = start + N_BATCH >= arr.size
-            out = self.backend.forward(chunk, self.cache, last_only=(logits == "last"))
+            try:
+                out = self.backend.forward(chunk, self.cache, last_only=(logits == "last"))
+            except SystemError as e:
+                # Ctrl-C while numba loads a kernel from its cache (a first call) surfaces as "returned a result
+                # with an exception set": give the caller the KeyboardInterrupt it pressed, not an internal error.
+                if isinstance(e.__cause__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from e
+                raise
             self._history.extend(int(t) for t in chunk)
             if logits == "all" or final:
                 rows.append(out)

@@ -274,6 +274,28 @@ def test_ctrl_c_during_generation_exits_cleanly(full, tmp_path):
     assert "interrupted" in out
 
 
+def test_ctrl_c_inside_a_numba_first_call_is_a_keyboard_interrupt(full, monkeypatch):
+    """numba turns a KeyboardInterrupt raised while it loads a cached kernel into a SystemError ("returned a result
+    with an exception set"); the full suite once hit that in the test above. eval hands back the KeyboardInterrupt."""
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise SystemError("CPUDispatcher(<function _silu_mul>) returned a result with an exception set") from e
+
+    monkeypatch.setattr(full.backend, "forward", interrupted)
+    full.reset()
+    with pytest.raises(KeyboardInterrupt):
+        full.eval([3, 4, 5])
+
+    def broken(*args, **kwargs):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(full.backend, "forward", broken)
+    with pytest.raises(SystemError, match="something else"):
+        full.eval([3, 4, 5])
+
+
 @pytest.mark.parametrize("files,want", [
     ({"/proc/self/cgroup": ["4:memory:/bench", "1:cpu:/"],
       "/sys/fs/cgroup/memory/bench/memory.limit_in_bytes": ["17179869184"],
