@@ -281,6 +281,17 @@ def test_bench_with_imatrix_measures_each_level_twice(tmp_path):
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
 
 
+def test_bench_ranks_every_level_by_precision():
+    """The run's reference is its least-quantized level: every level load() accepts has a rank, the IQ1 levels last."""
+    from mixlocal.engine.cli import bench
+    from mixlocal.quant.recipes import LEVELS
+
+    unranked = set(LEVELS) - set(bench._PRECISION_ORDER)
+    assert not unranked, f"levels without a precision rank: {sorted(unranked)}"
+    assert bench.least_quantized(["iq1_s", "iq1_m", "iq2_xxs"]) == "iq2_xxs"
+    assert bench.least_quantized(["iq1_s", "iq1_m"]) == "iq1_m"
+
+
 def test_bench_skips_what_it_cannot_make(monkeypatch, capsys, tmp_path):
     """Before any worker: a level with a format we cannot encode is skipped with the reason (IQ3_S's quantizer taken
     away here), a level that needs an importance matrix is skipped without one, and a run left with no level to be

@@ -63,7 +63,7 @@ DEFAULT_PPL_TEXT = Path(__file__).resolve().parents[1] / "data" / "ppl_text.txt"
 # Most precise first: "the least-quantized level in the run" is the first of these that the run has.
 _PRECISION_ORDER = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_moe",
                     "q4_k_s", "q4_1", "iq4_nl", "q4_0", "iq4_xs", "q3_k_l", "q3_k_m", "iq3_m", "iq3_s", "q3_k_s",
-                    "iq3_xs", "iq3_xxs", "q2_k", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs")
+                    "iq3_xs", "iq3_xxs", "q2_k", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 # What the side-by-side comparison of a run with --imatrix shows of each level, without and with the matrix
 COMPARED = ("size_bytes", "bits_per_weight", "kld", "top1", "ppl")
 
