@@ -286,7 +286,7 @@ def test_llama_cpp_iq_files_match_float64_reference(hf_model_dir, tmp_path, qtyp
     assert mean_kl(ref, llm.eval(IDS)) < 1.5 * mean_kl(ref, theirs) + 1e-5
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The MLX backend: IQ4 requantized with a notice, lower IQ formats refused by name
+# The MLX backend: the IQ formats requantized to affine groups, with a notice
 # ----------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("qtype", [QType.IQ4_XS, QType.IQ4_NL], ids=lambda q: q.name)
@@ -303,11 +303,52 @@ def test_mlx_requantizes_iq4_with_a_notice(qtype, caplog):
     assert 0 < err < 0.1
 
 
-@pytest.mark.parametrize("qtype", [q for q in IQ_TYPES if q not in (QType.IQ4_XS, QType.IQ4_NL)],
-                         ids=lambda q: q.name)
-def test_mlx_refuses_lower_iq_formats_by_name(qtype):
-    pytest.importorskip("mlx.core")
+LATTICE_IQ = [q for q in IQ_TYPES if q not in (QType.IQ4_XS, QType.IQ4_NL)]
+
+
+@pytest.mark.parametrize("qtype", LATTICE_IQ, ids=lambda q: q.name)
+def test_mlx_requantizes_lattice_iq_formats_one_width_up(qtype, caplog):
+    """IQ3 to 4-bit groups of 64, IQ2 and IQ1 to 3-bit: the notice names the tensor, the format and the size it grows
+    to; each value lands within half a step of its group's grid (min-max rounding), and MLX reads our words as we do."""
+    mx = pytest.importorskip("mlx.core")
     from mixlocal.engine.backends.mlx import to_affine
-    w, _ = make_iq_weight(qtype, (4, 256), seed=6)
-    with pytest.raises(ValueError, match=rf"blk\.0\.test\.weight: {qtype.name} has no MLX form.*backend='numba'"):
-        to_affine(w, "blk.0.test.weight")
+    w, ref = make_iq_weight(qtype, (24, 512), seed=6)
+    with caplog.at_level(logging.WARNING, logger="mixlocal.mlx"):
+        a = to_affine(w, "blk.0.test.weight")
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and "blk.0.test.weight" in notices[0] and qtype.name in notices[0]
+    assert "requantized" in notices[0] and "backend='numba'" in notices[0]
+    want_bits = 4 if qtype.name.startswith("IQ3") else 3
+    assert (a.bits, a.group_size) == (want_bits, 64)
+    file_bits = 8 * GGML_QUANT_SIZES[qtype][1] / GGML_QUANT_SIZES[qtype][0]
+    assert f"{file_bits:.2f} bits per weight become {want_bits + 0.5:.2f}" in notices[0]
+    got = a.dequantize()
+    step = a.scales_f32()[..., None]
+    err = np.abs(got - ref).reshape(24, -1, 64)
+    assert np.all(err <= 0.5 * step * (1 + 1e-5) + 1e-7) and err.max() > 0
+    theirs = np.array(mx.dequantize(mx.array(a.packed), mx.array(a.scales_f32()), mx.array(a.biases_f32()),
+                                    group_size=64, bits=a.bits))
+    assert np.array_equal(theirs, got)
+
+
+@pytest.mark.parametrize("qtype", [QType.IQ3_XXS, QType.IQ2_XS, QType.IQ1_S], ids=lambda q: q.name)
+def test_mlx_runs_a_lattice_iq_model_as_its_requantized_weights(iq_files, hf_model_dir, tmp_path, qtype):
+    """A whole IQ model on the MLX backend against the float64 pass over the same random IQ blocks requantized the
+    way the notice says: every quantized tensor, embedding included, as its affine groups' float values."""
+    pytest.importorskip("mlx.core")
+    from mixlocal.quant.affine import REQUANT, quantize_affine
+    path = iq_files(qtype)
+    rng = np.random.default_rng(int(qtype))  # the same blocks as iq_files' file, in the same order
+    bits, group = REQUANT[qtype]
+
+    def requantized(_f32, a):
+        raw = random_iq_bytes(qtype, a.shape, rng)
+        deq = np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(a.shape)
+        return quantize_affine(deq, bits, group, "F32").dequantize().astype(np.float32).view(np.uint8)
+
+    ref_path = write_gguf_with_gguf_py(hf_model_dir, tmp_path / f"{qtype.name}_as_affine.gguf", QType.F32,
+                                       quantize=requantized)
+    ref = numpy_forward(ref_path, IDS)
+    ours = engine.load(path, n_ctx=64, kv_type="f32", backend="mlx").eval(IDS)
+    assert rel_err(ours, ref) < 1e-3
+    assert mean_kl(ref, ours) < 1e-6

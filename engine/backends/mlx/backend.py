@@ -5,8 +5,9 @@ A active experts per token, F expert hidden width, V vocabulary, L cached positi
 
 Weights are prepared once. Quantized ggml blocks that MLX's affine groups express exactly (Q4_0, Q4_1, Q8_0, Q5_0,
 Q5_1, Q4_K, Q5_K) become affine triplets with groups of 32; Q2_K, Q3_K and Q6_K (16-element sub-blocks) and IQ4_NL /
-IQ4_XS (non-linear levels) are dequantized and requantized, with a notice. The IQ formats below 4 bits are refused
-with a ValueError naming the format and tensor (requantizing them would about double their memory). Dense layers run
+IQ4_XS (non-linear levels) are dequantized and requantized to groups of 32, with a notice; the lattice IQ formats
+below 4 bits to groups of 64 one affine width up (IQ3 to 4 bits, IQ2 and IQ1 to 3), with a notice naming the bits
+per weight they grow to (backend='numba' runs them at their own size). Dense layers run
 mx.quantized_matmul; stacked experts run mx.gather_qmm, with tokens sorted by expert in prefill so each expert's
 weights are read once. Float weights (HF checkpoints) stay float and run matmul / gather_mm. The whole forward pass
 is one lazy graph, evaluated once.
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mixlocal.quant import QStack, QType
+from mixlocal.quant import QStack, QType, block_size, type_size
 from mixlocal.quant.affine import (
-    REQUANT_BITS,
+    REQUANT,
     AffineTensor,
     affine_from_ggml,
     quantize_affine,
@@ -35,9 +36,6 @@ __all__ = ["MLXBackend", "Precision", "choose_precision", "to_affine"]
 
 log = logging.getLogger("mixlocal.mlx")
 
-# The IQ formats below 4 bits: neither mapped nor requantized (see to_affine).
-NO_MLX_FORM = frozenset({QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ1_S,
-                         QType.IQ1_M})
 
 SORT_MIN_ROWS = 64  # token-expert pairs from which sorting by expert pays (mlx-lm's threshold too)
 
@@ -102,24 +100,26 @@ def to_affine(t, name: str, scale_dtype: str = "F32") -> AffineTensor:
     products d * sc that float16 cannot hold stay float32 here and are rounded only by the backend's params dtype."""
     if isinstance(t, AffineTensor):
         return t
-    if t.qtype in NO_MLX_FORM:
-        raise ValueError(f"{name}: {t.qtype.name} has no MLX form yet: its lattice codes have no affine equivalent, "
-                         f"and requantizing to MLX's 4-bit groups would about double its memory; "
-                         f"run this file with backend='numba' (mixlocal --backend numba)")
-    if t.qtype in REQUANT_BITS:
-        bits = REQUANT_BITS[t.qtype]
-        why = ("has non-linear levels that MLX's affine groups cannot hold" if t.qtype in (QType.IQ4_NL, QType.IQ4_XS)
-               else "has 16-element sub-blocks that MLX's groups (32+) cannot hold")
-        log.warning("mixlocal: %s: %s %s; dequantized and requantized to %d-bit groups of 32", name, t.qtype.name,
-                    why, bits)
+    if t.qtype in REQUANT:
+        bits, group = REQUANT[t.qtype]
+        if t.qtype in (QType.Q2_K, QType.Q3_K, QType.Q6_K):
+            why = "has 16-element sub-blocks that MLX's groups (32+) cannot hold"
+        elif t.qtype in (QType.IQ4_NL, QType.IQ4_XS):
+            why = "has non-linear levels that MLX's affine groups cannot hold"
+        else:
+            file_bits = 8 * type_size(t.qtype) / block_size(t.qtype)
+            why = (f"codes values on a lattice that MLX's affine groups cannot hold ({file_bits:.2f} bits per weight "
+                   f"become {bits + 32 / group:.2f} with float16 scales; backend='numba' keeps its size)")
+        log.warning("mixlocal: %s: %s %s; dequantized and requantized to %d-bit groups of %d", name, t.qtype.name,
+                    why, bits, group)
         from mixlocal.quant import formats
         mats = list(t.mats) if isinstance(t, QStack) else ([t.expert(e) for e in range(t.shape[0])]
                                                            if len(t.shape) == 3 else [t])
-        parts = [quantize_affine(formats.dequantize(m.qtype, m.rows_view()).reshape(m.shape), bits, 32, "F32")
+        parts = [quantize_affine(formats.dequantize(m.qtype, m.rows_view()).reshape(m.shape), bits, group, "F32")
                  for m in mats]
         if len(t.shape) == 2:
             return parts[0]
-        return AffineTensor(tuple(t.shape), bits, 32, np.stack([p.packed for p in parts]),
+        return AffineTensor(tuple(t.shape), bits, group, np.stack([p.packed for p in parts]),
                             np.stack([p.scales for p in parts]), np.stack([p.biases for p in parts]), "F32")
     try:
         return affine_from_ggml(t, scale_dtype)
