@@ -59,6 +59,8 @@ B32 = ir.VectorType(I8, 32)
 # The grid as one little-endian uint32 per entry: the 4 bytes of a lane, in memory order.
 _GRID3 = np.ascontiguousarray(IQ3XXS_GRID).view("<u4").reshape(-1).astype(np.uint32)
 _KSIGNS = np.asarray(KSIGNS, np.uint8)
+# ... each byte plus 64 (grid values are 4..62), the unsigned form the prefill kernel multiplies
+_GRID3_U = _GRID3 + np.uint32(0x40404040)
 
 
 def _gather(builder, base, idx):
@@ -133,6 +135,86 @@ def _iq3_xxs_sb16(typingctx, fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_str
     return sig, codegen
 
 
+def _signed_grid(builder, grid, mask):
+    """64 + grid * sign per byte, as unsigned bytes (2..126): grid holds 64 + g (the table _GRID3_U), a minus sign
+    (mask 0xFF) turns it into 128 - (64 + g)."""
+    gb = builder.bitcast(grid, B64)
+    neg = builder.sub(ir.Constant(B64, [128] * 64), gb)
+    return builder.bitcast(builder.select(builder.trunc(mask, ir.VectorType(ir.IntType(1), 64)), neg, gb), V16)
+
+
+@intrinsic(prefer_literal=True)
+def _iq3_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+    """One quarter's super-block (16 rows x 256 values) as unsigned bytes 64 + signed grid value, into u at u_off:
+    64 logical registers, sub-block s's quad j at register 8 s + j. grid: the table _GRID3_U."""
+    lits = _literals(fam)
+    if lits is None:
+        return None
+    sig = types.void(fam, w, w_off, grid, u, u_off)
+
+    def codegen(context, builder, signature, args):
+        (_, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I32)
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+
+        def const(v):
+            return splat(builder, ir.Constant(I32, v))
+
+        for s in range(8):
+            words = [_load(builder, wp, 2 * s), _load(builder, wp, 2 * s + 1)]
+            sw = _load(builder, wp, 16 + s)
+            for j in range(8):
+                k = j % 4
+                idx = builder.and_(builder.lshr(words[j // 4], const(8 * k)) if k else words[j // 4], const(255))
+                shift = 8 * (j // 2) + 4 * (j % 2)
+                mask = _sign_mask(builder, builder.and_(builder.lshr(sw, const(shift)) if shift else sw, const(15)))
+                builder.store(_signed_grid(builder, _gather(builder, gp, idx), mask),
+                              builder.gep(up, [ir.Constant(I64, 8 * s + j)]), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _u64_dot16(typingctx, fam, n, u, u_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
+    """16 rows' super-block, unpacked to unsigned bytes 64 + v (_iq3_xxs_unpack16), against n rows of Q8_K
+    activations: isum[j*ROWS + out_off + r] = sum over s of ls_rs * (sum of (64 + v) x_j - 64 sum x_j). The offset
+    comes off once per sub-block pair: the scale pair times the activations' pair of 32-sums (xp) in one 16-bit
+    multiply-add, shifted by 6. Weights are the unsigned side, so the activations are the broadcast signed operand."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot = _BYTE_DOTS[f]
+    sig = types.void(fam, n, u, u_off, sp, sp_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, ua, uo, sa, so, xa, xo, xst, pa, po, pst, ia, oo) = args
+        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
+        scp = data_ptr(context, builder, signature.args[4], sa, so, B32)
+        xps = _x_ptrs(context, builder, signature.args[6], xa, xo, xst, n_x)
+        pps = _x_ptrs(context, builder, signature.args[9], pa, po, pst, n_x)
+        const = [splat(builder, ir.Constant(I32, v)) for v in (0xFFFF, 16, 6)]
+        accs = [ir.Constant(V16, None)] * n_x
+        corr = [ir.Constant(V16, None)] * n_x
+        for s in range(8):
+            pair = builder.bitcast(builder.zext(_load(builder, scp, 4 * (s // 2)), W32), V16)
+            scale = builder.and_(pair, const[0]) if s % 2 == 0 else builder.lshr(pair, const[1])
+            ws = [builder.load(builder.gep(up, [ir.Constant(I64, 8 * s + j)]), align=1) for j in range(8)]
+            for jx, xp_ in enumerate(xps):
+                pairs = [(ws[j], splat(builder, _load(builder, xp_, 8 * s + j))) for j in range(8)]
+                accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, 2 * 126 * 128, scale)
+                if s % 2:
+                    corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, _load(builder, pps[jx], s // 2)))
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[12], ia, oo, jx,
+                        builder.sub(accs[jx], builder.shl(corr[jx], const[2])))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +273,7 @@ def make_grid_runs(F: int) -> dict[str, tuple]:
 def _make_iq3_xxs_runs(F: int) -> tuple:
     """IQ3_XXS (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
     BLOCK = ROWS * 96  # one group's code words per super-block
+    NX = 4  # activation rows per pass over the unpacked weights
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq3_xxs_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
@@ -216,31 +299,43 @@ def _make_iq3_xxs_runs(F: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq3_xxs_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # the grid gathers are the cost: a run of several rows unpacks each super-block once, to bytes in L1, and
+        # every row reads those
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
-        grid = _GRID3
+        kp = k // 64
+        grid, grid_u = _GRID3, _GRID3_U
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * 64 * 64, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
                 base = sb * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq3_xxs_sb16(F, 4, qs, base + rq * 1536, sc, sb * 512 + rq * 32, grid, xq,
-                                          m * k + b * 256, k, isum, rq * QUARTER)
-                        else:
-                            _iq3_xxs_sb16(F, 1, qs, base + rq * 1536, sc, sb * 512 + rq * 32, grid, xq,
-                                          m * k + b * 256, 0, isum, rq * QUARTER)
-                    for j in range(n_x):
-                        _grid_sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq3_xxs_sb16(F, 1, qs, base + rq * 1536, sc, sb * 512 + rq * 32, grid, xq, m0 * k + b * 256,
+                                      0, isum, rq * QUARTER)
+                else:
+                    for rq in range(4):
+                        _iq3_xxs_unpack16(F, qs, base + rq * 1536, grid_u, u, rq * 4096)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _u64_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * 32, xq, m * k + b * 256, k,
+                                           xp, m * kp + b * 4, kp, isum, o + rq * QUARTER)
+                            else:
+                                _u64_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * 32, xq, m * k + b * 256, 0,
+                                           xp, m * kp + b * 4, 0, isum, o + rq * QUARTER)
+                        m += n_x
+                for m in range(m0, m1):
+                    _grid_sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq3_xxs_runs, iq3_xxs_runs_x4
