@@ -1,6 +1,7 @@
-"""The packed IQ kernels (quant/kernels/iq_quads.py, iq_grid_quads.py, iq2_quads.py, iq_portable.py) against gguf-py: dequantize with
-`gguf.quants.dequantize`, then matmul in float64 on activations rounded as the kernels round them (Q8_K for IQ4_XS,
-IQ3_XXS, IQ2_XS and IQ2_XXS in the integer families, Q8_0 otherwise: kernels.activation_type), in every kernel family this CPU runs.
+"""The packed IQ kernels (quant/kernels/iq_quads.py, iq_grid_quads.py, iq2_quads.py, iq_s_quads.py, iq_portable.py)
+against gguf-py: dequantize with `gguf.quants.dequantize`, then matmul in float64 on activations rounded as the
+kernels round them (Q8_K for every IQ format but IQ4_NL in the integer families, Q8_0 otherwise:
+kernels.activation_type), in every kernel family this CPU runs.
 
 Blocks are random bytes with float16 scales of a sane size (gguf-py has no IQ quantizer), so every code, every
 6-bit sub-block scale and every sign pattern occurs. The 256-bit families also run in a child process whose numba
@@ -29,7 +30,7 @@ from test_kernels import assert_matches
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M]
+IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M]
 IQ_PORTABLE_ONLY = []  # packed in the portable family only, so far
 CASES = [(q, f) for q in IQ_PACKED for f in kernels.FAMILIES] + [(q, "portable") for q in IQ_PORTABLE_ONLY]
 
@@ -70,7 +71,8 @@ def test_iq4_formats_have_packed_layouts_in_every_family():
         assert {q.name for q in IQ_PACKED} <= set(kernels._RUNS[family])
     assert set(IQ_PORTABLE_ONLY) <= kernels.packed_types("portable")
     # the packed arrays keep about the file's size: bytes per (super-)block, packed against the file's
-    most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ2_XS: (74, 74),
+    most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ3_S: (114, 110),
+            QType.IQ2_XS: (74, 74),
             QType.IQ2_XXS: (66, 66), QType.IQ1_S: (50, 50), QType.IQ1_M: (58, 56)}
     for qtype in IQ_PACKED + IQ_PORTABLE_ONLY:
         for layout in ("quads", "rows") if qtype in IQ_PACKED else ("rows",):
@@ -102,7 +104,8 @@ def test_every_family_matches_reference(qtype, family):
 @pytest.mark.parametrize(("qtype", "family"), CASES, ids=lambda c: getattr(c, "name", c))
 def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
     """Every code at the codebook's ends (-127 and 113; IQ3_XXS: grid entry 0 with scale 1 and all signs +, entry 255
-    with scale 31 and all signs -; IQ2_XS: entry 0 (all 8) with scales 1 and signs +, entry 511 (all 43) with scales 31
+    with scale 31 and all signs -; IQ3_S: entry 0 (all 1) with scale 1 and signs +, entry 511 (1 1 15 15) with
+    scale 31 and all signs -; IQ2_XS: entry 0 (all 8) with scales 1 and signs +, entry 511 (all 43) with scales 31
     and all eight signs - by parity; IQ2_XXS: entry 0 with scale 1 and signs +, entry 255
     (8 25 8 8 25 43 43 43) with scale 31 and all signs -; IQ1_S/IQ1_M: entry 0 with scale 1 and delta +, entry 2047
     with scale 15 and delta -), every IQ4_XS sub-block scale at -32 or 31, activations at full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""

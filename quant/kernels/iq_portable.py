@@ -1,4 +1,4 @@
-"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ3_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M in the portable family's rows layout (portable.py): packing and kernels for any CPU.
 
 The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
 through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
@@ -11,6 +11,8 @@ Layouts (per expert; G groups of ROWS rows):
   IQ4_NL qs (G, nb, 16, ROWS); d (G, nb, ROWS). 18 bytes per 32 as in the file.
   IQ3_XXS qs (G, nsb, 96, ROWS) the file's 64 grid indices and 8 sign-and-scale words; d (G, nsb, ROWS). 98 bytes
          per 256 as in the file; decoded in the kernel (iq3xxs_grid, ksigns_iq2xs) one sub-block of 32 at a time.
+  IQ3_S  qs (G, nsb, 108, ROWS) the file's 64 low index bytes, 8 qh bytes (the 9th bits), 32 sign bytes and 4 scale
+         bytes; d (G, nsb, ROWS). 110 bytes per 256 as in the file (iq3s_grid, signs one bit per value).
   IQ2_XS qs (G, nsb, 72, ROWS) the file's 32 uint16 (grid index and signs) and 8 scale bytes; d (G, nsb, ROWS). 74
          bytes per 256 as in the file; decoded in the kernel (iq2xs_grid, ksigns_iq2xs) the same way.
   IQ2_XXS qs (G, nsb, 64, ROWS) the file's 8 x (4 grid indices, a sign-and-scale uint32); d (G, nsb, ROWS). 66 bytes
@@ -33,6 +35,7 @@ from ..iq_grids import (
     IQ1S_GRID,
     IQ2XS_GRID,
     IQ2XXS_GRID,
+    IQ3S_GRID,
     IQ3XXS_GRID,
     KSIGNS,
     KVALUES_IQ4NL,
@@ -46,11 +49,13 @@ from .portable import (
     _store_group,
 )
 
-__all__ = ["iq1_m_runs", "iq1_s_runs", "iq2_xs_runs", "iq2_xxs_runs", "iq3_xxs_runs", "iq4_nl_runs", "iq4_xs_runs",
-           "pack_iq1_m", "pack_iq1_s", "pack_iq2_xs", "pack_iq2_xxs", "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
+__all__ = ["iq1_m_runs", "iq1_s_runs", "iq2_xs_runs", "iq2_xxs_runs", "iq3_s_runs", "iq3_xxs_runs", "iq4_nl_runs",
+           "iq4_xs_runs", "pack_iq1_m", "pack_iq1_s", "pack_iq2_xs", "pack_iq2_xxs", "pack_iq3_s", "pack_iq3_xxs",
+           "pack_iq4_nl", "pack_iq4_xs"]
 
 _LEVELS = KVALUES_IQ4NL.astype(np.int32)
 _GRID3 = IQ3XXS_GRID.astype(np.int32)
+_GRID3S = IQ3S_GRID.astype(np.int32).reshape(-1)  # flat: entry i at 4 i
 _GRID2 = IQ2XS_GRID.astype(np.int32)
 _GRID2XXS = IQ2XXS_GRID.astype(np.int32)
 _GRID1 = IQ1S_GRID.astype(np.int32)
@@ -196,6 +201,72 @@ def iq3_xxs_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                                     v = _GRID3[gi, j] * xb[8 * l + 4 * h + j]
                                     acc += -v if (signs >> (4 * h + j)) & 1 else v
                         a[r] += np.float32(np.int32(2 * (aux >> 28) + 1) * acc) * (dsup[r] * scale)
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq3_s(rows, qs, d):
+    """rows (N, nsb*110) -> qs (G, nsb, 108, ROWS) (the block's bytes after d), d (G, nsb, ROWS) f16 bits."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                d[g, b, r] = _f16_bits(rows[row], b * 110) if live else 0
+                for j in range(108):
+                    qs[g, b, j, r] = rows[row, b * 110 + 2 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq3_s_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """a[r] += xd * d_r * (2 s + 1) * (grid values . signed x) per sub-block of 32 (one Q8_0 block of x); the
+    grid index's 9th bit is bit k of qh[s] for entry k, the signs one bit per value.
+
+    Each sub-block is decoded once for the group's 64 rows into int32 values (scale and signs applied), every loop
+    running across the rows so that LLVM vectorizes it (the grid lookup as a gather), and then dotted with each
+    activation row: decoding row by row inside the dot ran slower than the file-layout path. The dot is in float32,
+    which is exact here (|value| <= 31 * 15, |x| <= 127: 32 products stay below 2^24) and multiplies faster than
+    int32 lanes."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        vals = np.empty((32, ROWS), np.float32)
+        gi = np.empty(ROWS, np.int32)
+        ls = np.empty(ROWS, np.int32)
+        acc = np.empty((4, ROWS), np.float32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for s in range(8):
+                for r in range(ROWS):
+                    ls[r] = 2 * ((np.int32(q[104 + s // 2, r]) >> (4 * (s % 2))) & 15) + 1
+                for k in range(8):
+                    for r in range(ROWS):
+                        gi[r] = 4 * (np.int32(q[8 * s + k, r]) | (((np.int32(q[64 + s, r]) >> k) & 1) << 8))
+                    for j in range(4):
+                        for r in range(ROWS):
+                            neg = -((np.int32(q[72 + 4 * s + k // 2, r]) >> (4 * (k % 2) + j)) & 1)
+                            vals[4 * k + j, r] = np.float32(((_GRID3S[gi[r] + j] ^ neg) - neg) * ls[r])
+                blk = b * 8 + s
+                m = m0
+                while m < m1:  # four activation rows per pass over vals
+                    n_x = min(4, m1 - m)
+                    acc[:n_x] = 0
+                    for j in range(32):
+                        for jx in range(n_x):
+                            xj = np.float32(xq[m + jx, blk * 32 + j])
+                            for r in range(ROWS):
+                                acc[jx, r] += vals[j, r] * xj
+                    for jx in range(n_x):
+                        scale = xd[m + jx, blk]
+                        a = accf[m + jx - m0]
+                        for r in range(ROWS):
+                            a[r] += acc[jx, r] * (dsup[r] * scale)
+                    m += n_x
         _store_group(out, accf, g, m0, m1, n_rows)
 
 

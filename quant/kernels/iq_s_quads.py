@@ -1,0 +1,219 @@
+"""IQ3_S in the quads layout of the integer families (quads.py): the "_S" lattice formats, whose grid indices carry
+high bits in a separate array and whose signs are stored one bit per value (no parity trick).
+
+IQ3_S (ggml-common.h block_iq3_s, dequantize_row_iq3_s) codes 4 values at a time as a 9-bit index into iq3s_grid
+(512 entries of 4 unsigned bytes, 1..15): the low 8 bits in qs[64], the 9th in qh[8] (bit k of qh[s] for the k-th
+entry of sub-block s), one sign bit per value in signs[32] and a 4-bit scale per 32 values, value = d (2 s + 1) grid
+sign. As for IQ3_XXS (iq_grid_quads.py), one grid entry is exactly one 32-bit lane of the quads layout: the kernel
+puts the 9th bit under each lane's low index byte, gathers the lanes' grid words, negates the activation bytes under
+the sign bits and sums with the family's unsigned-by-signed byte dot, the sub-block's int32 sums times 2 s + 1 in
+integers. llama.cpp's AVX2 ggml_vec_dot_iq3_s_q8_K (ggml/src/ggml-cpu/arch/x86/quants.c) builds the indices the same
+way (the qh byte shifted per lane and masked with 256) but for one row, 16 entries at a time; here a register holds
+one entry of each of 16 rows, so the shift per entry is a constant. Activations are Q8_K, and a super-block meets its
+float scales once per row: a[r] += xd * d_r * sum over s of (2 s_rs + 1) * dot_rs.
+
+Layout (per expert; G groups of 64 rows, nsb super-blocks):
+  codes (G, nsb, 4 quarters, 26 words, 16 rows, 4 bytes): a row's 26 words are the file's bytes after d in order:
+        words 0-15 the grid indices' low bytes (byte k of word w: entry 4 w + k, values 16 w + 4 k..+3), words
+        16-17 the qh bytes (byte l of word 16 + t: qh[4 t + l]), words 18-25 the sign bytes (word 18 + s: values
+        32 s..32 s + 31, bit i of byte l the sign of value 32 s + 8 l + i)
+  scales (G, nsb, 8, ROWS) uint8: 2 s + 1 (1..31) as int16-pair bytes (quads._put_pair)
+  d (G, nsb, ROWS) f16 bits.  114 bytes per 256 (the file: 110).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
+from ..iq_grids import IQ3S_GRID
+from .iq_grid_quads import _gather, _sign_mask, _signed_x
+from .portable import ROWS, _halves_to_float, _run_task, _store_group
+from .quads import (
+    _BYTE_DOTS,
+    QUARTER,
+    _f16_bits,
+    _literals,
+    _load,
+    _put_pair,
+    _store_rows,
+    _x_ptrs,
+)
+from .simd import I32, I64, V16, data_ptr, prefetch_ahead, splat
+
+__all__ = ["make_s_runs", "pack_iq3_s"]
+
+W32 = ir.VectorType(ir.IntType(16), 32)
+B32 = ir.VectorType(ir.IntType(8), 32)
+
+# The grid as one little-endian uint32 per entry: the 4 bytes of a lane, in memory order.
+_GRID3S = np.ascontiguousarray(IQ3S_GRID).view("<u4").reshape(-1).astype(np.uint32)
+
+# The largest |u0 s0 + u1 s1| of two grid values (<= 15) by two activation bytes (AVX2 sums 16-bit lanes below it).
+_BOUND3S = 2 * 15 * 127
+
+_WORDS3S = 26  # code words per row and super-block
+
+
+@intrinsic(prefer_literal=True)
+def _iq3_s_sb16(typingctx, fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_stride, isum, out_off):
+    """IQ3_S super-block, 16 rows (one quarter), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 8 sub-blocks s of (2 s_rs + 1) * (grid values_rs . signed x_js).
+
+    w: the quarter's 26 code words at w_off; sp: the scales as int16-pair bytes, pair t (sub-blocks 2t, 2t+1) at
+    sp_off + 128 t; grid: the uint32 grid table."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot = _BYTE_DOTS[f]
+    sig = types.void(fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, wa, wo, sa, so, ga, xa, xo, xst, ia, oo) = args
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        scp = data_ptr(context, builder, signature.args[4], sa, so, B32)
+        gp = data_ptr(context, builder, signature.args[6], ga, ir.Constant(I64, 0), I32)
+        xps = _x_ptrs(context, builder, signature.args[7], xa, xo, xst, n_x)
+
+        def const(v):
+            return splat(builder, ir.Constant(I32, v))
+
+        accs = [ir.Constant(V16, None)] * n_x
+        for s in range(8):
+            pair = builder.bitcast(builder.zext(_load(builder, scp, 4 * (s // 2)), W32), V16)
+            scale = builder.and_(pair, const(0xFFFF)) if s % 2 == 0 else builder.lshr(pair, const(16))
+            words = [_load(builder, wp, 2 * s), _load(builder, wp, 2 * s + 1)]
+            qh = _load(builder, wp, 16 + s // 4)
+            sw = _load(builder, wp, 18 + s)
+            grids, masks = [], []
+            for j in range(8):
+                k = j % 4
+                low = builder.and_(builder.lshr(words[j // 4], const(8 * k)) if k else words[j // 4], const(255))
+                at = 8 * (s % 4) + j  # the entry's 9th bit in the qh word, moved to bit 8
+                high = builder.shl(qh, const(8 - at)) if at <= 8 else builder.lshr(qh, const(at - 8))
+                grids.append(_gather(builder, gp, builder.or_(low, builder.and_(high, const(256)))))
+                shift = 8 * (j // 2) + 4 * (j % 2)
+                masks.append(_sign_mask(builder, builder.and_(builder.lshr(sw, const(shift)) if shift else sw,
+                                                              const(15))))
+            for jx, xp_ in enumerate(xps):
+                pairs = [(grids[j], _signed_x(builder, _load(builder, xp_, 8 * s + j), masks[j])) for j in range(8)]
+                accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, _BOUND3S, scale)
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[10], ia, oo, jx, accs[jx])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def pack_iq3_s(rows, qs, sc, d):
+    """rows (N, nsb*110) -> qs (G, nsb, 4, 26, 16, 4), sc (G, nsb, 8, ROWS) (2 s + 1 as int16-pair bytes), d (G,
+    nsb, ROWS). Block: d | qs[64] | qh[8] | signs[32] | scales[4] (sub-block s: nibble s % 2 of scales[s // 2])."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 110
+            for r in range(ROWS):
+                rq, rr = r // QUARTER, r % QUARTER
+                if r < r_end:
+                    src = rows[g * ROWS + r]
+                    d[g, b, r] = _f16_bits(src, o)
+                    for w in range(26):
+                        for jj in range(4):
+                            qs[g, b, rq, w, rr, jj] = src[o + 2 + 4 * w + jj]
+                    for s in range(8):
+                        ls = (np.uint32(src[o + 106 + s // 2]) >> (4 * (s % 2))) & 15
+                        _put_pair(sc, g, b, 0, s, r, np.uint8(2 * ls + 1))
+                else:
+                    d[g, b, r] = 0
+                    for s in range(8):
+                        _put_pair(sc, g, b, 0, s, r, 0)
+                    for w in range(26):
+                        for jj in range(4):
+                            qs[g, b, rq, w, rr, jj] = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels over runs of activation rows that share an expert (portable.py's contract), built per family
+# ---------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _s_sb_out(a, isum, o, dsup, xd):
+    for r in range(ROWS):
+        a[r] += xd * dsup[r] * np.float32(isum[o + r])
+
+
+def make_s_runs(F: int) -> dict[str, tuple]:
+    """{format name: (decode kernel, prefill kernel)} of the "_S" lattice formats for the family under F."""
+    if F not in _BYTE_DOTS:
+        raise KeyError(f"no byte multiplication registered under {F}")
+    return {"IQ3_S": _make_iq3_s_runs(F)}
+
+
+def _make_iq3_s_runs(F: int) -> tuple:
+    """IQ3_S (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
+    QW = _WORDS3S * 64       # one quarter's code bytes per super-block
+    BLOCK = 4 * QW           # one group's
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq3_s_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID3S
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                prefetch_ahead(qs, base, BLOCK)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _iq3_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq, m * k + b * 256,
+                                    0, isum, rq * QUARTER)
+                    _s_sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq3_s_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID3S
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _iq3_s_sb16(F, 4, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq,
+                                        m * k + b * 256, k, isum, rq * QUARTER)
+                        else:
+                            _iq3_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq,
+                                        m * k + b * 256, 0, isum, rq * QUARTER)
+                    for j in range(n_x):
+                        _s_sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return iq3_s_runs, iq3_s_runs_x4
+
