@@ -58,6 +58,26 @@ def test_machine_facts_without_proc(monkeypatch):
     assert weight_budget_for(None, 1 << 20) == (None, "unknown")  # no limit known: every expert resident
 
 
+def test_default_budget_on_a_machine_short_of_memory(monkeypatch, capsys):
+    """With no budget asked for and 460 MiB available, the embedded model (about 50 MB) still loads and runs with
+    every expert resident: the margin left for the process shrinks to half of what there is. An explicit budget
+    keeps the whole margin, so the same 460 MiB asked for is a clear error."""
+    from mixlocal.engine import machine
+    from mixlocal.engine.backends.numba import backend as nb
+
+    from mixlocal import engine
+    avail = 460 << 20
+    monkeypatch.setattr(nb, "available_memory", lambda: avail)
+    monkeypatch.setattr(machine, "available_memory", lambda: avail)
+    weights, said = nb.weight_budget_for(None, 1 << 20)
+    assert weights == avail - (1 << 20) - avail // 2 and "available now" in said
+    llm = engine.load(None, backend="numba", n_ctx=64)
+    assert llm.backend.store is None  # every expert resident, as without a budget
+    assert llm.generate("Hello", max_tokens=3)
+    with pytest.raises(nb.MemoryBudgetError, match="1024 MiB margin"):
+        nb.weight_budget_for("460MiB", 1 << 20)
+
+
 def test_expert_reads_without_positional_reads_or_o_direct(tmp_path, monkeypatch):
     """Windows: no os.preadv and no O_DIRECT; the reader seeks a file object under a lock instead."""
     from mixlocal.engine.backends.numba.experts import _aligned_buffer, _Reader

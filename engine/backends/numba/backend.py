@@ -210,20 +210,26 @@ BUDGET_MARGIN = 1 << 30
 
 def weight_budget_for(mem_budget, kv_bytes: int) -> tuple[int | None, str]:
     """Bytes the weights may use under mem_budget (None: the memory available now), after the KV cache for the
-    whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known."""
+    whole context and BUDGET_MARGIN; and how the budget reads in a message. None: no limit known.
+
+    With no budget asked for, the margin is at most half of what is available: on a machine with less than
+    2 GiB free a small model still loads whole (a fixed 1 GiB would refuse even the embedded 50 MB model),
+    and a large one gets the clear error of plan_budget naming what it needs."""
+    margin = BUDGET_MARGIN
     if mem_budget is None:
         avail = available_memory()
         if avail is None:
             return None, "unknown"
         budget, said = avail, f"{avail / 2**30:.1f} GiB (available now)"
+        margin = min(BUDGET_MARGIN, avail // 2)
     else:
         budget = parse_size(mem_budget)
         said = f"{budget / 2**30:.1f} GiB"
-    weights = budget - kv_bytes - BUDGET_MARGIN
+    weights = budget - kv_bytes - margin
     if weights <= 0:
         raise MemoryBudgetError(f"a memory budget of {budget / 2**30:.2f} GiB leaves nothing for the weights after "
                                 f"the KV cache ({kv_bytes / 2**30:.2f} GiB for n_ctx tokens) and a "
-                                f"{BUDGET_MARGIN >> 20} MiB margin; lower n_ctx or raise the budget")
+                                f"{margin >> 20} MiB margin; lower n_ctx or raise the budget")
     return weights, said
 
 
