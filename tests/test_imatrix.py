@@ -22,7 +22,12 @@ from mixlocal.quant.quantize import IMATRIX_TYPES
 from mixlocal.quant.tensor import QType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_fixtures import llama_cpp_status, write_gguf_with_gguf_py
+from conftest import mean_kl
+from gguf_fixtures import llama_cpp_status, run_llama_cpp, write_gguf_with_gguf_py
+from numpy_reference import forward as numpy_forward
+from test_gguf_source import IDS
+
+from mixlocal import engine
 
 TEXT = Path(__file__).resolve().parent.parent / "engine" / "data" / "ppl_text.txt"
 CHUNK, CHUNKS = 64, 4
@@ -307,11 +312,19 @@ sys.exit(L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
 """
 
 
-@pytest.mark.parametrize(("level", "ftype"), [("q4_k_m", 15), ("q3_k_m", 12)])
+# Levels, llama.cpp's ftype numbers for them (llama.h, enum llama_ftype) and the format of most of their tensors
+IQ_LEVEL_FTYPES = [("iq4_xs", 30), ("iq4_nl", 25), ("iq3_m", 27), ("iq3_s", 26), ("iq3_xs", 22), ("iq3_xxs", 23),
+                   ("iq2_m", 29), ("iq2_s", 28), ("iq2_xs", 20), ("iq2_xxs", 19), ("iq1_m", 31), ("iq1_s", 24)]
+# (llama_model_quantize_impl's default_type: IQ2_S files hold mostly IQ2_XS, IQ2_M files IQ2_S)
+IQ_LEVEL_FORMAT = {"iq3_m": QType.IQ3_S, "iq3_xs": QType.IQ3_XXS, "iq2_m": QType.IQ2_S, "iq2_s": QType.IQ2_XS}
+
+
+@pytest.mark.parametrize(("level", "ftype"), [("q4_k_m", 15), ("q3_k_m", 12), *IQ_LEVEL_FTYPES])
 def test_whole_file_equals_llama_model_quantize(f32_gguf, our_imatrix, tmp_path, level, ftype):
     """llama.cpp's own quantizer (llama_model_quantize), given our file's importance values as llama-quantize
     derives them (in_sum2 / counts per expert, 1 where no token went), writes the same bytes for every tensor as
-    mixlocal quantize --imatrix."""
+    mixlocal quantize --imatrix. For the IQ levels, llama.cpp's file then runs in mixlocal no further from the float64
+    pass over gguf-py's dequantized weights than llama.cpp itself runs it."""
     why = llama_cpp_status()
     if why:
         pytest.skip(why)
@@ -332,3 +345,11 @@ def test_whole_file_equals_llama_model_quantize(f32_gguf, our_imatrix, tmp_path,
     for name, t in a.items():
         assert t.tensor_type == b[name].tensor_type, name
         np.testing.assert_array_equal(np.asarray(b[name].data), np.asarray(t.data), err_msg=name)
+    if not level.startswith("iq"):
+        return
+    want = IQ_LEVEL_FORMAT.get(level) or QType[level.upper()]
+    assert a["blk.0.ffn_up_exps.weight"].tensor_type == want, level
+    ref = numpy_forward(theirs, IDS)
+    own = np.asarray(run_llama_cpp(theirs, [IDS], "logits")[0], np.float32)
+    ours = engine.load(theirs, n_ctx=64, kv_type="f32", backend="numba").eval(IDS)
+    assert mean_kl(ref, ours) < 2 * mean_kl(ref, own)
