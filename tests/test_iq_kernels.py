@@ -30,7 +30,8 @@ from test_kernels import assert_matches
 from mixlocal import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M]
+IQ_PACKED = [QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XS, QType.IQ2_S, QType.IQ2_XXS,
+             QType.IQ1_S, QType.IQ1_M]
 IQ_PORTABLE_ONLY = []  # packed in the portable family only, so far
 CASES = [(q, f) for q in IQ_PACKED for f in kernels.FAMILIES] + [(q, "portable") for q in IQ_PORTABLE_ONLY]
 
@@ -72,7 +73,7 @@ def test_iq4_formats_have_packed_layouts_in_every_family():
     assert set(IQ_PORTABLE_ONLY) <= kernels.packed_types("portable")
     # the packed arrays keep about the file's size: bytes per (super-)block, packed against the file's
     most = {QType.IQ4_XS: (138, 136), QType.IQ4_NL: (18, 18), QType.IQ3_XXS: (106, 98), QType.IQ3_S: (114, 110),
-            QType.IQ2_XS: (74, 74),
+            QType.IQ2_XS: (74, 74), QType.IQ2_S: (82, 82),
             QType.IQ2_XXS: (66, 66), QType.IQ1_S: (50, 50), QType.IQ1_M: (58, 56)}
     for qtype in IQ_PACKED + IQ_PORTABLE_ONLY:
         for layout in ("quads", "rows") if qtype in IQ_PACKED else ("rows",):
@@ -106,7 +107,8 @@ def test_extreme_codes_and_scales_do_not_overflow(qtype, family):
     """Every code at the codebook's ends (-127 and 113; IQ3_XXS: grid entry 0 with scale 1 and all signs +, entry 255
     with scale 31 and all signs -; IQ3_S: entry 0 (all 1) with scale 1 and signs +, entry 511 (1 1 15 15) with
     scale 31 and all signs -; IQ2_XS: entry 0 (all 8) with scales 1 and signs +, entry 511 (all 43) with scales 31
-    and all eight signs - by parity; IQ2_XXS: entry 0 with scale 1 and signs +, entry 255
+    and all eight signs - by parity; IQ2_S: entry 0 (all 8) with scales 1 and signs +, entry 1023 (all 43) with
+    scales 31 and all signs -; IQ2_XXS: entry 0 with scale 1 and signs +, entry 255
     (8 25 8 8 25 43 43 43) with scale 31 and all signs -; IQ1_S/IQ1_M: entry 0 with scale 1 and delta +, entry 2047
     with scale 15 and delta -), every IQ4_XS sub-block scale at -32 or 31, activations at full scale with one sign: the largest integer sums the kernels can meet (AVX2's 16-bit pair sums among them)."""
     family_or_skip(family)

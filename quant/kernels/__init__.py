@@ -14,11 +14,11 @@ $MIXLOCAL_KERNELS, else the fastest the CPU has. Each packed weight remembers it
     activations by the family's byte multiply (vpdpbusd 512 or 256 bits, or vpmaddubsw + vpmaddwd).
     IQ4_XS and IQ4_NL in the same layout (iq_quads.py): nibbles mapped through the codebook by a byte shuffle;
     IQ3_XXS (iq_grid_quads.py) and IQ3_S (iq_s_quads.py) with their grid words gathered per 32-bit lane; IQ2_XS,
-    IQ2_XXS, IQ1_S and IQ1_M (iq2_quads.py) with 8-value grid entries gathered per 64-bit lane, one row per lane
-    pair.
+    IQ2_XXS, IQ1_S, IQ1_M (iq2_quads.py) and IQ2_S (iq_s_quads.py) with 8-value grid entries gathered per 64-bit
+    lane, one row per lane pair.
   * portable (portable.py): Q4_0, Q8_0, Q4_K on any CPU. 64 interleaved rows, int8 activations, int16 block sums;
     LLVM picks the vector instructions. IQ4_XS and IQ4_NL in the same layout with int32 sums (iq_portable.py),
-    and the lattice formats IQ3_XXS, IQ3_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M decoded from the file's bytes.
+    and the lattice formats IQ3_XXS, IQ3_S, IQ2_XS, IQ2_XXS, IQ2_S, IQ1_S and IQ1_M decoded from the file's bytes.
   * file layout (generic.py): every other format, in every family. Decode fuses block decoding with the dot
     products; more than 16 activation rows decode tiles of rows for BLAS, run at numba's per-call thread count
     (blas.py).
@@ -132,12 +132,14 @@ _RUNS["portable"] = {"Q4_0": (pk.q4_0_runs,) * 2, "Q8_0": (pk.q8_0_runs,) * 2, "
                      "IQ4_XS": (iq_portable.iq4_xs_runs,) * 2, "IQ4_NL": (iq_portable.iq4_nl_runs,) * 2,
                      "IQ3_XXS": (iq_portable.iq3_xxs_runs,) * 2, "IQ2_XS": (iq_portable.iq2_xs_runs,) * 2,
                      "IQ2_XXS": (iq_portable.iq2_xxs_runs,) * 2, "IQ1_S": (iq_portable.iq1_s_runs,) * 2,
-                     "IQ1_M": (iq_portable.iq1_m_runs,) * 2, "IQ3_S": (iq_portable.iq3_s_runs,) * 2}
+                     "IQ1_M": (iq_portable.iq1_m_runs,) * 2, "IQ3_S": (iq_portable.iq3_s_runs,) * 2,
+                     "IQ2_S": (iq_portable.iq2_s_runs,) * 2}
 _LAYOUT_TYPES = {"quads": frozenset({QType.Q4_0, QType.Q8_0, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K,
                                      QType.Q6_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS, QType.IQ2_XS,
-                                     QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M, QType.IQ3_S}),
+                                     QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M, QType.IQ3_S, QType.IQ2_S}),
                  "rows": frozenset({QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.IQ4_XS, QType.IQ4_NL, QType.IQ3_XXS,
-                                    QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M, QType.IQ3_S})}
+                                    QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S, QType.IQ1_M, QType.IQ3_S,
+                                    QType.IQ2_S})}
 
 
 def layout_of(family: str) -> str:
@@ -208,6 +210,11 @@ def packed_shapes(qtype: QType, n_exp: int, n: int, k: int, layout: str = "rows"
             return [((n_exp, g, k // 256, 108, rows), u8), ((n_exp, g, k // 256, rows), u16)]
         return [((n_exp, g, k // 256, 4, 26, 16, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
                 ((n_exp, g, k // 256, rows), u16)]
+    if qtype == QType.IQ2_S:  # iq_s_quads.py, iq_portable.py
+        if not quads_:
+            return [((n_exp, g, k // 256, 80, rows), u8), ((n_exp, g, k // 256, rows), u16)]
+        return [((n_exp, g, k // 256, 4, 18, 16, 4), u8), ((n_exp, g, k // 256, 8, rows), u8),
+                ((n_exp, g, k // 256, rows), u16)]
     if qtype == QType.IQ2_XS:  # iq2_quads.py, iq_portable.py
         if not quads_:
             return [((n_exp, g, k // 256, 72, rows), u8), ((n_exp, g, k // 256, rows), u16)]
@@ -249,12 +256,13 @@ _PACKERS = {"quads": {QType.Q4_0: quads.pack_q4_0, QType.Q8_0: quads.pack_q8_0, 
                       QType.IQ4_NL: iq_quads.pack_iq4_nl, QType.IQ3_XXS: iq_grid_quads.pack_iq3_xxs,
                       QType.IQ2_XS: iq2_quads.pack_iq2_xs, QType.IQ2_XXS: iq2_quads.pack_iq2_xxs,
                       QType.IQ1_S: iq2_quads.pack_iq1_s, QType.IQ1_M: iq2_quads.pack_iq1_m,
-                      QType.IQ3_S: iq_s_quads.pack_iq3_s},
+                      QType.IQ3_S: iq_s_quads.pack_iq3_s, QType.IQ2_S: iq_s_quads.pack_iq2_s},
             "rows": {QType.Q4_0: pk.pack_q4_0, QType.Q8_0: pk.pack_q8_0, QType.Q4_K: pk.pack_q4_k,
                      QType.IQ4_XS: iq_portable.pack_iq4_xs, QType.IQ4_NL: iq_portable.pack_iq4_nl,
                      QType.IQ3_XXS: iq_portable.pack_iq3_xxs, QType.IQ2_XS: iq_portable.pack_iq2_xs,
                      QType.IQ2_XXS: iq_portable.pack_iq2_xxs, QType.IQ1_S: iq_portable.pack_iq1_s,
-                     QType.IQ1_M: iq_portable.pack_iq1_m, QType.IQ3_S: iq_portable.pack_iq3_s}}
+                     QType.IQ1_M: iq_portable.pack_iq1_m, QType.IQ3_S: iq_portable.pack_iq3_s,
+                     QType.IQ2_S: iq_portable.pack_iq2_s}}
 
 
 def packer(qtype: QType, layout: str):
@@ -521,8 +529,8 @@ PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K, QType.IQ1_M})
 
 
 # the IQ formats whose integer-family kernels take Q8_K activations, as llama.cpp's dot products for them do
-_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_S,
-                            QType.IQ1_M})
+_Q8_K_IQ_TYPES = frozenset({QType.IQ4_XS, QType.IQ3_XXS, QType.IQ3_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ2_S,
+                            QType.IQ1_S, QType.IQ1_M})
 
 
 def activation_type(w) -> QType | None:

@@ -1,4 +1,4 @@
-"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ3_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M in the portable family's rows layout (portable.py): packing and kernels for any CPU.
+"""IQ4_XS, IQ4_NL, IQ3_XXS, IQ3_S, IQ2_XS, IQ2_XXS, IQ2_S, IQ1_S and IQ1_M in the portable family's rows layout (portable.py): packing and kernels for any CPU.
 
 The nibbles stay as in the file, interleaved across 64 rows like Q4_K / Q4_0 there; the kernel maps each nibble
 through the codebook (kvalues_iq4nl) with a plain table lookup and sums levels times int8 activations (Q8_0, per
@@ -15,6 +15,8 @@ Layouts (per expert; G groups of ROWS rows):
          bytes; d (G, nsb, ROWS). 110 bytes per 256 as in the file (iq3s_grid, signs one bit per value).
   IQ2_XS qs (G, nsb, 72, ROWS) the file's 32 uint16 (grid index and signs) and 8 scale bytes; d (G, nsb, ROWS). 74
          bytes per 256 as in the file; decoded in the kernel (iq2xs_grid, ksigns_iq2xs) the same way.
+  IQ2_S  qs (G, nsb, 80, ROWS) the file's 32 low index bytes, 32 sign bytes, 8 qh bytes (2 index bits per entry)
+         and 8 scale bytes; d (G, nsb, ROWS). 82 bytes per 256 as in the file (iq2s_grid).
   IQ2_XXS qs (G, nsb, 64, ROWS) the file's 8 x (4 grid indices, a sign-and-scale uint32); d (G, nsb, ROWS). 66 bytes
          per 256 as in the file (iq2xxs_grid).
   IQ1_S  qs (G, nsb, 48, ROWS) the file's 32 index bytes and 8 uint16 qh; d (G, nsb, ROWS). 50 bytes per 256 as in
@@ -33,6 +35,7 @@ from numba import njit, prange
 
 from ..iq_grids import (
     IQ1S_GRID,
+    IQ2S_GRID,
     IQ2XS_GRID,
     IQ2XXS_GRID,
     IQ3S_GRID,
@@ -49,13 +52,14 @@ from .portable import (
     _store_group,
 )
 
-__all__ = ["iq1_m_runs", "iq1_s_runs", "iq2_xs_runs", "iq2_xxs_runs", "iq3_s_runs", "iq3_xxs_runs", "iq4_nl_runs",
-           "iq4_xs_runs", "pack_iq1_m", "pack_iq1_s", "pack_iq2_xs", "pack_iq2_xxs", "pack_iq3_s", "pack_iq3_xxs",
-           "pack_iq4_nl", "pack_iq4_xs"]
+__all__ = ["iq1_m_runs", "iq1_s_runs", "iq2_s_runs", "iq2_xs_runs", "iq2_xxs_runs", "iq3_s_runs", "iq3_xxs_runs",
+           "iq4_nl_runs", "iq4_xs_runs", "pack_iq1_m", "pack_iq1_s", "pack_iq2_s", "pack_iq2_xs", "pack_iq2_xxs",
+           "pack_iq3_s", "pack_iq3_xxs", "pack_iq4_nl", "pack_iq4_xs"]
 
 _LEVELS = KVALUES_IQ4NL.astype(np.int32)
 _GRID3 = IQ3XXS_GRID.astype(np.int32)
 _GRID3S = IQ3S_GRID.astype(np.int32).reshape(-1)  # flat: entry i at 4 i
+_GRID2S = IQ2S_GRID.astype(np.int32).reshape(-1)  # flat: entry i at 8 i
 _GRID2 = IQ2XS_GRID.astype(np.int32)
 _GRID2XXS = IQ2XXS_GRID.astype(np.int32)
 _GRID1 = IQ1S_GRID.astype(np.int32)
@@ -263,6 +267,67 @@ def iq3_s_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
                                 acc[jx, r] += vals[j, r] * xj
                     for jx in range(n_x):
                         scale = xd[m + jx, blk]
+                        a = accf[m + jx - m0]
+                        for r in range(ROWS):
+                            a[r] += acc[jx, r] * (dsup[r] * scale)
+                    m += n_x
+        _store_group(out, accf, g, m0, m1, n_rows)
+
+
+@njit(parallel=True, cache=True)
+def pack_iq2_s(rows, qs, d):
+    """rows (N, nsb*82) -> qs (G, nsb, 80, ROWS) (the block's bytes after d), d (G, nsb, ROWS) f16 bits."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        for r in range(ROWS):
+            row = g * ROWS + r
+            for b in range(nsb):
+                live = row < n
+                d[g, b, r] = _f16_bits(rows[row], b * 82) if live else 0
+                for j in range(80):
+                    qs[g, b, j, r] = rows[row, b * 82 + 2 + j] if live else 0
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def iq2_s_runs(qs, d, xq, xd, xs, run_start, run_expert, n_rows, out):
+    """a[r] += xd * d_r / 8 * sum over the two halves of 16 of (2 s + 1) * (grid values . signed x), per sub-block
+    of 32 (one Q8_0 block of x); entry l's index is qs[l] with bits 2 l, 2 l + 1 of qh[s] on top, its sign byte
+    qs[32 + l]. Decoded and dotted as iq3_s_runs does (float32 is exact: |value| <= 31 * 43, |x| <= 127, 32
+    products stay below 2^24)."""
+    n_groups, nsb = qs.shape[1], qs.shape[2]
+    for task in prange(run_expert.shape[0] * n_groups):
+        g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+        accf = np.zeros((m1 - m0, ROWS), np.float32)
+        dsup = np.empty(ROWS, np.float32)
+        vals = np.empty((32, ROWS), np.float32)
+        gi = np.empty(ROWS, np.int32)
+        ls = np.empty(ROWS, np.int32)
+        acc = np.empty((4, ROWS), np.float32)
+        for b in range(nsb):
+            _halves_to_float(d[e, g, b], dsup)
+            q = qs[e, g, b]
+            for s in range(8):
+                for l in range(4):
+                    for r in range(ROWS):
+                        gi[r] = 8 * (np.int32(q[4 * s + l, r]) | (((np.int32(q[64 + s, r]) >> (2 * l)) & 3) << 8))
+                        ls[r] = 2 * ((np.int32(q[72 + s, r]) >> (4 * (l // 2))) & 15) + 1
+                    for j in range(8):
+                        for r in range(ROWS):
+                            neg = -((np.int32(q[32 + 4 * s + l, r]) >> j) & 1)
+                            vals[8 * l + j, r] = np.float32(((_GRID2S[gi[r] + j] ^ neg) - neg) * ls[r])
+                blk = b * 8 + s
+                m = m0
+                while m < m1:  # four activation rows per pass over vals
+                    n_x = min(4, m1 - m)
+                    acc[:n_x] = 0
+                    for j in range(32):
+                        for jx in range(n_x):
+                            xj = np.float32(xq[m + jx, blk * 32 + j])
+                            for r in range(ROWS):
+                                acc[jx, r] += vals[j, r] * xj
+                    for jx in range(n_x):
+                        scale = xd[m + jx, blk] * np.float32(0.125)
                         a = accf[m + jx - m0]
                         for r in range(ROWS):
                             a[r] += acc[jx, r] * (dsup[r] * scale)

@@ -1,5 +1,5 @@
-"""IQ3_S in the quads layout of the integer families (quads.py): the "_S" lattice formats, whose grid indices carry
-high bits in a separate array and whose signs are stored one bit per value (no parity trick).
+"""IQ3_S and IQ2_S in the quads layout of the integer families (quads.py): the "_S" lattice formats, whose grid
+indices carry high bits in a separate array and whose signs are stored one bit per value (no parity trick).
 
 IQ3_S (ggml-common.h block_iq3_s, dequantize_row_iq3_s) codes 4 values at a time as a 9-bit index into iq3s_grid
 (512 entries of 4 unsigned bytes, 1..15): the low 8 bits in qs[64], the 9th in qh[8] (bit k of qh[s] for the k-th
@@ -19,6 +19,19 @@ Layout (per expert; G groups of 64 rows, nsb super-blocks):
         32 s..32 s + 31, bit i of byte l the sign of value 32 s + 8 l + i)
   scales (G, nsb, 8, ROWS) uint8: 2 s + 1 (1..31) as int16-pair bytes (quads._put_pair)
   d (G, nsb, ROWS) f16 bits.  114 bytes per 256 (the file: 110).
+
+IQ2_S (block_iq2_s, dequantize_row_iq2_s) codes 8 values at a time as a 10-bit index into iq2s_grid (1024 entries of
+8 unsigned bytes, 8, 25 or 43): the low 8 bits in qs[0..31], the top 2 in qh[8] (bits 2 l, 2 l + 1 of qh[s] for
+entry l of sub-block s), a sign byte per entry in qs[32..63] and a 4-bit scale per 16 values, value
+d (0.5 + s) / 4 grid sign = d / 8 (2 s + 1) grid sign. As for IQ2_XS (iq2_quads.py), an entry is 8 values of one row,
+gathered per 64-bit lane (two lanes per row, 8 rows per register), the activations negated per byte under the sign
+bytes, the 16 values' int32 sums scaled by 2 s + 1 in integers; llama.cpp's AVX2 ggml_vec_dot_iq2_s_q8_K (same
+file) builds the indices from qs and qh alike and applies the sign bytes to the activations.
+
+Layout (per expert): codes (G, nsb, 4 quarters, 18 words, 16 rows, 4 bytes), again the file's bytes after d in
+  order: words 0-7 the indices' low bytes (word s: sub-block s, byte l its entry l), words 8-15 the sign bytes (the
+  same order), words 16-17 the qh bytes (byte l of word 16 + t: qh[4 t + l]); scales (G, nsb, 8, ROWS) uint8, the
+  file's scale bytes (byte s: sub-block s, low nibble first); d (G, nsb, ROWS).  82 bytes per 256, as the file.
 """
 from __future__ import annotations
 
@@ -28,7 +41,20 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
-from ..iq_grids import IQ3S_GRID
+from ..iq_grids import IQ2S_GRID, IQ3S_GRID
+from . import avx512vnni
+from .iq2_quads import _BOUND as _BOUND2
+from .iq2_quads import (
+    _c,
+    _dup_rows,
+    _gather8,
+    _octet_idx,
+    _odd,
+    _row_sums,
+    _signed,
+    _x_bytes,
+)
+from .iq2_quads import _sign_mask as _byte_sign_mask
 from .iq_grid_quads import _gather, _sign_mask, _signed_x
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
 from .quads import (
@@ -41,12 +67,13 @@ from .quads import (
     _store_rows,
     _x_ptrs,
 )
-from .simd import I32, I64, V16, data_ptr, prefetch_ahead, splat
+from .simd import I8, I32, I64, V16, data_ptr, prefetch_ahead, splat
 
-__all__ = ["make_s_runs", "pack_iq3_s"]
+__all__ = ["make_s_runs", "pack_iq2_s", "pack_iq3_s"]
 
 W32 = ir.VectorType(ir.IntType(16), 32)
-B32 = ir.VectorType(ir.IntType(8), 32)
+B32 = ir.VectorType(I8, 32)
+B16 = ir.VectorType(I8, 16)
 
 # The grid as one little-endian uint32 per entry: the 4 bytes of a lane, in memory order.
 _GRID3S = np.ascontiguousarray(IQ3S_GRID).view("<u4").reshape(-1).astype(np.uint32)
@@ -55,6 +82,9 @@ _GRID3S = np.ascontiguousarray(IQ3S_GRID).view("<u4").reshape(-1).astype(np.uint
 _BOUND3S = 2 * 15 * 127
 
 _WORDS3S = 26  # code words per row and super-block
+_WORDS2S = 18
+
+_GRID2S = np.ascontiguousarray(IQ2S_GRID).view("<u8").reshape(-1).astype(np.uint64)
 
 
 @intrinsic(prefer_literal=True)
@@ -108,6 +138,57 @@ def _iq3_s_sb16(typingctx, fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_strid
     return sig, codegen
 
 
+@intrinsic(prefer_literal=True)
+def _iq2_s_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stride, isum, out_off):
+    """IQ2_S super-block, 16 rows (two octets), against Q8_K activations, in integers:
+    isum[j*ROWS + out_off + r] = sum over the 16 groups h of 16 values of (2 s_rh + 1) * (grid values . signed x_jh).
+
+    w: the 16 rows' 18 code words at w_off (word i at w_off + 64 i bytes); sc: the scale bytes at sc_off (sub-block
+    s: 16 rows' bytes at sc_off + 64 s); grid: the uint64 table."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot, wide = _BYTE_DOTS[f], f == avx512vnni.KEY
+    sig = types.void(fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, wa, wo, sa, so, ga, xa, xo, xst, ia, oo) = args
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        sp = data_ptr(context, builder, signature.args[4], sa, so, ir.VectorType(I8, 64))
+        gp = data_ptr(context, builder, signature.args[6], ga, ir.Constant(I64, 0), I64)
+        xps = [data_ptr(context, builder, signature.args[7], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I64) for j in range(n_x)]
+        accs = [[ir.Constant(V16, None)] * 2 for _ in range(n_x)]
+        for s in range(8):
+            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
+                                           align=1), V16)
+            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
+            xs = [_x_bytes(builder, xps, 4 * s + l) for l in range(4)]
+            words = _load(builder, wp, s)
+            signs = _load(builder, wp, 8 + s)
+            qh = _load(builder, wp, 16 + s // 4)
+            idx = []
+            for l in range(4):
+                low = _c(builder.and_, _c(builder.lshr, words, 8 * l), 255) if l else _c(builder.and_, words, 255)
+                at = 8 * (s % 4) + 2 * l  # the entry's 2 high bits in the qh word, moved to bits 8-9
+                high = _c(builder.shl, qh, 8 - at) if at <= 8 else _c(builder.lshr, qh, at - 8)
+                idx.append(builder.or_(low, _c(builder.and_, high, 0x300)))
+            for o in range(2):
+                grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)) for l in range(4)]
+                masks = [_byte_sign_mask(builder, signs, o, l) for l in range(4)]
+                for h in range(2):
+                    scale = _dup_rows(builder, scales[h], o)
+                    for jx in range(n_x):
+                        pairs = [(grids[l], _signed(builder, masks[l], xs[l][jx])) for l in (2 * h, 2 * h + 1)]
+                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND2, scale)
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[10], ia, oo, jx, _row_sums(builder, *accs[jx]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,6 +223,28 @@ def pack_iq3_s(rows, qs, sc, d):
                             qs[g, b, rq, w, rr, jj] = 0
 
 
+@njit(parallel=True, cache=True)
+def pack_iq2_s(rows, qs, sc, d):
+    """rows (N, nsb*82) -> qs (G, nsb, 4, 18, 16, 4), sc (G, nsb, 8, ROWS), d (G, nsb, ROWS). Block: d | qs[32] low
+    index bits | signs[32] | qh[8] (2 index bits per entry) | scales[8] (two 4-bit scales, low nibble first)."""
+    n = rows.shape[0]
+    n_groups, nsb = qs.shape[0], qs.shape[1]
+    for g in prange(n_groups):
+        r_end = min(ROWS, n - g * ROWS)
+        for b in range(nsb):
+            o = b * 82
+            for r in range(ROWS):
+                rq, rr = r // QUARTER, r % QUARTER
+                live = r < r_end
+                src = rows[g * ROWS + r] if live else rows[0]
+                d[g, b, r] = _f16_bits(src, o) if live else 0
+                for w in range(18):
+                    for jj in range(4):
+                        qs[g, b, rq, w, rr, jj] = src[o + 2 + 4 * w + jj] if live else 0
+                for s in range(8):
+                    sc[g, b, s, r] = src[o + 74 + s] if live else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kernels over runs of activation rows that share an expert (portable.py's contract), built per family
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,7 +259,7 @@ def make_s_runs(F: int) -> dict[str, tuple]:
     """{format name: (decode kernel, prefill kernel)} of the "_S" lattice formats for the family under F."""
     if F not in _BYTE_DOTS:
         raise KeyError(f"no byte multiplication registered under {F}")
-    return {"IQ3_S": _make_iq3_s_runs(F)}
+    return {"IQ3_S": _make_iq3_s_runs(F), "IQ2_S": _make_iq2_s_runs(F)}
 
 
 def _make_iq3_s_runs(F: int) -> tuple:
@@ -217,3 +320,67 @@ def _make_iq3_s_runs(F: int) -> tuple:
 
     return iq3_s_runs, iq3_s_runs_x4
 
+
+@njit(inline="always")
+def _s2_sb_out(a, isum, o, dsup, xd):
+    for r in range(ROWS):
+        a[r] += xd * dsup[r] * np.float32(0.125) * np.float32(isum[o + r])
+
+
+def _make_iq2_s_runs(F: int) -> tuple:
+    """IQ2_S (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
+    QW = _WORDS2S * 64
+    BLOCK = 4 * QW
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_s_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2S
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                prefetch_ahead(qs, base, BLOCK)
+                for m in range(m0, m1):
+                    for rq in range(4):
+                        _iq2_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
+                                    m * k + b * 256, 0, isum, rq * QUARTER)
+                    _s2_sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def iq2_s_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        n_groups, nsb = d.shape[1], d.shape[2]
+        k = nsb * 256
+        grid = _GRID2S
+        for task in prange(run_expert.shape[0] * n_groups):
+            g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
+            accf = np.zeros((m1 - m0, ROWS), np.float32)
+            dsup = np.empty(ROWS, np.float32)
+            isum = np.empty(4 * ROWS, np.int32)
+            for b in range(nsb):
+                _halves_to_float(d[e, g, b], dsup)
+                sb = (e * n_groups + g) * nsb + b
+                base = sb * BLOCK
+                m = m0
+                while m < m1:
+                    n_x = 4 if m + 4 <= m1 else 1
+                    for rq in range(4):
+                        if n_x == 4:
+                            _iq2_s_sb16(F, 4, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
+                                        m * k + b * 256, k, isum, rq * QUARTER)
+                        else:
+                            _iq2_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
+                                        m * k + b * 256, 0, isum, rq * QUARTER)
+                    for j in range(n_x):
+                        _s2_sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
+                    m += n_x
+            _store_group(out, accf, g, m0, m1, n_rows)
+
+    return iq2_s_runs, iq2_s_runs_x4
