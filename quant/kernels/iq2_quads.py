@@ -65,7 +65,10 @@ V4 = ir.VectorType(I32, 4)
 
 # The grids as one little-endian uint64 per entry: a row's 8 values in memory order.
 _GRID2 = np.ascontiguousarray(IQ2XS_GRID).view("<u8").reshape(-1).astype(np.uint64)
+# ... each byte plus 64 (grid values are at most 43): the unsigned form the prefill kernels multiply
+_GRID2_U = _GRID2 + np.uint64(0x4040404040404040)
 _GRID2XXS = np.ascontiguousarray(IQ2XXS_GRID).view("<u8").reshape(-1).astype(np.uint64)
+_GRID2XXS_U = _GRID2XXS + np.uint64(0x4040404040404040)
 
 # IQ1_S/IQ1_M: values d (2 s + 1) (g +- 1/8) with g in -1, 0, 1, so 8 times a value over d (2 s + 1) is 8 g +- 1;
 # 9 more makes it unsigned (0..18) for the byte dot, and 9 times the activations' sum comes off afterwards. The table
@@ -224,6 +227,92 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
 
 
 @intrinsic(prefer_literal=True)
+def _iq2_xs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+    """IQ2_XS: 16 rows' super-block as unsigned bytes 64 + signed grid value, into u at u_off in the quads layout
+    (16 rows x 4 values per logical register, as quads.py's): values 4 q..4 q + 3 at register q, so a 16-value scale
+    group is 4 registers of 16 rows and its scale multiplies once per 4 byte dots. grid: the table _GRID2_U."""
+    lits = _literals(fam)
+    if lits is None:
+        return None
+    wide = lits[0] == avx512vnni.KEY
+    sig = types.void(fam, w, w_off, grid, u, u_off)
+    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
+
+    def codegen(context, builder, signature, args):
+        (_, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        for h in range(16):
+            words = builder.load(builder.gep(wp, [ir.Constant(I64, h)]), align=1)
+            signs = _xs_signs(builder, words)
+            idx = [_c(builder.and_, words, 511), _c(builder.and_, _c(builder.lshr, words, 16), 511)]
+            for e in range(2):
+                octs = [_unsigned_signed(builder, _sign_mask(builder, signs, o, 2 * e),
+                                         _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o))) for o in range(2)]
+                for half, sel in enumerate((even, odd)):
+                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
+                                  builder.gep(up, [ir.Constant(I64, 4 * h + 2 * e + half)]), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _unsigned_signed(builder, mask, grid):
+    """grid holds 64 + v per byte; where mask (<64 x i1>) is set, 64 - v = 128 - (64 + v)."""
+    gb = builder.bitcast(grid, B64)
+    return builder.bitcast(builder.select(mask, builder.sub(ir.Constant(B64, [128] * 64), gb), gb), V16)
+
+
+@intrinsic(prefer_literal=True)
+def _u64_xs_dot16(typingctx, fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
+    """IQ2_XS unpacked (_iq2_xs_unpack16) against n rows of Q8_K activations: isum[j*ROWS + out_off + r] = sum over
+    the 16-value groups h of (2 s_rh + 1) * ((64 + v) . x_jh - 64 sum x_jh). xp: each row's sums of 16 values as
+    int16 pairs (activations.py's pairs16), so one 16-bit multiply-add against the scale pair takes the offset off two
+    groups."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot = _BYTE_DOTS[f]
+    sig = types.void(fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+    bound = 2 * 107 * 128
+
+    def codegen(context, builder, signature, args):
+        (_, _, ua, uo, sa, so, xa, xo, xst, pa, po, pst, ia, oo) = args
+        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
+        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
+        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I32) for j in range(n_x)]
+        pps = [data_ptr(context, builder, signature.args[9], pa, builder.add(po, builder.mul(pst, ir.Constant(
+            pst.type, j))), I32) for j in range(n_x)]
+        zero = ir.Constant(V16, None)
+        accs = [zero] * n_x
+        corr = [zero] * n_x
+        for s in range(8):
+            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
+                                           align=1), V16)
+            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
+            pair = builder.or_(scales[0], _c(builder.shl, scales[1], 16))
+            for jx, pp in enumerate(pps):
+                corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, builder.load(builder.gep(
+                    pp, [ir.Constant(I64, s)]), align=1)))
+            for hh in range(2):
+                h = 2 * s + hh
+                ws = [builder.load(builder.gep(up, [ir.Constant(I64, 4 * h + q)]), align=1) for q in range(4)]
+                for jx, xp_ in enumerate(xps):
+                    pairs = [(ws[q], splat(builder, builder.load(builder.gep(xp_, [ir.Constant(I64, 4 * h + q)]),
+                                                                 align=1))) for q in range(4)]
+                    accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, bound, scales[hh])
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[12], ia, oo, jx,
+                        builder.sub(accs[jx], _c(builder.shl, corr[jx], 6)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, out_off):
     """IQ2_XXS super-block, 16 rows (two octets), against Q8_K activations, in integers:
     isum[j*ROWS + out_off + r] = sum over the 8 sub-blocks s of (2 s_rs + 1) * (grid values . signed x_js).
@@ -259,6 +348,86 @@ def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, o
                     accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND, scale)
         for jx in range(n_x):
             _store_rows(context, builder, signature.args[8], ia, oo, jx, _row_sums(builder, *accs[jx]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _iq2_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+    """IQ2_XXS: 16 rows' super-block as unsigned bytes 64 + signed grid value, into u at u_off in the quads layout
+    (values 4 q..4 q + 3 at register q), then 4 registers of the sub-block scales 2 s + 1 as int16 pairs (pair t:
+    sub-blocks 2 t, 2 t + 1), which the file keeps inside the sign words. grid: the table _GRID2XXS_U."""
+    lits = _literals(fam)
+    if lits is None:
+        return None
+    wide = lits[0] == avx512vnni.KEY
+    sig = types.void(fam, w, w_off, grid, u, u_off)
+    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
+
+    def codegen(context, builder, signature, args):
+        (_, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        scales = []
+        for s in range(8):
+            words = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s)]), align=1)
+            aux = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + 1)]), align=1)
+            signs = _xxs_signs(builder, aux)
+            scales.append(_odd(builder, _c(builder.lshr, aux, 28)))
+            for e in range(4):
+                idx = _c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255)
+                octs = [_unsigned_signed(builder, _sign_mask(builder, signs, o, e),
+                                         _gather8(builder, wide, gp, _octet_idx(builder, idx, o))) for o in range(2)]
+                for half, sel in enumerate((even, odd)):
+                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
+                                  builder.gep(up, [ir.Constant(I64, 8 * s + 2 * e + half)]), align=1)
+        for t in range(4):
+            builder.store(builder.or_(scales[2 * t], _c(builder.shl, scales[2 * t + 1], 16)),
+                          builder.gep(up, [ir.Constant(I64, 64 + t)]), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _u64_xxs_dot16(typingctx, fam, n, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
+    """IQ2_XXS unpacked (_iq2_xxs_unpack16) against n rows of Q8_K activations: isum[j*ROWS + out_off + r] = sum over
+    the sub-blocks s of (2 s_rs + 1) * ((64 + v) . x_js - 64 sum x_js); xp: each row's 32-sums as int16 pairs
+    (activations.py's pairs), against the scale pairs in one 16-bit multiply-add per two sub-blocks."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot = _BYTE_DOTS[f]
+    sig = types.void(fam, n, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+    bound = 2 * 107 * 128
+
+    def codegen(context, builder, signature, args):
+        (_, _, ua, uo, xa, xo, xst, pa, po, pst, ia, oo) = args
+        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
+        xps = [data_ptr(context, builder, signature.args[4], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I32) for j in range(n_x)]
+        pps = [data_ptr(context, builder, signature.args[7], pa, builder.add(po, builder.mul(pst, ir.Constant(
+            pst.type, j))), I32) for j in range(n_x)]
+        zero = ir.Constant(V16, None)
+        accs = [zero] * n_x
+        corr = [zero] * n_x
+        for s in range(8):
+            pair = builder.load(builder.gep(up, [ir.Constant(I64, 64 + s // 2)]), align=1)
+            scale = _c(builder.and_, pair, 0xFFFF) if s % 2 == 0 else _c(builder.lshr, pair, 16)
+            ws = [builder.load(builder.gep(up, [ir.Constant(I64, 8 * s + q)]), align=1) for q in range(8)]
+            for jx, xp_ in enumerate(xps):
+                pairs = [(ws[q], splat(builder, builder.load(builder.gep(xp_, [ir.Constant(I64, 8 * s + q)]),
+                                                             align=1))) for q in range(8)]
+                accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, bound, scale)
+                if s % 2:
+                    corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, builder.load(builder.gep(
+                        pps[jx], [ir.Constant(I64, s // 2)]), align=1)))
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[10], ia, oo, jx,
+                        builder.sub(accs[jx], _c(builder.shl, corr[jx], 6)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -385,6 +554,22 @@ def pack_iq2_xxs(rows, qs, d):
 # kernels over runs of activation rows that share an expert (portable.py's contract), built per family
 # ---------------------------------------------------------------------------------------------------------------
 
+@njit(cache=True)
+def _sums16(xq, n, k):
+    """Each row's sums of 16 activations as int16 pairs (groups 2 t, 2 t + 1), the layout of activations.py's
+    pairs16, for kernels that are handed the per-32 pairs."""
+    p = np.empty(n * (k // 32), np.int32)
+    for m in range(n):
+        for t in range(k // 32):
+            lo = np.int32(0)
+            hi = np.int32(0)
+            for i in range(16):
+                lo += np.int32(xq[m * k + 32 * t + i])
+                hi += np.int32(xq[m * k + 32 * t + 16 + i])
+            p[m * (k // 32) + t] = (lo & 0xFFFF) | (hi << 16)
+    return p
+
+
 @njit(inline="always")
 def _sb_out(a, isum, o, dsup, xd):
     for r in range(ROWS):
@@ -402,6 +587,7 @@ def make_iq2_runs(F: int) -> dict[str, tuple]:
 def _make_iq2_xs_runs(F: int) -> tuple:
     """IQ2_XS (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
     BLOCK = ROWS * 64  # one group's code words per super-block
+    NX = 4  # activation rows per pass over the unpacked weights
     QUARTER_BYTES = 16 * 64
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -428,31 +614,43 @@ def _make_iq2_xs_runs(F: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq2_xs_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # the grid gathers are the cost: a run of several rows unpacks each super-block once, to bytes in L1, and
+        # every row reads those
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
-        grid = _GRID2
+        grid, grid_u = _GRID2, _GRID2_U
+        p16 = _sums16(xq, xd.shape[0], k)
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * 64 * 64, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
                 base = sb * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq2_xs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
-                                         m * k + b * 256, k, isum, rq * 16)
-                        else:
-                            _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
-                                         m * k + b * 256, 0, isum, rq * 16)
-                    for j in range(n_x):
-                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq2_xs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid, xq,
+                                     m0 * k + b * 256, 0, isum, rq * 16)
+                else:
+                    for rq in range(4):
+                        _iq2_xs_unpack16(F, qs, base + rq * QUARTER_BYTES, grid_u, u, rq * 4096)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _u64_xs_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
+                                              k, p16, m * (k // 32) + b * 8, k // 32, isum, o + rq * 16)
+                            else:
+                                _u64_xs_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
+                                              0, p16, m * (k // 32) + b * 8, 0, isum, o + rq * 16)
+                        m += n_x
+                for m in range(m0, m1):
+                    _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_xs_runs, iq2_xs_runs_x4
@@ -461,6 +659,8 @@ def _make_iq2_xs_runs(F: int) -> tuple:
 def _make_iq2_xxs_runs(F: int) -> tuple:
     """IQ2_XXS (decode, prefill) on Q8_K activations, as IQ2_XS's with the scales inside the code words."""
     BLOCK = ROWS * 64  # one group's code words per super-block
+    NX = 4  # activation rows per pass over the unpacked weights
+    UNPACKED = 68 * 64  # one quarter unpacked: 64 registers of values, 4 of scale pairs
     QUARTER_BYTES = 16 * 64
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -486,30 +686,41 @@ def _make_iq2_xxs_runs(F: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq2_xxs_runs_x4(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # as iq2_xs_runs_x4: each super-block unpacked once per run
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
-        grid = _GRID2XXS
+        kp = k // 64
+        grid, grid_u = _GRID2XXS, _GRID2XXS_U
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * UNPACKED, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 base = ((e * n_groups + g) * nsb + b) * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq2_xxs_sb16(F, 4, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, k, isum,
-                                          rq * 16)
-                        else:
-                            _iq2_xxs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, isum,
-                                          rq * 16)
-                    for j in range(n_x):
-                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq2_xxs_sb16(F, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m0 * k + b * 256, 0, isum,
+                                      rq * 16)
+                else:
+                    for rq in range(4):
+                        _iq2_xxs_unpack16(F, qs, base + rq * QUARTER_BYTES, grid_u, u, rq * UNPACKED)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _u64_xxs_dot16(F, NX, u, rq * UNPACKED, xq, m * k + b * 256, k, xp, m * kp + b * 4,
+                                               kp, isum, o + rq * 16)
+                            else:
+                                _u64_xxs_dot16(F, 1, u, rq * UNPACKED, xq, m * k + b * 256, 0, xp, m * kp + b * 4,
+                                               0, isum, o + rq * 16)
+                        m += n_x
+                for m in range(m0, m1):
+                    _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_xxs_runs, iq2_xxs_runs_x4
