@@ -227,22 +227,30 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
 
 
 @intrinsic(prefer_literal=True)
-def _iq2_xs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+def _iq2_xs_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
     """IQ2_XS: 16 rows' super-block as unsigned bytes 64 + signed grid value, into u at u_off in the quads layout
     (16 rows x 4 values per logical register, as quads.py's): values 4 q..4 q + 3 at register q, so a 16-value scale
-    group is 4 registers of 16 rows and its scale multiplies once per 4 byte dots. grid: the table _GRID2_U."""
+    group is 4 registers of 16 rows and its scale multiplies once per 4 byte dots; then at 64 + t the scales 2 s + 1
+    of groups 2 t, 2 t + 1 as int16 pairs (_unpacked_dot16). grid: the table _GRID2_U."""
     lits = _literals(fam)
     if lits is None:
         return None
     wide = lits[0] == avx512vnni.KEY
-    sig = types.void(fam, w, w_off, grid, u, u_off)
+    sig = types.void(fam, w, w_off, sc, sc_off, grid, u, u_off)
     even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
 
     def codegen(context, builder, signature, args):
-        (_, wa, wo, ga, ua, uo) = args
+        (_, wa, wo, sa, so, ga, ua, uo) = args
         wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
-        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I64)
-        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        sp = data_ptr(context, builder, signature.args[3], sa, so, B64)
+        gp = data_ptr(context, builder, signature.args[5], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[6], ua, uo, V16)
+        for t in range(8):
+            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, t)]), B16.as_pointer()),
+                                           align=1), V16)
+            pair = builder.or_(_odd(builder, _c(builder.and_, sb, 15)),
+                               _c(builder.shl, _odd(builder, _c(builder.lshr, sb, 4)), 16))
+            builder.store(pair, builder.gep(up, [ir.Constant(I64, 64 + t)]), align=1)
         for h in range(16):
             words = builder.load(builder.gep(wp, [ir.Constant(I64, h)]), align=1)
             signs = _xs_signs(builder, words)
@@ -262,54 +270,6 @@ def _unsigned_signed(builder, mask, grid):
     """grid holds 64 + v per byte; where mask (<64 x i1>) is set, 64 - v = 128 - (64 + v)."""
     gb = builder.bitcast(grid, B64)
     return builder.bitcast(builder.select(mask, builder.sub(ir.Constant(B64, [128] * 64), gb), gb), V16)
-
-
-@intrinsic(prefer_literal=True)
-def _u64_xs_dot16(typingctx, fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
-    """IQ2_XS unpacked (_iq2_xs_unpack16) against n rows of Q8_K activations: isum[j*ROWS + out_off + r] = sum over
-    the 16-value groups h of (2 s_rh + 1) * ((64 + v) . x_jh - 64 sum x_jh). xp: each row's sums of 16 values as
-    int16 pairs (activations.py's pairs16), so one 16-bit multiply-add against the scale pair takes the offset off two
-    groups."""
-    lits = _literals(fam, n)
-    if lits is None:
-        return None
-    f, n_x = lits
-    dot = _BYTE_DOTS[f]
-    sig = types.void(fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
-    bound = 2 * 107 * 128
-
-    def codegen(context, builder, signature, args):
-        (_, _, ua, uo, sa, so, xa, xo, xst, pa, po, pst, ia, oo) = args
-        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
-        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
-        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
-            xst.type, j))), I32) for j in range(n_x)]
-        pps = [data_ptr(context, builder, signature.args[9], pa, builder.add(po, builder.mul(pst, ir.Constant(
-            pst.type, j))), I32) for j in range(n_x)]
-        zero = ir.Constant(V16, None)
-        accs = [zero] * n_x
-        corr = [zero] * n_x
-        for s in range(8):
-            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
-                                           align=1), V16)
-            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
-            pair = builder.or_(scales[0], _c(builder.shl, scales[1], 16))
-            for jx, pp in enumerate(pps):
-                corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, builder.load(builder.gep(
-                    pp, [ir.Constant(I64, s)]), align=1)))
-            for hh in range(2):
-                h = 2 * s + hh
-                ws = [builder.load(builder.gep(up, [ir.Constant(I64, 4 * h + q)]), align=1) for q in range(4)]
-                for jx, xp_ in enumerate(xps):
-                    pairs = [(ws[q], splat(builder, builder.load(builder.gep(xp_, [ir.Constant(I64, 4 * h + q)]),
-                                                                 align=1))) for q in range(4)]
-                    accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, bound, scales[hh])
-        for jx in range(n_x):
-            _store_rows(context, builder, signature.args[12], ia, oo, jx,
-                        builder.sub(accs[jx], _c(builder.shl, corr[jx], 6)))
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -392,42 +352,98 @@ def _iq2_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
 
 
 @intrinsic(prefer_literal=True)
-def _u64_xxs_dot16(typingctx, fam, n, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off):
-    """IQ2_XXS unpacked (_iq2_xxs_unpack16) against n rows of Q8_K activations: isum[j*ROWS + out_off + r] = sum over
-    the sub-blocks s of (2 s_rs + 1) * ((64 + v) . x_js - 64 sum x_js); xp: each row's 32-sums as int16 pairs
-    (activations.py's pairs), against the scale pairs in one 16-bit multiply-add per two sub-blocks."""
-    lits = _literals(fam, n)
+def _unpacked_dot16(typingctx, fam, n, group, offset, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum,
+                    out_off):
+    """16 rows' super-block unpacked to unsigned bytes offset + v in the quads layout (registers 0-63; the unpack
+    intrinsics above) against n rows of Q8_K activations: isum[j*ROWS + out_off + r] = sum over the scale groups t
+    (group = 16 or 32 values) of ls_rt * ((offset + v) . x_jt - offset * sum x_jt). The scales ls are int16 pairs
+    at registers 64.. (groups 2 p, 2 p + 1 at 64 + p), xp each row's sums per group as int16 pairs (activations.py's
+    pairs or pairs16), so one 16-bit multiply-add takes the offset off two groups."""
+    lits = _literals(fam, n, group, offset)
     if lits is None:
         return None
-    f, n_x = lits
+    f, n_x, per, off = lits
     dot = _BYTE_DOTS[f]
-    sig = types.void(fam, n, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
-    bound = 2 * 107 * 128
+    sig = types.void(fam, n, group, offset, u, u_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+    bound = 2 * (64 + 43) * 128 if off == 64 else 2 * 18 * 128
+    quads_per = per // 4
 
     def codegen(context, builder, signature, args):
-        (_, _, ua, uo, xa, xo, xst, pa, po, pst, ia, oo) = args
-        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
-        xps = [data_ptr(context, builder, signature.args[4], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+        (_, _, _, _, ua, uo, xa, xo, xst, pa, po, pst, ia, oo) = args
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
             xst.type, j))), I32) for j in range(n_x)]
-        pps = [data_ptr(context, builder, signature.args[7], pa, builder.add(po, builder.mul(pst, ir.Constant(
+        pps = [data_ptr(context, builder, signature.args[9], pa, builder.add(po, builder.mul(pst, ir.Constant(
             pst.type, j))), I32) for j in range(n_x)]
         zero = ir.Constant(V16, None)
         accs = [zero] * n_x
         corr = [zero] * n_x
-        for s in range(8):
-            pair = builder.load(builder.gep(up, [ir.Constant(I64, 64 + s // 2)]), align=1)
-            scale = _c(builder.and_, pair, 0xFFFF) if s % 2 == 0 else _c(builder.lshr, pair, 16)
-            ws = [builder.load(builder.gep(up, [ir.Constant(I64, 8 * s + q)]), align=1) for q in range(8)]
+        for t in range(256 // per):
+            pair = builder.load(builder.gep(up, [ir.Constant(I64, 64 + t // 2)]), align=1)
+            scale = _c(builder.and_, pair, 0xFFFF) if t % 2 == 0 else _c(builder.lshr, pair, 16)
+            q0 = quads_per * t
+            ws = [builder.load(builder.gep(up, [ir.Constant(I64, q0 + q)]), align=1) for q in range(quads_per)]
             for jx, xp_ in enumerate(xps):
-                pairs = [(ws[q], splat(builder, builder.load(builder.gep(xp_, [ir.Constant(I64, 8 * s + q)]),
-                                                             align=1))) for q in range(8)]
+                pairs = [(ws[q], splat(builder, builder.load(builder.gep(xp_, [ir.Constant(I64, q0 + q)]),
+                                                             align=1))) for q in range(quads_per)]
                 accs[jx] = dot.scaled_dot(builder, accs[jx], pairs, bound, scale)
-                if s % 2:
+                if t % 2:
                     corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, builder.load(builder.gep(
-                        pps[jx], [ir.Constant(I64, s // 2)]), align=1)))
+                        pps[jx], [ir.Constant(I64, t // 2)]), align=1)))
         for jx in range(n_x):
-            _store_rows(context, builder, signature.args[10], ia, oo, jx,
-                        builder.sub(accs[jx], _c(builder.shl, corr[jx], 6)))
+            c = _c(builder.shl, corr[jx], 6) if off == 64 else _c(builder.mul, corr[jx], off)
+            _store_rows(context, builder, signature.args[12], ia, oo, jx, builder.sub(accs[jx], c))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _iq1_unpack16(typingctx, fam, kind, w, w_off, grid, u, u_off):
+    """IQ1_S (kind 0) or IQ1_M (kind 1): 16 rows' super-block as the table's unsigned bytes 8 g + 9 +- 1 in the quads
+    layout (values 4 q..4 q + 3 at register q), then the scale pairs for _unpacked_dot16 (groups of 32 values for
+    IQ1_S, 16 for IQ1_M)."""
+    lits = _literals(fam, kind)
+    if lits is None:
+        return None
+    wide, m_kind = lits[0] == avx512vnni.KEY, lits[1]
+    sig = types.void(fam, kind, w, w_off, grid, u, u_off)
+    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
+
+    def codegen(context, builder, signature, args):
+        (_, _, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[4], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[5], ua, uo, V16)
+
+        def put(i, v):
+            builder.store(v, builder.gep(up, [ir.Constant(I64, i)]), align=1)
+
+        for s in range(8):
+            words = builder.load(builder.gep(wp, [ir.Constant(I64, s)]), align=1)
+            qhw = builder.load(builder.gep(wp, [ir.Constant(I64, 8 + s // 2)]), align=1)
+            qh = _c(builder.and_, qhw, 0xFFFF) if s % 2 == 0 else _c(builder.lshr, qhw, 16)
+            low = [_c(builder.and_, _c(builder.lshr, words, 8 * l) if l else words, 255) for l in range(4)]
+            if m_kind == 0:  # as _iq1_sb16
+                sign = _c(builder.and_, _c(builder.lshr, qh, 4), 0x800)
+                high = [_c(builder.and_, _c(builder.shl, qh, 8 - 3 * l) if l < 3 else _c(builder.lshr, qh, 1), 0x700)
+                        for l in range(4)]
+                idx = [builder.or_(builder.or_(lo, hi), sign) for lo, hi in zip(low, high)]
+                if s % 2:
+                    put(64 + s // 2, _c(builder.or_, _c(builder.and_, _c(builder.lshr, qhw, 11), 0x000E000E),
+                                        0x00010001))
+            else:
+                idx = [builder.or_(lo, _c(builder.shl, _c(builder.and_, _c(builder.lshr, qh, 4 * l) if l else qh,
+                                                          15), 8)) for l, lo in enumerate(low)]
+                scw = builder.load(builder.gep(wp, [ir.Constant(I64, 12 + s // 4)]), align=1)
+                sc16 = _c(builder.lshr, scw, 16 * ((s // 2) % 2) + 6 * (s % 2))
+                halves_ = [_odd(builder, _c(builder.and_, _c(builder.lshr, sc16, 3 * h) if h else sc16, 7))
+                           for h in range(2)]
+                put(64 + s, builder.or_(halves_[0], _c(builder.shl, halves_[1], 16)))
+            for l in range(4):
+                octs = [_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)) for o in range(2)]
+                for half, sel in enumerate((even, odd)):
+                    put(8 * s + 2 * l + half, builder.shuffle_vector(octs[0], octs[1], sel))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -554,6 +570,10 @@ def pack_iq2_xxs(rows, qs, d):
 # kernels over runs of activation rows that share an expert (portable.py's contract), built per family
 # ---------------------------------------------------------------------------------------------------------------
 
+NX = 4  # activation rows per pass over the unpacked weights in prefill
+UNPACKED = 72 * 64  # one quarter unpacked: 64 registers of values, up to 8 of scale pairs
+
+
 @njit(cache=True)
 def _sums16(xq, n, k):
     """Each row's sums of 16 activations as int16 pairs (groups 2 t, 2 t + 1), the layout of activations.py's
@@ -587,7 +607,6 @@ def make_iq2_runs(F: int) -> dict[str, tuple]:
 def _make_iq2_xs_runs(F: int) -> tuple:
     """IQ2_XS (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
     BLOCK = ROWS * 64  # one group's code words per super-block
-    NX = 4  # activation rows per pass over the unpacked weights
     QUARTER_BYTES = 16 * 64
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -625,7 +644,7 @@ def _make_iq2_xs_runs(F: int) -> tuple:
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
             isum = np.empty((m1 - m0) * ROWS, np.int32)
-            u = np.empty(4 * 64 * 64, np.uint8)
+            u = np.empty(4 * UNPACKED, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
@@ -636,18 +655,19 @@ def _make_iq2_xs_runs(F: int) -> tuple:
                                      m0 * k + b * 256, 0, isum, rq * 16)
                 else:
                     for rq in range(4):
-                        _iq2_xs_unpack16(F, qs, base + rq * QUARTER_BYTES, grid_u, u, rq * 4096)
+                        _iq2_xs_unpack16(F, qs, base + rq * QUARTER_BYTES, sc, sb * 512 + rq * QUARTER, grid_u,
+                                         u, rq * UNPACKED)
                     m = m0
                     while m < m1:
                         n_x = NX if m + NX <= m1 else 1
                         o = (m - m0) * ROWS
                         for rq in range(4):
                             if n_x == NX:
-                                _u64_xs_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
-                                              k, p16, m * (k // 32) + b * 8, k // 32, isum, o + rq * 16)
+                                _unpacked_dot16(F, NX, 16, 64, u, rq * UNPACKED, xq, m * k + b * 256, k, p16,
+                                                m * (k // 32) + b * 8, k // 32, isum, o + rq * 16)
                             else:
-                                _u64_xs_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
-                                              0, p16, m * (k // 32) + b * 8, 0, isum, o + rq * 16)
+                                _unpacked_dot16(F, 1, 16, 64, u, rq * UNPACKED, xq, m * k + b * 256, 0, p16,
+                                                m * (k // 32) + b * 8, 0, isum, o + rq * 16)
                         m += n_x
                 for m in range(m0, m1):
                     _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
@@ -659,8 +679,6 @@ def _make_iq2_xs_runs(F: int) -> tuple:
 def _make_iq2_xxs_runs(F: int) -> tuple:
     """IQ2_XXS (decode, prefill) on Q8_K activations, as IQ2_XS's with the scales inside the code words."""
     BLOCK = ROWS * 64  # one group's code words per super-block
-    NX = 4  # activation rows per pass over the unpacked weights
-    UNPACKED = 68 * 64  # one quarter unpacked: 64 registers of values, 4 of scale pairs
     QUARTER_BYTES = 16 * 64
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -713,11 +731,11 @@ def _make_iq2_xxs_runs(F: int) -> tuple:
                         o = (m - m0) * ROWS
                         for rq in range(4):
                             if n_x == NX:
-                                _u64_xxs_dot16(F, NX, u, rq * UNPACKED, xq, m * k + b * 256, k, xp, m * kp + b * 4,
-                                               kp, isum, o + rq * 16)
+                                _unpacked_dot16(F, NX, 32, 64, u, rq * UNPACKED, xq, m * k + b * 256, k, xp,
+                                                m * kp + b * 4, kp, isum, o + rq * 16)
                             else:
-                                _u64_xxs_dot16(F, 1, u, rq * UNPACKED, xq, m * k + b * 256, 0, xp, m * kp + b * 4,
-                                               0, isum, o + rq * 16)
+                                _unpacked_dot16(F, 1, 32, 64, u, rq * UNPACKED, xq, m * k + b * 256, 0, xp,
+                                                m * kp + b * 4, 0, isum, o + rq * 16)
                         m += n_x
                 for m in range(m0, m1):
                     _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
@@ -778,6 +796,7 @@ def _make_iq1_runs(F: int, KIND: int) -> tuple:
     QUARTER_BYTES = WORDS * 64
     BLOCK = 4 * QUARTER_BYTES  # one group's code words per super-block
     PER_SB = 4 if KIND == 0 else 8  # xp entries per super-block
+    GROUP = 32 if KIND == 0 else 16  # values per scale
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq1_runs(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
@@ -802,6 +821,7 @@ def _make_iq1_runs(F: int, KIND: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq1_runs_x4(qs, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # as iq2_xs_runs_x4: each super-block unpacked once per run
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
         grid = _GRID1
@@ -809,23 +829,32 @@ def _make_iq1_runs(F: int, KIND: int) -> tuple:
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * UNPACKED, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 base = ((e * n_groups + g) * nsb + b) * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq1_sb16(F, KIND, 4, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, k, xp,
-                                      m * nsb * PER_SB + b * PER_SB, nsb * PER_SB, isum, rq * QUARTER)
-                        else:
-                            _iq1_sb16(F, KIND, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m * k + b * 256, 0, xp,
-                                      m * nsb * PER_SB + b * PER_SB, 0, isum, rq * QUARTER)
-                    for j in range(n_x):
-                        _sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq1_sb16(F, KIND, 1, qs, base + rq * QUARTER_BYTES, grid, xq, m0 * k + b * 256, 0, xp,
+                                  m0 * nsb * PER_SB + b * PER_SB, 0, isum, rq * QUARTER)
+                else:
+                    for rq in range(4):
+                        _iq1_unpack16(F, KIND, qs, base + rq * QUARTER_BYTES, grid, u, rq * UNPACKED)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _unpacked_dot16(F, NX, GROUP, 9, u, rq * UNPACKED, xq, m * k + b * 256, k, xp,
+                                                m * nsb * PER_SB + b * PER_SB, nsb * PER_SB, isum, o + rq * QUARTER)
+                            else:
+                                _unpacked_dot16(F, 1, GROUP, 9, u, rq * UNPACKED, xq, m * k + b * 256, 0, xp,
+                                                m * nsb * PER_SB + b * PER_SB, 0, isum, o + rq * QUARTER)
+                        m += n_x
+                for m in range(m0, m1):
+                    _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq1_runs, iq1_runs_x4
