@@ -524,8 +524,8 @@ def quantizes_activations(w, n_rows: int) -> bool:
 _K_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 
 # formats whose kernels take the activations' sums per 16 values (pairs16 of activations.py), not per 32 (pairs):
-# their sub-blocks (IQ1_M: its scales) are 16 wide
-PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K, QType.IQ1_M})
+# their sub-blocks (IQ1_M, IQ2_S: their scales) are 16 wide
+PER16_TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q6_K, QType.IQ1_M, QType.IQ2_S})
 
 
 # the IQ formats whose integer-family kernels take Q8_K activations, as llama.cpp's dot products for them do

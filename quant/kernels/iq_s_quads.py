@@ -32,6 +32,12 @@ Layout (per expert): codes (G, nsb, 4 quarters, 18 words, 16 rows, 4 bytes), aga
   order: words 0-7 the indices' low bytes (word s: sub-block s, byte l its entry l), words 8-15 the sign bytes (the
   same order), words 16-17 the qh bytes (byte l of word 16 + t: qh[4 t + l]); scales (G, nsb, 8, ROWS) uint8, the
   file's scale bytes (byte s: sub-block s, low nibble first); d (G, nsb, ROWS).  82 bytes per 256, as the file.
+
+Prefill (runs of several activation rows) takes IQ3_XXS's way (iq_grid_quads.py): the grid gathers are the cost, so
+each super-block is unpacked once per run into L1 as unsigned bytes 64 + signed value, every row then multiplies
+those (its activations the signed operand) and 64 times its sums per scale group (IQ3_S: per 32, the Q8_K pairs;
+IQ2_S: per 16, pairs16, hence PER16_TYPES) times the scales comes off in one 16-bit multiply-add. IQ3_S reuses
+iq_grid_quads._u64_dot16; IQ2_S's lanes are octets, so it has its own dot.
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ from .iq2_quads import (
     _x_bytes,
 )
 from .iq2_quads import _sign_mask as _byte_sign_mask
-from .iq_grid_quads import _gather, _sign_mask, _signed_x
+from .iq_grid_quads import _gather, _sign_mask, _signed_grid, _signed_x, _u64_dot16
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
 from .quads import (
     _BYTE_DOTS,
@@ -74,17 +80,34 @@ __all__ = ["make_s_runs", "pack_iq2_s", "pack_iq3_s"]
 W32 = ir.VectorType(ir.IntType(16), 32)
 B32 = ir.VectorType(I8, 32)
 B16 = ir.VectorType(I8, 16)
+B64 = ir.VectorType(I8, 64)
 
 # The grid as one little-endian uint32 per entry: the 4 bytes of a lane, in memory order.
 _GRID3S = np.ascontiguousarray(IQ3S_GRID).view("<u4").reshape(-1).astype(np.uint32)
+# ... each byte plus 64, the unsigned form iq_grid_quads._u64_dot16 multiplies (64 +- grid: 49..79)
+_GRID3S_U = _GRID3S + np.uint32(0x40404040)
 
 # The largest |u0 s0 + u1 s1| of two grid values (<= 15) by two activation bytes (AVX2 sums 16-bit lanes below it).
 _BOUND3S = 2 * 15 * 127
+# ... and of two unpacked IQ2_S bytes 64 +- grid (<= 107) by two activation bytes
+_BOUND2U = 2 * 107 * 127
 
 _WORDS3S = 26  # code words per row and super-block
 _WORDS2S = 18
 
 _GRID2S = np.ascontiguousarray(IQ2S_GRID).view("<u8").reshape(-1).astype(np.uint64)
+_GRID2S_U = _GRID2S + np.uint64(0x4040404040404040)  # each byte plus 64, as _GRID3S_U
+
+
+def _iq3_s_idx(builder, wp, s, j):
+    """Entry j of sub-block s of 16 rows: its low index byte with the 9th bit from the qh word moved under it."""
+    def const(v):
+        return splat(builder, ir.Constant(I32, v))
+    word, k = _load(builder, wp, 2 * s + j // 4), j % 4
+    low = builder.and_(builder.lshr(word, const(8 * k)) if k else word, const(255))
+    qh, at = _load(builder, wp, 16 + s // 4), 8 * (s % 4) + j
+    high = builder.shl(qh, const(8 - at)) if at <= 8 else builder.lshr(qh, const(at - 8))
+    return builder.or_(low, builder.and_(high, const(256)))
 
 
 @intrinsic(prefer_literal=True)
@@ -115,16 +138,10 @@ def _iq3_s_sb16(typingctx, fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_strid
         for s in range(8):
             pair = builder.bitcast(builder.zext(_load(builder, scp, 4 * (s // 2)), W32), V16)
             scale = builder.and_(pair, const(0xFFFF)) if s % 2 == 0 else builder.lshr(pair, const(16))
-            words = [_load(builder, wp, 2 * s), _load(builder, wp, 2 * s + 1)]
-            qh = _load(builder, wp, 16 + s // 4)
             sw = _load(builder, wp, 18 + s)
             grids, masks = [], []
             for j in range(8):
-                k = j % 4
-                low = builder.and_(builder.lshr(words[j // 4], const(8 * k)) if k else words[j // 4], const(255))
-                at = 8 * (s % 4) + j  # the entry's 9th bit in the qh word, moved to bit 8
-                high = builder.shl(qh, const(8 - at)) if at <= 8 else builder.lshr(qh, const(at - 8))
-                grids.append(_gather(builder, gp, builder.or_(low, builder.and_(high, const(256)))))
+                grids.append(_gather(builder, gp, _iq3_s_idx(builder, wp, s, j)))
                 shift = 8 * (j // 2) + 4 * (j % 2)
                 masks.append(_sign_mask(builder, builder.and_(builder.lshr(sw, const(shift)) if shift else sw,
                                                               const(15))))
@@ -136,6 +153,18 @@ def _iq3_s_sb16(typingctx, fam, n, w, w_off, sp, sp_off, grid, x, x_off, x_strid
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _iq2_s_idx(builder, wp, s):
+    """The 4 entries' 10-bit indices of sub-block s of 16 rows: low bytes with their 2 bits from the qh word."""
+    words, qh = _load(builder, wp, s), _load(builder, wp, 16 + s // 4)
+    idx = []
+    for l in range(4):
+        low = _c(builder.and_, _c(builder.lshr, words, 8 * l), 255) if l else _c(builder.and_, words, 255)
+        at = 8 * (s % 4) + 2 * l  # the entry's 2 high bits in the qh word, moved to bits 8-9
+        high = _c(builder.shl, qh, 8 - at) if at <= 8 else _c(builder.lshr, qh, at - 8)
+        idx.append(builder.or_(low, _c(builder.and_, high, 0x300)))
+    return idx
 
 
 @intrinsic(prefer_literal=True)
@@ -155,7 +184,7 @@ def _iq2_s_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_strid
     def codegen(context, builder, signature, args):
         (_, _, wa, wo, sa, so, ga, xa, xo, xst, ia, oo) = args
         wp = data_ptr(context, builder, signature.args[2], wa, wo, V16)
-        sp = data_ptr(context, builder, signature.args[4], sa, so, ir.VectorType(I8, 64))
+        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
         gp = data_ptr(context, builder, signature.args[6], ga, ir.Constant(I64, 0), I64)
         xps = [data_ptr(context, builder, signature.args[7], xa, builder.add(xo, builder.mul(xst, ir.Constant(
             xst.type, j))), I64) for j in range(n_x)]
@@ -165,15 +194,8 @@ def _iq2_s_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_strid
                                            align=1), V16)
             scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
             xs = [_x_bytes(builder, xps, 4 * s + l) for l in range(4)]
-            words = _load(builder, wp, s)
             signs = _load(builder, wp, 8 + s)
-            qh = _load(builder, wp, 16 + s // 4)
-            idx = []
-            for l in range(4):
-                low = _c(builder.and_, _c(builder.lshr, words, 8 * l), 255) if l else _c(builder.and_, words, 255)
-                at = 8 * (s % 4) + 2 * l  # the entry's 2 high bits in the qh word, moved to bits 8-9
-                high = _c(builder.shl, qh, 8 - at) if at <= 8 else _c(builder.lshr, qh, at - 8)
-                idx.append(builder.or_(low, _c(builder.and_, high, 0x300)))
+            idx = _iq2_s_idx(builder, wp, s)
             for o in range(2):
                 grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)) for l in range(4)]
                 masks = [_byte_sign_mask(builder, signs, o, l) for l in range(4)]
@@ -184,6 +206,113 @@ def _iq2_s_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_strid
                         accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND2, scale)
         for jx in range(n_x):
             _store_rows(context, builder, signature.args[10], ia, oo, jx, _row_sums(builder, *accs[jx]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _iq3_s_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+    """One quarter's super-block (16 rows x 256 values) as unsigned bytes 64 + signed grid value, into u at u_off:
+    64 logical registers, sub-block s's entry j at register 8 s + j (the form iq_grid_quads._u64_dot16 reads, as
+    for IQ3_XXS's prefill). grid: the table _GRID3S_U."""
+    lits = _literals(fam)
+    if lits is None:
+        return None
+    sig = types.void(fam, w, w_off, grid, u, u_off)
+
+    def codegen(context, builder, signature, args):
+        (_, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I32)
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        for s in range(8):
+            sw = _load(builder, wp, 18 + s)
+            for j in range(8):
+                shift = 8 * (j // 2) + 4 * (j % 2)
+                nib = builder.and_(builder.lshr(sw, splat(builder, ir.Constant(I32, shift))) if shift else sw,
+                                   splat(builder, ir.Constant(I32, 15)))
+                grid_ = _gather(builder, gp, _iq3_s_idx(builder, wp, s, j))
+                builder.store(_signed_grid(builder, grid_, _sign_mask(builder, nib)),
+                              builder.gep(up, [ir.Constant(I64, 8 * s + j)]), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _iq2_s_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+    """One quarter's super-block (16 rows x 256 values) as unsigned bytes 64 + signed grid value (21..107), into u
+    at u_off: 64 logical registers, entry l of sub-block s for octet o (8 rows x 8 values) at register
+    2 (4 s + l) + o. grid: the table _GRID2S_U."""
+    lits = _literals(fam)
+    if lits is None:
+        return None
+    wide = lits[0] == avx512vnni.KEY
+    sig = types.void(fam, w, w_off, grid, u, u_off)
+
+    def codegen(context, builder, signature, args):
+        (_, wa, wo, ga, ua, uo) = args
+        wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
+        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
+        for s in range(8):
+            idx = _iq2_s_idx(builder, wp, s)
+            signs = _load(builder, wp, 8 + s)
+            for l in range(4):
+                for o in range(2):
+                    g = builder.bitcast(_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)), B64)
+                    neg = builder.sub(ir.Constant(B64, [128] * 64), g)
+                    v = builder.select(_byte_sign_mask(builder, signs, o, l), neg, g)
+                    builder.store(builder.bitcast(v, V16), builder.gep(up, [ir.Constant(I64, 2 * (4 * s + l) + o)]),
+                                  align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _u64_s2_dot16(typingctx, fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum,
+                  out_off):
+    """16 rows' IQ2_S super-block, unpacked to unsigned bytes 64 + v (_iq2_s_unpack16), against n rows of Q8_K
+    activations: isum[j*ROWS + out_off + r] = sum over the 16-value groups h of (2 s_rh + 1) * (sum of (64 + v) x_j -
+    64 sum x_j). The offset comes off per sub-block: its two scales as an int16 pair times the activations' pair of
+    16-sums (xp: activations.py's pairs16) in one 16-bit multiply-add, shifted by 6."""
+    lits = _literals(fam, n)
+    if lits is None:
+        return None
+    f, n_x = lits
+    dot = _BYTE_DOTS[f]
+    sig = types.void(fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
+
+    def codegen(context, builder, signature, args):
+        (_, _, ua, uo, sa, so, xa, xo, xst, pa, po, pst, ia, oo) = args
+        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
+        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
+        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
+            xst.type, j))), I64) for j in range(n_x)]
+        pps = _x_ptrs(context, builder, signature.args[9], pa, po, pst, n_x)
+        zero = ir.Constant(V16, None)
+        accs = [[zero] * 2 for _ in range(n_x)]
+        corr = [zero] * n_x
+        for s in range(8):
+            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
+                                           align=1), V16)
+            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
+            xs = [_x_bytes(builder, xps, 4 * s + l) for l in range(4)]
+            for h in range(2):
+                for o in range(2):
+                    scale = _dup_rows(builder, scales[h], o)
+                    ws = [_load(builder, up, 2 * (4 * s + l) + o) for l in (2 * h, 2 * h + 1)]
+                    for jx in range(n_x):
+                        pairs = [(ws[i], builder.bitcast(xs[2 * h + i][jx][0], V16)) for i in range(2)]
+                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND2U, scale)
+            pair = builder.or_(scales[0], _c(builder.shl, scales[1], 16))
+            for jx, pp in enumerate(pps):
+                corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, _load(builder, pp, s)))
+        for jx in range(n_x):
+            _store_rows(context, builder, signature.args[12], ia, oo, jx,
+                        builder.sub(_row_sums(builder, *accs[jx]), _c(builder.shl, corr[jx], 6)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -263,9 +392,10 @@ def make_s_runs(F: int) -> dict[str, tuple]:
 
 
 def _make_iq3_s_runs(F: int) -> tuple:
-    """IQ3_S (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
+    """IQ3_S (decode, prefill) on Q8_K activations (xq, xd per 256; prefill takes the pair sums per 32, xp)."""
     QW = _WORDS3S * 64       # one quarter's code bytes per super-block
     BLOCK = 4 * QW           # one group's
+    NX = 4  # activation rows per pass over the unpacked weights
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq3_s_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
@@ -291,31 +421,43 @@ def _make_iq3_s_runs(F: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq3_s_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # as IQ3_XXS's prefill (iq_grid_quads.py): the grid gathers are the cost, so a run of several rows unpacks
+        # each super-block once, to bytes in L1, and every row reads those
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
-        grid = _GRID3S
+        kp = k // 64
+        grid, grid_u = _GRID3S, _GRID3S_U
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * 64 * 64, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
                 base = sb * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq3_s_sb16(F, 4, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq,
-                                        m * k + b * 256, k, isum, rq * QUARTER)
-                        else:
-                            _iq3_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq,
-                                        m * k + b * 256, 0, isum, rq * QUARTER)
-                    for j in range(n_x):
-                        _s_sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq3_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * 32, grid, xq, m0 * k + b * 256,
+                                    0, isum, rq * QUARTER)
+                else:
+                    for rq in range(4):
+                        _iq3_s_unpack16(F, qs, base + rq * QW, grid_u, u, rq * 4096)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _u64_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * 32, xq, m * k + b * 256, k,
+                                           xp, m * kp + b * 4, kp, isum, o + rq * QUARTER)
+                            else:
+                                _u64_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * 32, xq, m * k + b * 256, 0,
+                                           xp, m * kp + b * 4, 0, isum, o + rq * QUARTER)
+                        m += n_x
+                for m in range(m0, m1):
+                    _s_sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq3_s_runs, iq3_s_runs_x4
@@ -328,9 +470,10 @@ def _s2_sb_out(a, isum, o, dsup, xd):
 
 
 def _make_iq2_s_runs(F: int) -> tuple:
-    """IQ2_S (decode, prefill) on Q8_K activations (xq, xd per 256; the pair sums xp are not needed)."""
+    """IQ2_S (decode, prefill) on Q8_K activations (xq, xd per 256; prefill takes the pair sums per 16, xp)."""
     QW = _WORDS2S * 64
     BLOCK = 4 * QW
+    NX = 4  # activation rows per pass over the unpacked weights
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq2_s_runs(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
@@ -356,31 +499,42 @@ def _make_iq2_s_runs(F: int) -> tuple:
 
     @njit(parallel=True, cache=True, fastmath=True)
     def iq2_s_runs_x4(qs, sc, d, xq, xd, xp, run_start, run_expert, n_rows, out):
+        # as IQ3_S's: a run of several rows unpacks each super-block once (the gathers are the cost)
         n_groups, nsb = d.shape[1], d.shape[2]
         k = nsb * 256
-        grid = _GRID2S
+        kp = k // 32
+        grid, grid_u = _GRID2S, _GRID2S_U
         for task in prange(run_expert.shape[0] * n_groups):
             g, e, m0, m1 = _run_task(task, n_groups, run_start, run_expert)
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
-            isum = np.empty(4 * ROWS, np.int32)
+            isum = np.empty((m1 - m0) * ROWS, np.int32)
+            u = np.empty(4 * 64 * 64, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
                 base = sb * BLOCK
-                m = m0
-                while m < m1:
-                    n_x = 4 if m + 4 <= m1 else 1
+                if m1 - m0 == 1:
                     for rq in range(4):
-                        if n_x == 4:
-                            _iq2_s_sb16(F, 4, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
-                                        m * k + b * 256, k, isum, rq * QUARTER)
-                        else:
-                            _iq2_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
-                                        m * k + b * 256, 0, isum, rq * QUARTER)
-                    for j in range(n_x):
-                        _s2_sb_out(accf[m + j - m0], isum, j * ROWS, dsup, xd[m + j, b])
-                    m += n_x
+                        _iq2_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
+                                    m0 * k + b * 256, 0, isum, rq * QUARTER)
+                else:
+                    for rq in range(4):
+                        _iq2_s_unpack16(F, qs, base + rq * QW, grid_u, u, rq * 4096)
+                    m = m0
+                    while m < m1:
+                        n_x = NX if m + NX <= m1 else 1
+                        o = (m - m0) * ROWS
+                        for rq in range(4):
+                            if n_x == NX:
+                                _u64_s2_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
+                                              k, xp, m * kp + b * 8, kp, isum, o + rq * QUARTER)
+                            else:
+                                _u64_s2_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
+                                              0, xp, m * kp + b * 8, 0, isum, o + rq * QUARTER)
+                        m += n_x
+                for m in range(m0, m1):
+                    _s2_sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_s_runs, iq2_s_runs_x4
