@@ -16,6 +16,13 @@ are added once per super-block. Activations are Q8_K, so a super-block meets d /
 per row, as in llama.cpp's AVX2 ggml_vec_dot_iq2_xs_q8_K (ggml/src/ggml-cpu/arch/x86/quants.c), which loads the
 grid entries one by one for 4 x 8 values of one row and applies the signs to the activations with vpsignb.
 
+That is the decode kernel. In prefill, where the gathers would be repeated for every 4 activation rows and cost more
+than the byte dots, a run of rows that share an expert unpacks each super-block once (the _unpack16 intrinsics) to
+unsigned bytes in the quads layout of quads.py (16 rows x 4 values per register, shuffled from the gathered octets:
+one scale multiply per 4 or 8 byte dots and no row sums), 64 + signed grid value for IQ2, IQ1's table bytes as they
+are, with the scales as int16 pairs after the values; every row then multiplies those against its activations
+(_unpacked_dot16) and the offset comes off as the scale pairs times the activations' group sums.
+
 IQ2_XXS (block_iq2_xxs, dequantize_row_iq2_xxs) is the same scheme on a smaller grid: per 32 values one uint32 of 4
 8-bit indices into iq2xxs_grid (256 entries) and one of 4 x 7 sign bits with the sub-block's 4-bit scale on top,
 d * (0.5 + s) / 4 again; the kernel differs only in where it finds indices, signs and scales.

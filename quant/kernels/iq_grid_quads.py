@@ -9,6 +9,12 @@ activation byte it multiplies (x ^ m - m with m = 0xFF for a minus sign, which v
 grid by signed activation with the family's unsigned-by-signed byte dot. Activations are Q8_K, as in llama.cpp, and a
 super-block meets its float scales once per row: a[r] += xd * d_r / 4 * sum over s of ls_rs * dot_rs.
 
+That is the decode kernel, where each weight meets one activation row. In prefill the gathers would be repeated for
+every few rows and cost more than the byte dots, so a run of rows that share an expert unpacks each super-block once
+(_iq3_xxs_unpack16) to 64 + signed grid value as unsigned bytes, 16 KiB that stay in L1, and every row multiplies
+those against its own activations as the broadcast signed operand (_u64_dot16); 64 times each scale-weighted 32-sum
+of the activations comes off again, two sub-blocks per 16-bit multiply-add.
+
 Layout (per expert; G groups of 64 rows, nsb super-blocks):
   codes (G, nsb, 4 quarters, 24 words, 16 rows, 4 bytes): words 0-15 are the file's 64 grid-index bytes in order
         (byte k of word w indexes quad 4 w + k, values 16 w + 4 k..+3); word 16 + s holds sub-block s's 4 sign
