@@ -87,6 +87,15 @@ def _sign_mask(builder, nibble):
     return builder.sext(set_, B64)
 
 
+def _quad_sign_mask(builder, sw, j):
+    """_sign_mask of quad j's nibble of the sign word sw (bits 4 j..4 j + 3 of each lane), without its multiply: the
+    lane's sign byte j // 2 copied to all 4 bytes (a byte shuffle) and each byte tested against its own bit."""
+    rep = builder.shuffle_vector(builder.bitcast(sw, B64), ir.Constant(B64, ir.Undefined),
+                                 ir.Constant(ir.VectorType(I32, 64), [4 * (i // 4) + j // 2 for i in range(64)]))
+    bits = builder.and_(rep, ir.Constant(B64, [1 << (4 * (j % 2) + i % 4) for i in range(64)]))
+    return builder.sext(builder.icmp_unsigned("!=", bits, ir.Constant(B64, None)), B64)
+
+
 def _signed_x(builder, x32, mask):
     """The 4 activation bytes x32 (one i32, in every lane) with each byte negated where mask has 0xFF."""
     xb = builder.bitcast(splat(builder, x32), B64)
@@ -173,9 +182,7 @@ def _iq3_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
             for j in range(8):
                 k = j % 4
                 idx = builder.and_(builder.lshr(words[j // 4], const(8 * k)) if k else words[j // 4], const(255))
-                shift = 8 * (j // 2) + 4 * (j % 2)
-                mask = _sign_mask(builder, builder.and_(builder.lshr(sw, const(shift)) if shift else sw, const(15)))
-                builder.store(_signed_grid(builder, _gather(builder, gp, idx), mask),
+                builder.store(_signed_grid(builder, _gather(builder, gp, idx), _quad_sign_mask(builder, sw, j)),
                               builder.gep(up, [ir.Constant(I64, 8 * s + j)]), align=1)
         return context.get_dummy_value()
 
