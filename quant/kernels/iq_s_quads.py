@@ -57,6 +57,7 @@ from .iq2_quads import (
     _octet_idx,
     _odd,
     _row_sums,
+    _sb_out,
     _signed,
     _x_bytes,
 )
@@ -463,12 +464,6 @@ def _make_iq3_s_runs(F: int) -> tuple:
     return iq3_s_runs, iq3_s_runs_x4
 
 
-@njit(inline="always")
-def _s2_sb_out(a, isum, o, dsup, xd):
-    for r in range(ROWS):
-        a[r] += xd * dsup[r] * np.float32(0.125) * np.float32(isum[o + r])
-
-
 def _make_iq2_s_runs(F: int) -> tuple:
     """IQ2_S (decode, prefill) on Q8_K activations (xq, xd per 256; prefill takes the pair sums per 16, xp)."""
     QW = _WORDS2S * 64
@@ -494,7 +489,7 @@ def _make_iq2_s_runs(F: int) -> tuple:
                     for rq in range(4):
                         _iq2_s_sb16(F, 1, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid, xq,
                                     m * k + b * 256, 0, isum, rq * QUARTER)
-                    _s2_sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
+                    _sb_out(accf[m - m0], isum, 0, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -534,7 +529,7 @@ def _make_iq2_s_runs(F: int) -> tuple:
                                               0, xp, m * kp + b * 8, 0, isum, o + rq * QUARTER)
                         m += n_x
                 for m in range(m0, m1):
-                    _s2_sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
+                    _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
             _store_group(out, accf, g, m0, m1, n_rows)
 
     return iq2_s_runs, iq2_s_runs_x4
