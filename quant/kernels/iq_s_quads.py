@@ -37,7 +37,8 @@ Prefill (runs of several activation rows) takes IQ3_XXS's way (iq_grid_quads.py)
 each super-block is unpacked once per run into L1 as unsigned bytes 64 + signed value, every row then multiplies
 those (its activations the signed operand) and 64 times its sums per scale group (IQ3_S: per 32, the Q8_K pairs;
 IQ2_S: per 16, pairs16, hence PER16_TYPES) times the scales comes off in one 16-bit multiply-add. IQ3_S reuses
-iq_grid_quads._u64_dot16; IQ2_S's lanes are octets, so it has its own dot.
+iq_grid_quads._u64_dot16; IQ2_S unpacks its gathered octets into the quads layout and reuses IQ2_XS's
+iq2_quads._unpacked_dot16 (one scale multiply per 4 byte dots, no row sums).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from ..iq_grids import IQ2S_GRID, IQ3S_GRID
 from . import avx512vnni
 from .iq2_quads import _BOUND as _BOUND2
 from .iq2_quads import (
+    UNPACKED,
     _c,
     _dup_rows,
     _gather8,
@@ -59,6 +61,8 @@ from .iq2_quads import (
     _row_sums,
     _sb_out,
     _signed,
+    _unpacked_dot16,
+    _unsigned_signed,
     _x_bytes,
 )
 from .iq2_quads import _sign_mask as _byte_sign_mask
@@ -90,8 +94,6 @@ _GRID3S_U = _GRID3S + np.uint32(0x40404040)
 
 # The largest |u0 s0 + u1 s1| of two grid values (<= 15) by two activation bytes (AVX2 sums 16-bit lanes below it).
 _BOUND3S = 2 * 15 * 127
-# ... and of two unpacked IQ2_S bytes 64 +- grid (<= 107) by two activation bytes
-_BOUND2U = 2 * 107 * 127
 
 _WORDS3S = 26  # code words per row and super-block
 _WORDS2S = 18
@@ -242,78 +244,38 @@ def _iq3_s_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
 
 
 @intrinsic(prefer_literal=True)
-def _iq2_s_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
+def _iq2_s_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
     """One quarter's super-block (16 rows x 256 values) as unsigned bytes 64 + signed grid value (21..107), into u
-    at u_off: 64 logical registers, entry l of sub-block s for octet o (8 rows x 8 values) at register
-    2 (4 s + l) + o. grid: the table _GRID2S_U."""
+    at u_off in the form iq2_quads._unpacked_dot16 reads (IQ2_XS's prefill): the quads layout, values 4 q..4 q + 3 at
+    register q (each octet's gathered entry split into its two 4-value halves), then at 64 + t the scales 2 s + 1
+    of sub-block t's two 16-value groups as an int16 pair. grid: the table _GRID2S_U."""
     lits = _literals(fam)
     if lits is None:
         return None
     wide = lits[0] == avx512vnni.KEY
-    sig = types.void(fam, w, w_off, grid, u, u_off)
+    sig = types.void(fam, w, w_off, sc, sc_off, grid, u, u_off)
+    halves_ = [ir.Constant(V16, list(range(p, 32, 2))) for p in range(2)]
 
     def codegen(context, builder, signature, args):
-        (_, wa, wo, ga, ua, uo) = args
+        (_, wa, wo, sa, so, ga, ua, uo) = args
         wp = data_ptr(context, builder, signature.args[1], wa, wo, V16)
-        gp = data_ptr(context, builder, signature.args[3], ga, ir.Constant(I64, 0), I64)
-        up = data_ptr(context, builder, signature.args[4], ua, uo, V16)
-        for s in range(8):
-            idx = _iq2_s_idx(builder, wp, s)
-            signs = _load(builder, wp, 8 + s)
-            for l in range(4):
-                for o in range(2):
-                    g = builder.bitcast(_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)), B64)
-                    neg = builder.sub(ir.Constant(B64, [128] * 64), g)
-                    v = builder.select(_byte_sign_mask(builder, signs, o, l), neg, g)
-                    builder.store(builder.bitcast(v, V16), builder.gep(up, [ir.Constant(I64, 2 * (4 * s + l) + o)]),
-                                  align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic(prefer_literal=True)
-def _u64_s2_dot16(typingctx, fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum,
-                  out_off):
-    """16 rows' IQ2_S super-block, unpacked to unsigned bytes 64 + v (_iq2_s_unpack16), against n rows of Q8_K
-    activations: isum[j*ROWS + out_off + r] = sum over the 16-value groups h of (2 s_rh + 1) * (sum of (64 + v) x_j -
-    64 sum x_j). The offset comes off per sub-block: its two scales as an int16 pair times the activations' pair of
-    16-sums (xp: activations.py's pairs16) in one 16-bit multiply-add, shifted by 6."""
-    lits = _literals(fam, n)
-    if lits is None:
-        return None
-    f, n_x = lits
-    dot = _BYTE_DOTS[f]
-    sig = types.void(fam, n, u, u_off, sc, sc_off, x, x_off, x_stride, xp, xp_off, xp_stride, isum, out_off)
-
-    def codegen(context, builder, signature, args):
-        (_, _, ua, uo, sa, so, xa, xo, xst, pa, po, pst, ia, oo) = args
-        up = data_ptr(context, builder, signature.args[2], ua, uo, V16)
-        sp = data_ptr(context, builder, signature.args[4], sa, so, B64)
-        xps = [data_ptr(context, builder, signature.args[6], xa, builder.add(xo, builder.mul(xst, ir.Constant(
-            xst.type, j))), I64) for j in range(n_x)]
-        pps = _x_ptrs(context, builder, signature.args[9], pa, po, pst, n_x)
-        zero = ir.Constant(V16, None)
-        accs = [[zero] * 2 for _ in range(n_x)]
-        corr = [zero] * n_x
+        sp = data_ptr(context, builder, signature.args[3], sa, so, B64)
+        gp = data_ptr(context, builder, signature.args[5], ga, ir.Constant(I64, 0), I64)
+        up = data_ptr(context, builder, signature.args[6], ua, uo, V16)
         for s in range(8):
             sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
                                            align=1), V16)
-            scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
-            xs = [_x_bytes(builder, xps, 4 * s + l) for l in range(4)]
-            for h in range(2):
-                for o in range(2):
-                    scale = _dup_rows(builder, scales[h], o)
-                    ws = [_load(builder, up, 2 * (4 * s + l) + o) for l in (2 * h, 2 * h + 1)]
-                    for jx in range(n_x):
-                        pairs = [(ws[i], builder.bitcast(xs[2 * h + i][jx][0], V16)) for i in range(2)]
-                        accs[jx][o] = dot.scaled_dot(builder, accs[jx][o], pairs, _BOUND2U, scale)
-            pair = builder.or_(scales[0], _c(builder.shl, scales[1], 16))
-            for jx, pp in enumerate(pps):
-                corr[jx] = dot.word_dot(builder, corr[jx], pair, splat(builder, _load(builder, pp, s)))
-        for jx in range(n_x):
-            _store_rows(context, builder, signature.args[12], ia, oo, jx,
-                        builder.sub(_row_sums(builder, *accs[jx]), _c(builder.shl, corr[jx], 6)))
+            pair = builder.or_(_odd(builder, _c(builder.and_, sb, 15)),
+                               _c(builder.shl, _odd(builder, _c(builder.lshr, sb, 4)), 16))
+            builder.store(pair, builder.gep(up, [ir.Constant(I64, 64 + s)]), align=1)
+            idx = _iq2_s_idx(builder, wp, s)
+            signs = _load(builder, wp, 8 + s)
+            for l in range(4):
+                octs = [_unsigned_signed(builder, _byte_sign_mask(builder, signs, o, l),
+                                         _gather8(builder, wide, gp, _octet_idx(builder, idx[l], o))) for o in range(2)]
+                for half, sel in enumerate(halves_):
+                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
+                                  builder.gep(up, [ir.Constant(I64, 2 * (4 * s + l) + half)]), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -504,7 +466,7 @@ def _make_iq2_s_runs(F: int) -> tuple:
             accf = np.zeros((m1 - m0, ROWS), np.float32)
             dsup = np.empty(ROWS, np.float32)
             isum = np.empty((m1 - m0) * ROWS, np.int32)
-            u = np.empty(4 * 64 * 64, np.uint8)
+            u = np.empty(4 * UNPACKED, np.uint8)
             for b in range(nsb):
                 _halves_to_float(d[e, g, b], dsup)
                 sb = (e * n_groups + g) * nsb + b
@@ -515,18 +477,19 @@ def _make_iq2_s_runs(F: int) -> tuple:
                                     m0 * k + b * 256, 0, isum, rq * QUARTER)
                 else:
                     for rq in range(4):
-                        _iq2_s_unpack16(F, qs, base + rq * QW, grid_u, u, rq * 4096)
+                        _iq2_s_unpack16(F, qs, base + rq * QW, sc, sb * 512 + rq * QUARTER, grid_u, u,
+                                        rq * UNPACKED)
                     m = m0
                     while m < m1:
                         n_x = NX if m + NX <= m1 else 1
                         o = (m - m0) * ROWS
                         for rq in range(4):
                             if n_x == NX:
-                                _u64_s2_dot16(F, NX, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
-                                              k, xp, m * kp + b * 8, kp, isum, o + rq * QUARTER)
+                                _unpacked_dot16(F, NX, 16, 64, u, rq * UNPACKED, xq, m * k + b * 256, k, xp,
+                                                m * kp + b * 8, kp, isum, o + rq * QUARTER)
                             else:
-                                _u64_s2_dot16(F, 1, u, rq * 4096, sc, sb * 512 + rq * QUARTER, xq, m * k + b * 256,
-                                              0, xp, m * kp + b * 8, 0, isum, o + rq * QUARTER)
+                                _unpacked_dot16(F, 1, 16, 64, u, rq * UNPACKED, xq, m * k + b * 256, 0, xp,
+                                                m * kp + b * 8, 0, isum, o + rq * QUARTER)
                         m += n_x
                 for m in range(m0, m1):
                     _sb_out(accf[m - m0], isum, (m - m0) * ROWS, dsup, xd[m, b])
