@@ -43,7 +43,7 @@ from numba.extending import intrinsic
 
 # numba caches a kernel by its own file only: when a helper imported here changes, this file must change too
 from ..iq_grids import IQ1S_GRID, IQ2XS_GRID, IQ2XXS_GRID
-from . import avx2, avx512vnni
+from . import avx2, avx512vnni, avxvnni
 from .portable import ROWS, _halves_to_float, _run_task, _store_group
 from .quads import _BYTE_DOTS, QUARTER, _f16_bits, _literals, _store_rows
 from .simd import (
@@ -95,23 +95,30 @@ _PARITY_TOP = [-128 * (i.bit_count() & 1) for i in range(16)]
 _BOUND = 2 * 43 * 127
 
 
-# The decode kernels whose grid entries the avx2 family loads one by one instead of by two ymm vpgatherdq: one
-# thread, one 14336x4096 product on an Intel Xeon with numba targeting Haswell, IQ2_XS 6.4-6.8 -> 5.9-6.1 ms, IQ2_XXS
-# 5.8-5.9 -> 5.2-5.3 ms (three alternations). IQ1_S/IQ1_M (3.9 -> 4.2 ms), the avxvnni family (mixed, -13% to +14%)
-# and the prefill unpacking (no change) keep the gathers.
-_ONE_BY_ONE = frozenset({avx2.KEY})
+# The families whose IQ2_XS and IQ2_XXS decode kernels load grid entries one by one (_load8), as llama.cpp's AVX2
+# kernels do: with scalar index loads that beats two ymm vpgatherdq per octet, while one zmm gather (avx512vnni) beats
+# eight loads. IQ1_S/IQ1_M and the prefill unpacking keep the gathers.
+_ONE_BY_ONE = frozenset({avx2.KEY, avxvnni.KEY})
 
 
-def _gather8(builder, wide, base, idx, one_by_one=False):
+def _load8(builder, base, words, o, byte, bits, mask):
+    """The grid entries of octet o's 8 rows loaded one by one, as llama.cpp's AVX2 kernels load them: each row's index
+    read as a scalar (`bits` wide, at `byte` of its 32-bit lane of the code-word register at `words`, a <16 x i32>
+    pointer), masked, and its uint64 entry at base[index] put into the row's lane. Reading the index from memory
+    spares extracting it from a vector register (vpextrd, two uops on Intel)."""
+    ity = ir.IntType(bits)
+    wb = builder.bitcast(words, I8.as_pointer())
+    vals = ir.Constant(Q8, ir.Undefined)
+    for r in range(OCTET):
+        at = builder.bitcast(builder.gep(wb, [ir.Constant(I64, 4 * (OCTET * o + r) + byte)]), ity.as_pointer())
+        j = builder.and_(builder.zext(builder.load(at, align=1), I64), ir.Constant(I64, mask))
+        vals = builder.insert_element(vals, builder.load(builder.gep(base, [j]), align=8), ir.Constant(I32, r))
+    return builder.bitcast(vals, V16)
+
+
+def _gather8(builder, wide, base, idx):
     """base[idx[i]] for the 8 lanes of idx (<8 x i32>; base a pointer to uint64 entries) as one logical register:
-    one vpgatherdq zmm on AVX-512, two ymm ones (AVX2's) otherwise, or with one_by_one eight scalar loads put into
-    the register, as llama.cpp's AVX2 kernels load grid entries (_ONE_BY_ONE says where that is faster)."""
-    if one_by_one:
-        vals = ir.Constant(Q8, ir.Undefined)
-        for i in range(8):
-            j = builder.zext(builder.extract_element(idx, ir.Constant(I32, i)), I64)
-            vals = builder.insert_element(vals, builder.load(builder.gep(base, [j]), align=8), ir.Constant(I32, i))
-        return builder.bitcast(vals, V16)
+    one vpgatherdq zmm on AVX-512, two ymm ones (AVX2's) otherwise."""
     ptr = builder.bitcast(base, I8.as_pointer())
     if wide:
         mask_t = ir.VectorType(ir.IntType(1), 8)
@@ -230,12 +237,13 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
             scales = [_odd(builder, _c(builder.and_, sb, 15)), _odd(builder, _c(builder.lshr, sb, 4))]
             for h in range(2):
                 xs = [_x_bytes(builder, xps, 4 * s + 2 * h + e) for e in range(2)]
-                words = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + h)]), align=1)
+                wq = builder.gep(wp, [ir.Constant(I64, 2 * s + h)])
+                words = builder.load(wq, align=1)
                 signs = _xs_signs(builder, words)
                 idx = [_c(builder.and_, words, 511), _c(builder.and_, _c(builder.lshr, words, 16), 511)]
                 for o in range(2):
-                    grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[e], o), f in _ONE_BY_ONE)
-                             for e in range(2)]
+                    grids = [_load8(builder, gp, wq, o, 2 * e, 16, 511) if f in _ONE_BY_ONE else
+                             _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(2)]
                     masks = [_sign_mask(builder, signs, o, 2 * e) for e in range(2)]
                     scale = _dup_rows(builder, scales[h], o)
                     for jx in range(n_x):
@@ -316,14 +324,15 @@ def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, o
         accs = [[ir.Constant(V16, None)] * 2 for _ in range(n_x)]
         for s in range(8):
             xs = [_x_bytes(builder, xps, 4 * s + e) for e in range(4)]
-            words = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s)]), align=1)
+            wq = builder.gep(wp, [ir.Constant(I64, 2 * s)])
+            words = builder.load(wq, align=1)
             aux = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + 1)]), align=1)
             signs = _xxs_signs(builder, aux)
             scales = _odd(builder, _c(builder.lshr, aux, 28))
             idx = [_c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255) for e in range(4)]
             for o in range(2):
-                grids = [_gather8(builder, wide, gp, _octet_idx(builder, idx[e], o), f in _ONE_BY_ONE)
-                         for e in range(4)]
+                grids = [_load8(builder, gp, wq, o, e, 8, 255) if f in _ONE_BY_ONE else
+                         _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(4)]
                 masks = [_sign_mask(builder, signs, o, e) for e in range(4)]
                 scale = _dup_rows(builder, scales, o)
                 for jx in range(n_x):
