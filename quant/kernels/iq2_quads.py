@@ -116,6 +116,29 @@ def _load8(builder, base, words, o, byte, bits, mask):
     return builder.bitcast(vals, V16)
 
 
+# The two shuffles that split two octets' registers (8 rows x 8 values each) into the quads layout's pair of
+# registers: values 0-3 of all 16 rows, then values 4-7.
+_OCTETS_TO_QUADS = [ir.Constant(V16, list(range(p, 32, 2))) for p in range(2)]
+
+
+def _store_as_quads(builder, up, octs, k):
+    """Two octets' registers of 8 values per row into the quads layout at registers 2 k and 2 k + 1 of up."""
+    for half, sel in enumerate(_OCTETS_TO_QUADS):
+        builder.store(builder.shuffle_vector(octs[0], octs[1], sel), builder.gep(up, [ir.Constant(I64, 2 * k + half)]),
+                      align=1)
+
+
+def _store_scale_pairs(builder, sp, up):
+    """The 16 rows' 8 scale bytes (sp: register s holds scale byte s of every row, as IQ2_XS and IQ2_S pack
+    scales), each nibble as 2 s + 1, into up's registers 64 + s as int16 pairs (the form _unpacked_dot16 reads)."""
+    for t in range(8):
+        sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, t)]), B16.as_pointer()),
+                                       align=1), V16)
+        pair = builder.or_(_odd(builder, _c(builder.and_, sb, 15)),
+                           _c(builder.shl, _odd(builder, _c(builder.lshr, sb, 4)), 16))
+        builder.store(pair, builder.gep(up, [ir.Constant(I64, 64 + t)]), align=1)
+
+
 def _gather8(builder, wide, base, idx):
     """base[idx[i]] for the 8 lanes of idx (<8 x i32>; base a pointer to uint64 entries) as one logical register:
     one vpgatherdq zmm on AVX-512, two ymm ones (AVX2's) otherwise."""
@@ -240,9 +263,10 @@ def _iq2_xs_sb16(typingctx, fam, n, w, w_off, sc, sc_off, grid, x, x_off, x_stri
                 wq = builder.gep(wp, [ir.Constant(I64, 2 * s + h)])
                 words = builder.load(wq, align=1)
                 signs = _xs_signs(builder, words)
-                idx = [_c(builder.and_, words, 511), _c(builder.and_, _c(builder.lshr, words, 16), 511)]
+                idx = None if f in _ONE_BY_ONE else [_c(builder.and_, words, 511),
+                                                     _c(builder.and_, _c(builder.lshr, words, 16), 511)]
                 for o in range(2):
-                    grids = [_load8(builder, gp, wq, o, 2 * e, 16, 511) if f in _ONE_BY_ONE else
+                    grids = [_load8(builder, gp, wq, o, 2 * e, 16, 511) if idx is None else
                              _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(2)]
                     masks = [_sign_mask(builder, signs, o, 2 * e) for e in range(2)]
                     scale = _dup_rows(builder, scales[h], o)
@@ -267,7 +291,6 @@ def _iq2_xs_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
         return None
     wide = lits[0] == avx512vnni.KEY
     sig = types.void(fam, w, w_off, sc, sc_off, grid, u, u_off)
-    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
 
     def codegen(context, builder, signature, args):
         (_, wa, wo, sa, so, ga, ua, uo) = args
@@ -275,12 +298,7 @@ def _iq2_xs_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
         sp = data_ptr(context, builder, signature.args[3], sa, so, B64)
         gp = data_ptr(context, builder, signature.args[5], ga, ir.Constant(I64, 0), I64)
         up = data_ptr(context, builder, signature.args[6], ua, uo, V16)
-        for t in range(8):
-            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, t)]), B16.as_pointer()),
-                                           align=1), V16)
-            pair = builder.or_(_odd(builder, _c(builder.and_, sb, 15)),
-                               _c(builder.shl, _odd(builder, _c(builder.lshr, sb, 4)), 16))
-            builder.store(pair, builder.gep(up, [ir.Constant(I64, 64 + t)]), align=1)
+        _store_scale_pairs(builder, sp, up)
         for h in range(16):
             words = builder.load(builder.gep(wp, [ir.Constant(I64, h)]), align=1)
             signs = _xs_signs(builder, words)
@@ -288,9 +306,7 @@ def _iq2_xs_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
             for e in range(2):
                 octs = [_unsigned_signed(builder, _sign_mask(builder, signs, o, 2 * e),
                                          _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o))) for o in range(2)]
-                for half, sel in enumerate((even, odd)):
-                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
-                                  builder.gep(up, [ir.Constant(I64, 4 * h + 2 * e + half)]), align=1)
+                _store_as_quads(builder, up, octs, 2 * h + e)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -329,9 +345,10 @@ def _iq2_xxs_sb16(typingctx, fam, n, w, w_off, grid, x, x_off, x_stride, isum, o
             aux = builder.load(builder.gep(wp, [ir.Constant(I64, 2 * s + 1)]), align=1)
             signs = _xxs_signs(builder, aux)
             scales = _odd(builder, _c(builder.lshr, aux, 28))
-            idx = [_c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255) for e in range(4)]
+            idx = None if f in _ONE_BY_ONE else [_c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255)
+                                                 for e in range(4)]
             for o in range(2):
-                grids = [_load8(builder, gp, wq, o, e, 8, 255) if f in _ONE_BY_ONE else
+                grids = [_load8(builder, gp, wq, o, e, 8, 255) if idx is None else
                          _gather8(builder, wide, gp, _octet_idx(builder, idx[e], o)) for e in range(4)]
                 masks = [_sign_mask(builder, signs, o, e) for e in range(4)]
                 scale = _dup_rows(builder, scales, o)
@@ -355,7 +372,6 @@ def _iq2_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
         return None
     wide = lits[0] == avx512vnni.KEY
     sig = types.void(fam, w, w_off, grid, u, u_off)
-    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
 
     def codegen(context, builder, signature, args):
         (_, wa, wo, ga, ua, uo) = args
@@ -372,9 +388,7 @@ def _iq2_xxs_unpack16(typingctx, fam, w, w_off, grid, u, u_off):
                 idx = _c(builder.and_, _c(builder.lshr, words, 8 * e) if e else words, 255)
                 octs = [_unsigned_signed(builder, _sign_mask(builder, signs, o, e),
                                          _gather8(builder, wide, gp, _octet_idx(builder, idx, o))) for o in range(2)]
-                for half, sel in enumerate((even, odd)):
-                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
-                                  builder.gep(up, [ir.Constant(I64, 8 * s + 2 * e + half)]), align=1)
+                _store_as_quads(builder, up, octs, 4 * s + e)
         for t in range(4):
             builder.store(builder.or_(scales[2 * t], _c(builder.shl, scales[2 * t + 1], 16)),
                           builder.gep(up, [ir.Constant(I64, 64 + t)]), align=1)
@@ -440,7 +454,6 @@ def _iq1_unpack16(typingctx, fam, kind, w, w_off, grid, u, u_off):
         return None
     wide, m_kind = lits[0] == avx512vnni.KEY, lits[1]
     sig = types.void(fam, kind, w, w_off, grid, u, u_off)
-    even, odd = (ir.Constant(V16, list(range(p, 32, 2))) for p in range(2))
 
     def codegen(context, builder, signature, args):
         (_, _, wa, wo, ga, ua, uo) = args
@@ -474,8 +487,7 @@ def _iq1_unpack16(typingctx, fam, kind, w, w_off, grid, u, u_off):
                 put(64 + s, builder.or_(halves_[0], _c(builder.shl, halves_[1], 16)))
             for l in range(4):
                 octs = [_gather8(builder, wide, gp, _octet_idx(builder, idx[l], o)) for o in range(2)]
-                for half, sel in enumerate((even, odd)):
-                    put(8 * s + 2 * l + half, builder.shuffle_vector(octs[0], octs[1], sel))
+                _store_as_quads(builder, up, octs, 4 * s + l)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -61,6 +61,8 @@ from .iq2_quads import (
     _row_sums,
     _sb_out,
     _signed,
+    _store_as_quads,
+    _store_scale_pairs,
     _unpacked_dot16,
     _unsigned_signed,
     _x_bytes,
@@ -254,7 +256,6 @@ def _iq2_s_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
         return None
     wide = lits[0] == avx512vnni.KEY
     sig = types.void(fam, w, w_off, sc, sc_off, grid, u, u_off)
-    halves_ = [ir.Constant(V16, list(range(p, 32, 2))) for p in range(2)]
 
     def codegen(context, builder, signature, args):
         (_, wa, wo, sa, so, ga, ua, uo) = args
@@ -262,20 +263,14 @@ def _iq2_s_unpack16(typingctx, fam, w, w_off, sc, sc_off, grid, u, u_off):
         sp = data_ptr(context, builder, signature.args[3], sa, so, B64)
         gp = data_ptr(context, builder, signature.args[5], ga, ir.Constant(I64, 0), I64)
         up = data_ptr(context, builder, signature.args[6], ua, uo, V16)
+        _store_scale_pairs(builder, sp, up)
         for s in range(8):
-            sb = builder.zext(builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(I64, s)]), B16.as_pointer()),
-                                           align=1), V16)
-            pair = builder.or_(_odd(builder, _c(builder.and_, sb, 15)),
-                               _c(builder.shl, _odd(builder, _c(builder.lshr, sb, 4)), 16))
-            builder.store(pair, builder.gep(up, [ir.Constant(I64, 64 + s)]), align=1)
             idx = _iq2_s_idx(builder, wp, s)
             signs = _load(builder, wp, 8 + s)
             for l in range(4):
                 octs = [_unsigned_signed(builder, _byte_sign_mask(builder, signs, o, l),
                                          _gather8(builder, wide, gp, _octet_idx(builder, idx[l], o))) for o in range(2)]
-                for half, sel in enumerate(halves_):
-                    builder.store(builder.shuffle_vector(octs[0], octs[1], sel),
-                                  builder.gep(up, [ir.Constant(I64, 2 * (4 * s + l) + half)]), align=1)
+                _store_as_quads(builder, up, octs, 4 * s + l)
         return context.get_dummy_value()
 
     return sig, codegen
